@@ -1,0 +1,245 @@
+"""LightningDataModules over real data that ships inside Python packages: nothing is ever downloaded.
+
+* :class:`DigitsDataModule`: scikit-learn's bundled handwritten digits, 1,797 grey images of 8x8 pixels, shaped
+  ``(N, 1, 8, 8)``.
+* :class:`MNIST1DDataModule`: MNIST-1D (Greydanus, 2020), generated offline by the ``mnist1d`` package: 4,000 train and
+  1,000 test signals of length 40, shaped ``(N, 1, 40)``.
+
+Both split deterministically from ``seed`` and normalise with the mean and standard deviation of the training split only,
+so no statistic of the validation or test data leaks into training.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities.types import EVAL_DATALOADERS, TRAIN_DATALOADERS
+from torch.utils.data import DataLoader, TensorDataset
+from typing_extensions import override
+
+
+def split_sizes(num_examples: int, val_fraction: float, test_fraction: float = 0.0) -> tuple[int, int, int]:
+    """Sizes ``(train, val, test)`` of a split of ``num_examples`` by fractions, rounded to the nearest example.
+
+    Raises:
+        ValueError: if a fraction is outside [0, 1) or the split leaves the train split, or a split asked for, empty.
+    """
+    for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"`{name}` must be in [0, 1), got {fraction!r}.")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            f"`val_fraction` + `test_fraction` must stay below 1 to leave a train split, got {val_fraction} + {test_fraction}."
+        )
+    num_val = round(num_examples * val_fraction)
+    num_test = round(num_examples * test_fraction)
+    num_train = num_examples - num_val - num_test
+    for name, fraction, size in (("val_fraction", val_fraction, num_val), ("test_fraction", test_fraction, num_test)):
+        if fraction > 0 and size == 0:
+            raise ValueError(
+                f"`{name}`={fraction} leaves the {name.split('_')[0]} split of {num_examples} examples empty;"
+                f" use at least {1 / num_examples:.2g}."
+            )
+    if num_train < 1:
+        raise ValueError(
+            f"`val_fraction`={val_fraction} and `test_fraction`={test_fraction} leave the train split of"
+            f" {num_examples} examples empty; their sum must stay below 1."
+        )
+    return num_train, num_val, num_test
+
+
+def standardize(train: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Standardise every tensor with the mean and standard deviation of ``train`` only (one scalar each)."""
+    mean, std = train.mean(), train.std().clamp_min(1e-8)
+    return tuple((x - mean) / std for x in (train, *others))
+
+
+class ArrayDataModule(pl.LightningDataModule):
+    """Base of the embedded datamodules: deterministic split, train-only normalisation, in-memory tensor loaders.
+
+    Subclasses set :attr:`input_shape`, :attr:`num_classes` and :attr:`num_examples` (the size of the pool that is split)
+    and implement :meth:`load_arrays`.
+
+    Args:
+        batch_size: examples per batch, for every split.
+        num_workers: DataLoader worker processes (0 loads in the main process, the fastest for data this small).
+        val_fraction: share of the pool held out for validation.
+        test_fraction: share of the pool held out for testing; 0 where the dataset has its own test set.
+        seed: seed of the split; the same seed gives the same split on every machine.
+    """
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    num_examples: int
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
+        if num_workers < 0:
+            raise ValueError(f"`num_workers` must be an integer >= 0, got {num_workers!r}.")
+        split_sizes(self.num_examples, val_fraction, test_fraction)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.seed = seed
+        self.train_set: TensorDataset | None = None
+        self.val_set: TensorDataset | None = None
+        self.test_set: TensorDataset | None = None
+
+    def load_arrays(self) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+        """The pool ``(x, y)`` to split, and the dataset's own test set ``(x_test, y_test)`` or None."""
+        raise NotImplementedError
+
+    @override
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        x, y, own_test = self.load_arrays()
+        x, y = self._tensors(x, y)
+        num_train, num_val, _ = split_sizes(len(x), self.val_fraction, self.test_fraction)
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))
+        # Test takes the tail of the permutation and validation the part before it, so a change of `val_fraction`
+        # leaves the test split as it was.
+        train_idx = order[:num_train]
+        val_idx = order[num_train : num_train + num_val]
+        test_idx = order[num_train + num_val :]
+        x_test, y_test = self._tensors(*own_test) if own_test is not None else (x[test_idx], y[test_idx])
+        x_train, x_val, x_test = standardize(x[train_idx], x[val_idx], x_test)
+        self.train_set = TensorDataset(x_train, y[train_idx])
+        self.val_set = TensorDataset(x_val, y[val_idx])
+        self.test_set = TensorDataset(x_test, y_test)
+
+    def _tensors(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x_t = torch.as_tensor(np.asarray(x), dtype=torch.float32).reshape(-1, *self.input_shape)
+        return x_t, torch.as_tensor(np.asarray(y), dtype=torch.long)
+
+    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are asked for.")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    @override
+    def train_dataloader(self) -> TRAIN_DATALOADERS:
+        return self._loader(self.train_set, shuffle=True)
+
+    @override
+    def val_dataloader(self) -> EVAL_DATALOADERS:
+        return self._loader(self.val_set, shuffle=False)
+
+    @override
+    def test_dataloader(self) -> EVAL_DATALOADERS:
+        return self._loader(self.test_set, shuffle=False)
+
+
+class DigitsDataModule(ArrayDataModule):
+    """scikit-learn's bundled handwritten digits (UCI optdigits test set): 1,797 images of 8x8 pixels, 10 classes.
+
+    Train, validation and test are all drawn from the 1,797 images by ``seed``: with the defaults 1,257 / 270 / 270.
+    Batches are ``(x, y)`` with ``x`` of shape ``(B, 1, 8, 8)``.
+
+    Args:
+        batch_size: examples per batch.
+        num_workers: DataLoader worker processes.
+        val_fraction: share of the images held out for validation.
+        test_fraction: share of the images held out for testing.
+        seed: seed of the split.
+
+    Example::
+
+        dm = DigitsDataModule(batch_size=128, seed=1)
+        trainer.fit(model, datamodule=dm)
+    """
+
+    input_shape = (1, 8, 8)
+    num_classes = 10
+    num_examples = 1797
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers, val_fraction, test_fraction, seed)
+
+    @override
+    def load_arrays(self) -> tuple[np.ndarray, np.ndarray, None]:
+        from sklearn.datasets import load_digits
+
+        x, y = load_digits(return_X_y=True)
+        return x, y, None
+
+
+class MNIST1DDataModule(ArrayDataModule):
+    """MNIST-1D (Greydanus, 2020), generated offline: 4,000 train / 1,000 test signals of length 40, 10 classes.
+
+    The ``mnist1d`` package makes the signals from its own templates with ``data_seed`` (its default, 42, gives the
+    published dataset); its 1,000 test signals are the test split, and validation is held out from the 4,000 training
+    signals by ``seed`` (400 with the defaults). Batches are ``(x, y)`` with ``x`` of shape ``(B, 1, 40)``.
+
+    Args:
+        batch_size: examples per batch.
+        num_workers: DataLoader worker processes.
+        val_fraction: share of the 4,000 training signals held out for validation.
+        seed: seed of the train/validation split.
+        data_seed: seed with which ``mnist1d`` generates the signals.
+
+    Example::
+
+        dm = MNIST1DDataModule(batch_size=128)
+        trainer.fit(model, datamodule=dm)
+    """
+
+    input_shape = (1, 40)
+    num_classes = 10
+    num_examples = 4000
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        data_seed: int = 42,
+    ) -> None:
+        super().__init__(batch_size, num_workers, val_fraction, 0.0, seed)
+        self.data_seed = data_seed
+
+    @override
+    def load_arrays(self) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        from mnist1d.data import get_dataset_args, make_dataset
+
+        args = get_dataset_args()
+        args.seed = self.data_seed
+        # make_dataset reseeds the global `random` and NumPy generators: give the user's streams back untouched.
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            data: dict[str, Any] = make_dataset(args)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+        return data["x"], data["y"], (data["x_test"], data["y_test"])
+
+
+__all__ = ["ArrayDataModule", "DigitsDataModule", "MNIST1DDataModule", "split_sizes", "standardize"]
