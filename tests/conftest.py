@@ -33,3 +33,24 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+def gaussian_loader(num: int = 64, shape: tuple[int, ...] = (1, 8, 8), batch_size: int = 16, seed: int = 0):
+    """A fixed-order loader of Gaussian inputs and random labels (10 classes)."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(seed)
+    data = TensorDataset(torch.randn(num, *shape, generator=g), torch.randint(0, 10, (num,), generator=g))
+    return DataLoader(data, batch_size=batch_size, shuffle=False)
+
+
+def make_trainer(root: Path, callbacks: list, **kwargs):
+    import lightning.pytorch as pl
+
+    options = dict(
+        default_root_dir=root, accelerator="cpu", devices=1, max_epochs=1, enable_progress_bar=False,
+        enable_model_summary=False, log_every_n_steps=1, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    options.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **options)

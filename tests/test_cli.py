@@ -26,7 +26,11 @@ def test_quickstart_short_run_writes_accuracy_and_loss_events(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     scalars = read_scalars(tmp_path / "lightning_logs")
-    for tag in ("train/acc", "train/loss", "train/loss_step", "val/acc", "val/loss"):
+    for tag in (
+        "train/acc", "train/loss", "train/loss_step", "val/acc", "val/loss",
+        "startwell/init/std/stem.0", "startwell/init/target_std/stem.0", "startwell/init/forward_ratio/head.2",
+        "startwell/signal/forward_ratio", "startwell/signal/backward_ratio", "startwell/signal/backward/stem.0",
+    ):
         assert tag in scalars, sorted(scalars)
     assert len(scalars["val/acc"]) == 2
     assert all(0.0 <= value <= 1.0 for _, value in scalars["val/acc"])
@@ -72,7 +76,11 @@ def test_config_round_trips(tmp_path, capsys):
         else:
             assert parsed["model"]["init_args"][key] == value
     assert original["data"]["init_args"].items() <= parsed["data"]["init_args"].items()
+    callbacks = original["trainer"].pop("callbacks")
     assert original["trainer"].items() <= parsed["trainer"].items()
+    assert [c["class_path"] for c in callbacks] == [c["class_path"] for c in parsed["trainer"]["callbacks"]]
+    for given, dumped in zip(callbacks, parsed["trainer"]["callbacks"]):
+        assert given["init_args"].items() <= dumped["init_args"].items()
 
 
 def test_cli_instantiates_what_the_config_says(tmp_path):
@@ -98,6 +106,7 @@ def test_cli_instantiates_what_the_config_says(tmp_path):
         (["--data", "CIFAR10"], ["CIFAR10", "DigitsDataModule, MNIST1DDataModule"]),
         (["--model", "MLP", "--model.activation", "sigmoid"], ["sigmoid", "relu", "leaky_relu", "tanh"]),
         (["--model.init_args.no_such_key", "3"], ["no_such_key"]),
+        (["--trainer.callbacks+=InitScheme", "--trainer.callbacks.scheme=xavier"], ["xavier", "glorot_normal"]),
     ],
 )
 def test_bad_names_and_keys_fail_before_training_naming_what_is_accepted(tmp_path, capsys, override, expected):

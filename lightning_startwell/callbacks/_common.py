@@ -1,0 +1,52 @@
+"""What the callbacks share: finding the input tensor in a batch, one batch from the train loader, writing scalars."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Union
+
+import lightning.pytorch as pl
+import torch
+
+BatchKey = Union[int, str]
+
+
+def batch_tensor(batch: Any, key: BatchKey, argument: str = "input_key") -> torch.Tensor:
+    """The tensor at ``batch[key]`` (index of a tuple/list, or key of a dict), or a ValueError naming ``argument``."""
+    if isinstance(batch, torch.Tensor) and key == 0:
+        return batch
+    try:
+        value = batch[key] if isinstance(batch, (Mapping, list, tuple)) else None
+    except (KeyError, IndexError, TypeError):
+        value = None
+    if not isinstance(value, torch.Tensor):
+        layout = list(batch.keys()) if isinstance(batch, Mapping) else type(batch).__name__
+        if isinstance(batch, (list, tuple)):
+            layout = f"{type(batch).__name__} of {len(batch)}"
+        raise ValueError(f"`{argument}`={key!r} does not name a tensor in the batch ({layout}).")
+    return value
+
+
+def first_train_batch(trainer: pl.Trainer) -> Any:
+    """One batch of the training data, on the module's device, without touching the global random streams (so the
+    training run sees the same data order as without the callback)."""
+    with torch.random.fork_rng(devices=[]):
+        loader = trainer.fit_loop._data_source.dataloader()
+        batch = next(iter(loader))
+    return trainer.strategy.batch_to_device(batch)
+
+
+def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+    """Write scalars to every logger at ``step`` (the loggers write on rank 0 only); usable in hooks where
+    ``LightningModule.log`` is not allowed, and not thinned by ``log_every_n_steps``."""
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
+
+
+def tensorboard_experiments(trainer: pl.Trainer) -> list[Any]:
+    """The SummaryWriters of the TensorBoard loggers, on rank 0 (histograms and layouts go there)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    if not trainer.is_global_zero:
+        return []
+    return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]

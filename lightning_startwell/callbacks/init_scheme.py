@@ -1,0 +1,163 @@
+"""InitScheme: variance-preserving initialisation of any LightningModule, once, at the start of a fresh fit."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lightning_startwell.callbacks._common import BatchKey, batch_tensor, first_train_batch, log_scalars
+from lightning_startwell.init import (
+    Mode,
+    Nonlinearity,
+    Scheme,
+    calibration_mode,
+    check_init_arguments,
+    forward_variances,
+    init_weights,
+    weight_layers,
+)
+
+# Strategies that shard parameters: each rank holds a slice, so a per-layer std or an orthogonal draw would be wrong.
+_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+class InitScheme(Callback):
+    r"""Initialise the model with a variance-preserving scheme at the start of a fresh ``fit``.
+
+    Runs in ``on_fit_start``: after ``configure_model`` (layers built there are covered) and after the DDP wrap, in place
+    under ``no_grad`` so the optimizer keeps its tensors. It never runs when resuming (``fit(ckpt_path=...)``), in
+    validate/test/predict, or on a second ``fit`` of the same trainer. Every DDP rank draws the same weights from one
+    seed (``seed``, or one drawn on rank 0 and broadcast).
+
+    Logs at step 0, per layer: ``startwell/init/std/<layer>`` (std obtained), ``startwell/init/target_std/<layer>``,
+    and ``startwell/init/forward_ratio/<layer>`` = Var[z^l] / Var[z^1] on one training batch (train mode, dropout off).
+
+    Args:
+        scheme: ``glorot_normal``, ``glorot_uniform``, ``he_normal``, ``he_uniform``, ``lecun_normal``, ``orthogonal``,
+            ``fixup`` or ``lsuv`` (see :func:`~lightning_startwell.init.init_weights`).
+        mode: ``fan_in`` or ``fan_out`` (He schemes and Fixup).
+        nonlinearity: ``relu``, ``leaky_relu``, ``tanh`` or ``linear``.
+        negative_slope: leaky-ReLU slope alpha in [0, 1).
+        include: glob patterns of layer names to initialise (default all); each must match a layer.
+        exclude: glob patterns of layer names to leave alone.
+        keep_bias: keep biases instead of zeroing them.
+        zero_init_residual: zero the last normalisation layer of each residual branch.
+        residual_branches: glob patterns of residual-branch modules (default: found automatically).
+        lsuv_tol: tolerance on |Var - 1| for ``lsuv``.
+        lsuv_max_iters: rescalings per layer at most for ``lsuv``.
+        seed: seed of the draws; None draws one on rank 0 (reproducible under ``seed_everything``).
+        input_key: where the inputs are in a batch (tuple index or dict key), for ``lsuv`` and the logged ratios.
+        log_forward_ratio: measure and log Var[z^l] / Var[z^1] on one training batch.
+
+    Example::
+
+        trainer = Trainer(callbacks=[InitScheme("he_normal", nonlinearity="leaky_relu", negative_slope=0.2)])
+
+    In YAML::
+
+        trainer:
+          callbacks:
+            - class_path: lightning_startwell.callbacks.InitScheme
+              init_args: {scheme: fixup}
+    """
+
+    def __init__(
+        self,
+        scheme: Scheme = "he_normal",
+        mode: Mode = "fan_in",
+        nonlinearity: Nonlinearity = "relu",
+        negative_slope: float = 0.0,
+        include: Optional[list[str]] = None,
+        exclude: Optional[list[str]] = None,
+        keep_bias: bool = False,
+        zero_init_residual: bool = False,
+        residual_branches: Optional[list[str]] = None,
+        lsuv_tol: float = 0.1,
+        lsuv_max_iters: int = 10,
+        seed: Optional[int] = None,
+        input_key: BatchKey = 0,
+        log_forward_ratio: bool = True,
+    ) -> None:
+        check_init_arguments(scheme, mode, nonlinearity, negative_slope)
+        if not 0.0 < lsuv_tol < 1.0:
+            raise ValueError(f"`lsuv_tol` must be in (0, 1), got {lsuv_tol!r}.")
+        if lsuv_max_iters < 1:
+            raise ValueError(f"`lsuv_max_iters` must be an integer >= 1, got {lsuv_max_iters!r}.")
+        self.scheme = scheme
+        self.mode = mode
+        self.nonlinearity = nonlinearity
+        self.negative_slope = negative_slope
+        self.include = include
+        self.exclude = exclude
+        self.keep_bias = keep_bias
+        self.zero_init_residual = zero_init_residual
+        self.residual_branches = residual_branches
+        self.lsuv_tol = lsuv_tol
+        self.lsuv_max_iters = lsuv_max_iters
+        self.seed = seed
+        self.input_key = input_key
+        self.log_forward_ratio = log_forward_ratio
+        self.applied = False
+        self.report: list[Any] = []
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and type(trainer.strategy).__name__ in _SHARDED_STRATEGIES:
+            raise ValueError(
+                f"InitScheme does not support `strategy`={type(trainer.strategy).__name__}: parameters are sharded, so"
+                " per-layer statistics would be computed on slices. Initialise with DDP or a single device, save a"
+                " checkpoint and load it under the sharded strategy."
+            )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.applied or trainer.ckpt_path is not None:
+            return
+        seed = self.seed
+        if seed is None:  # drawn on rank 0 and shared, so every rank gets the same weights
+            seed = trainer.strategy.broadcast(int(torch.randint(2**62, (1,)).item()))
+        needs_batch = self.scheme == "lsuv" or self.log_forward_ratio
+        inputs = batch_tensor(first_train_batch(trainer), self.input_key) if needs_batch else None
+        self.report = init_weights(
+            pl_module,
+            self.scheme,
+            mode=self.mode,
+            nonlinearity=self.nonlinearity,
+            negative_slope=self.negative_slope,
+            include=self.include,
+            exclude=self.exclude,
+            keep_bias=self.keep_bias,
+            zero_init_residual=self.zero_init_residual,
+            residual_branches=self.residual_branches,
+            lsuv_inputs=inputs,
+            lsuv_tol=self.lsuv_tol,
+            lsuv_max_iters=self.lsuv_max_iters,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        self.applied = True
+        metrics = {}
+        for layer in self.report:
+            metrics[f"startwell/init/std/{layer.name}"] = layer.std
+            if not math.isnan(layer.target_std):
+                metrics[f"startwell/init/target_std/{layer.name}"] = layer.target_std
+        if self.log_forward_ratio and inputs is not None:
+            layers = weight_layers(pl_module, self.include, self.exclude)
+            with calibration_mode(pl_module):
+                variances = forward_variances(pl_module, inputs, layers)
+            first = next(iter(variances.values()))
+            for name, var in variances.items():
+                metrics[f"startwell/init/forward_ratio/{name}"] = var / first if first > 0 else math.nan
+        log_scalars(trainer, metrics, step=0)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"applied": self.applied}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.applied = state_dict["applied"]

@@ -1,0 +1,116 @@
+"""SignalPropagationMonitor: per-layer forward and backward variance on real training steps."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lightning_startwell.callbacks._common import log_scalars, tensorboard_experiments
+from lightning_startwell.init import weight_layers
+from lightning_startwell.signal import SignalRecorder, propagation_ratios, variances_by_name
+
+_HISTOGRAM_VALUES = 65536
+
+
+class SignalPropagationMonitor(Callback):
+    r"""Watch vanishing and exploding signals: every ``every_n_steps`` optimizer steps, on the training step itself,
+    the variance of every Linear/conv layer's output z^l (forward) and of the gradient dL/dz^l (backward).
+
+    Hooks are attached in ``on_train_batch_start`` of a measured step and removed after its backward, so the other
+    steps run untouched and nothing is computed twice. Under DDP the moments of all ranks are summed before the variance
+    is taken, so the numbers are those of the global batch. With gradient accumulation the first micro-batch of the
+    step is measured.
+
+    Logged at the optimizer step of the measurement (``trainer.global_step``):
+
+    * ``startwell/signal/forward/<layer>``: Var[z^l];
+    * ``startwell/signal/backward/<layer>``: Var[dL/dz^l];
+    * ``startwell/signal/forward_ratio``: Var[z^last] / Var[z^first];
+    * ``startwell/signal/backward_ratio``: Var[dL/dz^first] / Var[dL/dz^last];
+    * with ``log_histograms``, TensorBoard histograms ``startwell/signal/{forward,backward}_hist/<layer>``.
+
+    Args:
+        every_n_steps: measure when ``global_step % every_n_steps == 0`` (so step 0, at initialisation, is measured).
+        include: glob patterns of layer names to watch (default all Linear and conv layers); each must match a layer.
+        exclude: glob patterns of layer names not to watch.
+        log_histograms: also log histograms of the values (up to 65,536 per layer) to TensorBoard.
+
+    Example::
+
+        trainer = Trainer(callbacks=[SignalPropagationMonitor(every_n_steps=20)])
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        include: Optional[list[str]] = None,
+        exclude: Optional[list[str]] = None,
+        log_histograms: bool = False,
+    ) -> None:
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"`every_n_steps` must be an integer >= 1, got {every_n_steps!r}.")
+        self.every_n_steps = every_n_steps
+        self.include = include
+        self.exclude = exclude
+        self.log_histograms = log_histograms
+        self._recorder: Optional[SignalRecorder] = None
+        self._last_measured_step = -1
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            weight_layers(pl_module, self.include, self.exclude)  # a pattern that matches nothing fails here
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps or step == self._last_measured_step:
+            return
+        layers = weight_layers(pl_module, self.include, self.exclude)
+        self._recorder = SignalRecorder(layers, keep_values=_HISTOGRAM_VALUES if self.log_histograms else 0).attach()
+        self._last_measured_step = step
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        recorder, self._recorder = self._recorder, None
+        if recorder is None:
+            return
+        recorder.detach()
+        names = list(recorder.layers)  # the same order on every rank, for the all-reduce
+        stacked = trainer.strategy.reduce(recorder.stacked_moments(names), reduce_op="sum")
+        forward, backward = variances_by_name(names, stacked)
+        forward = {n: v for n, v in forward.items() if not math.isnan(v)}
+        backward = {n: v for n, v in backward.items() if not math.isnan(v)}
+        metrics = {f"startwell/signal/forward/{n}": v for n, v in forward.items()}
+        metrics.update({f"startwell/signal/backward/{n}": v for n, v in backward.items()})
+        order = recorder.names()  # forward order, for the first/last layers of the ratios
+        forward_ratio, backward_ratio = propagation_ratios(
+            {n: forward[n] for n in order if n in forward}, {n: backward[n] for n in order if n in backward}
+        )
+        metrics["startwell/signal/forward_ratio"] = forward_ratio
+        metrics["startwell/signal/backward_ratio"] = backward_ratio
+        step = trainer.global_step
+        log_scalars(trainer, metrics, step=step)
+        for writer in tensorboard_experiments(trainer):
+            for (direction, name), values in recorder.values.items():
+                writer.add_histogram(f"startwell/signal/{direction}_hist/{name}", values, global_step=step)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._recorder is not None:  # the step skipped its backward (e.g. the loss was None)
+            self._recorder.detach()
+            self._recorder = None
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_measured_step": self._last_measured_step}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_measured_step = state_dict["last_measured_step"]

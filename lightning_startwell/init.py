@@ -1,0 +1,416 @@
+"""Variance-preserving weight initialisation (pure PyTorch, no Lightning).
+
+The lecture's condition (1), Var[z^l] = Var[z^1] for every layer l, with z^l = <w^l, x^l> and weights independent of
+inputs, gives Var[z^l] = fan_in Var[w^l] E[(x^l)^2]. The activation fixes E[x^2]:
+
+* odd activation (tanh, identity) near 0: E[x^2] = Var[z^{l-1}] -> Var[w] = 1/fan_in forward, 1/fan_out backward;
+  Glorot & Bengio (2010) take the harmonic compromise Var[w] = 2 / (fan_in + fan_out);
+* ReLU: E[x^2] = Var[z]/2 -> He et al. (2015): Var[w] = 2 / fan;
+* leaky ReLU of slope alpha: E[x^2] = (1 + alpha^2)/2 Var[z] -> Var[w] = 2 / ((1 + alpha^2) fan).
+
+A uniform law U(-a, a) has variance a^2/3, so each normal scheme has a uniform twin with a = sqrt(3) std.
+All draws come from a CPU generator and are then copied to the parameter's device, so one seed gives the same weights on
+every device and every DDP rank.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+from torch import nn
+
+Scheme = Literal[
+    "glorot_normal", "glorot_uniform", "he_normal", "he_uniform", "lecun_normal", "orthogonal", "fixup", "lsuv"
+]
+Mode = Literal["fan_in", "fan_out"]
+Nonlinearity = Literal["relu", "leaky_relu", "tanh", "linear"]
+SCHEMES: tuple[str, ...] = Scheme.__args__  # type: ignore[attr-defined]
+MODES: tuple[str, ...] = Mode.__args__  # type: ignore[attr-defined]
+NONLINEARITIES: tuple[str, ...] = Nonlinearity.__args__  # type: ignore[attr-defined]
+
+WEIGHT_LAYERS = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+@dataclass(frozen=True)
+class LayerInit:
+    """What :func:`init_weights` did to one layer: its fans, the std it aimed at and the std of the weights it drew.
+
+    ``target_std`` is NaN for ``lsuv`` (whose target is an output variance of 1, reached in ``output_var``) and 0 for a
+    layer that Fixup zeroes.
+    """
+
+    name: str
+    fan_in: int
+    fan_out: int
+    target_std: float
+    std: float
+    output_var: float = math.nan
+
+
+def fans(layer: nn.Module) -> tuple[int, int]:
+    """``(fan_in, fan_out)`` of a Linear or (transposed) convolution: connections into and out of one unit.
+
+    Convolution: fan_in = in_channels / groups x kernel elements, fan_out = out_channels / groups x kernel elements (the
+    stride is ignored, as in ``torch.nn.init``). For a transposed convolution the weight is stored ``(in, out / groups,
+    *k)``; its fans are those of the layer's own forward pass, not of the stored layout that ``torch.nn.init`` reads.
+    """
+    weight = layer.weight
+    if isinstance(layer, nn.Linear):
+        return weight.shape[1], weight.shape[0]
+    kernel = math.prod(weight.shape[2:])
+    groups = layer.groups
+    if isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        return weight.shape[0] // groups * kernel, weight.shape[1] * kernel
+    return weight.shape[1] * kernel, weight.shape[0] // groups * kernel
+
+
+def gain(nonlinearity: str, negative_slope: float = 0.0) -> float:
+    """Variance gain of an activation: sqrt(2 / (1 + alpha^2)) for (leaky) ReLU, 5/3 for tanh, 1 for linear."""
+    if nonlinearity == "relu":
+        return math.sqrt(2.0)
+    if nonlinearity == "leaky_relu":
+        return math.sqrt(2.0 / (1.0 + negative_slope**2))
+    if nonlinearity == "tanh":
+        return 5.0 / 3.0
+    return 1.0
+
+
+def target_std(
+    scheme: str, fan_in: int, fan_out: int, mode: str = "fan_in", nonlinearity: str = "relu", negative_slope: float = 0.0
+) -> float:
+    """Standard deviation of the weights that ``scheme`` aims at for a layer with these fans.
+
+    * ``glorot_*``: sqrt(2 / (fan_in + fan_out));
+    * ``he_*``: sqrt(2 / ((1 + alpha^2) fan)), fan = fan_in or fan_out by ``mode``, alpha = ``negative_slope`` for
+      ``leaky_relu`` and 0 for ``relu``;
+    * ``lecun_normal``: sqrt(1 / fan_in);
+    * ``orthogonal``: gain / sqrt(max(fan_in, fan_out)) (a semi-orthogonal matrix has unit rows or unit columns).
+    """
+    if scheme.startswith("glorot"):
+        return math.sqrt(2.0 / (fan_in + fan_out))
+    if scheme.startswith("he") or scheme == "fixup":
+        fan = fan_in if mode == "fan_in" else fan_out
+        slope = negative_slope if nonlinearity == "leaky_relu" else 0.0
+        return math.sqrt(2.0 / ((1.0 + slope**2) * fan))
+    if scheme == "lecun_normal":
+        return math.sqrt(1.0 / fan_in)
+    if scheme == "orthogonal":
+        return gain(nonlinearity, negative_slope) / math.sqrt(max(fan_in, fan_out))
+    raise ValueError(f"`scheme` must be one of {SCHEMES}, got {scheme!r}.")
+
+
+def _draw(shape: torch.Size, scheme: str, std: float, generator: torch.Generator) -> torch.Tensor:
+    """Weights of ``shape`` with standard deviation ``std``: normal, uniform U(-sqrt(3) std, sqrt(3) std) or orthogonal."""
+    if scheme.endswith("uniform"):
+        bound = math.sqrt(3.0) * std
+        return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+    if scheme in ("orthogonal", "lsuv"):
+        flat = torch.empty(shape[0], math.prod(shape[1:]))
+        nn.init.orthogonal_(flat, generator=generator)
+        return flat.reshape(shape) * (std * math.sqrt(max(flat.shape)))
+    return torch.empty(shape).normal_(0.0, std, generator=generator)
+
+
+def _stored_layout(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """Orthogonality is meant between output units: a transposed convolution stores them in dim 1, so swap for it."""
+    return weight.transpose(0, 1) if isinstance(layer, nn.modules.conv._ConvTransposeNd) else weight
+
+
+@dataclass(frozen=True)
+class ResidualBranch:
+    """A residual branch: its name and its weight layers in forward order (the last one closes the branch)."""
+
+    name: str
+    layers: tuple[str, ...]
+    last_norm: Optional[str]
+
+
+def find_residual_branches(model: nn.Module, names: Optional[Sequence[str]] = None) -> list[ResidualBranch]:
+    """Residual branches of ``model``: modules named by ``names`` (glob patterns), else found by structure.
+
+    Found automatically: a child named ``branch`` (the demo :class:`~lightning_startwell.models.ResNet`), and torchvision's
+    ``BasicBlock`` / ``Bottleneck`` (``conv1``, ``conv2`` [, ``conv3``] with their ``bn*``; the ``downsample`` shortcut is
+    not part of the branch).
+    """
+    modules = dict(model.named_modules())
+    branches = []
+    if names:
+        roots = [n for n in modules if n and any(fnmatch.fnmatchcase(n, p) for p in names)]
+        for root in roots:
+            branches.append(_branch_of(modules, root, prefix=root + "."))
+        return [b for b in branches if b.layers]
+    for name, module in modules.items():
+        if isinstance(getattr(module, "branch", None), nn.Module):
+            branches.append(_branch_of(modules, f"{name}.branch" if name else "branch", prefix=None))
+        elif all(isinstance(getattr(module, f"conv{i}", None), nn.Module) for i in (1, 2)) and hasattr(
+            module, "downsample"
+        ):
+            depth = 3 if isinstance(getattr(module, "conv3", None), nn.Module) else 2
+            prefix = f"{name}." if name else ""
+            layers = tuple(f"{prefix}conv{i}" for i in range(1, depth + 1))
+            last_norm = f"{prefix}bn{depth}" if f"{prefix}bn{depth}" in modules else None
+            branches.append(ResidualBranch(name, layers, last_norm))
+    return [b for b in branches if b.layers]
+
+
+def _branch_of(modules: dict[str, nn.Module], root: str, prefix: Optional[str]) -> ResidualBranch:
+    prefix = prefix if prefix is not None else root + "."
+    inside = [(n, m) for n, m in modules.items() if n.startswith(prefix)]
+    layers = tuple(n for n, m in inside if isinstance(m, WEIGHT_LAYERS))
+    norms = [n for n, m in inside if isinstance(m, NORM_LAYERS)]
+    return ResidualBranch(root, layers, norms[-1] if norms else None)
+
+
+def weight_layers(
+    model: nn.Module, include: Optional[Sequence[str]] = None, exclude: Optional[Sequence[str]] = None
+) -> dict[str, nn.Module]:
+    """Linear and convolution layers of ``model`` by name, filtered by glob patterns on the module name."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, WEIGHT_LAYERS)}
+    if include:
+        for pattern in include:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in layers):
+                raise ValueError(
+                    f"`include` pattern {pattern!r} matches no Linear or convolution layer; layers are: {sorted(layers)}."
+                )
+        layers = {n: m for n, m in layers.items() if any(fnmatch.fnmatchcase(n, p) for p in include)}
+    if exclude:
+        layers = {n: m for n, m in layers.items() if not any(fnmatch.fnmatchcase(n, p) for p in exclude)}
+    return layers
+
+
+def check_init_arguments(scheme: str, mode: str, nonlinearity: str, negative_slope: float) -> None:
+    """Raise a ValueError naming the first argument that is not accepted."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"`scheme` must be one of {SCHEMES}, got {scheme!r}.")
+    if mode not in MODES:
+        raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
+    if nonlinearity not in NONLINEARITIES:
+        raise ValueError(f"`nonlinearity` must be one of {NONLINEARITIES}, got {nonlinearity!r}.")
+    if not 0.0 <= negative_slope < 1.0:
+        raise ValueError(f"`negative_slope` must be in [0, 1), got {negative_slope!r}.")
+    if scheme.startswith("he") and nonlinearity not in ("relu", "leaky_relu"):
+        raise ValueError(f"`nonlinearity` must be 'relu' or 'leaky_relu' for scheme {scheme!r}, got {nonlinearity!r}.")
+
+
+@torch.no_grad()
+def init_weights(
+    module: nn.Module,
+    scheme: str = "he_normal",
+    *,
+    mode: str = "fan_in",
+    nonlinearity: str = "relu",
+    negative_slope: float = 0.0,
+    include: Optional[Sequence[str]] = None,
+    exclude: Optional[Sequence[str]] = None,
+    keep_bias: bool = False,
+    zero_init_residual: bool = False,
+    residual_branches: Optional[Sequence[str]] = None,
+    lsuv_inputs: Optional[torch.Tensor] = None,
+    lsuv_tol: float = 0.1,
+    lsuv_max_iters: int = 10,
+    generator: Optional[torch.Generator] = None,
+) -> list[LayerInit]:
+    """Initialise the Linear and convolution layers of ``module`` in place and report, per layer, what was done.
+
+    Biases become 0 (unless ``keep_bias``); normalisation layers get weight 1 and bias 0. Every argument is checked before
+    any weight changes.
+
+    Args:
+        module: the model.
+        scheme: ``glorot_normal``, ``glorot_uniform``, ``he_normal``, ``he_uniform``, ``lecun_normal``, ``orthogonal``,
+            ``fixup`` (Zhang et al. 2019: He-init branch layers scaled by L^(-1/(2m-2)) for L branches of m layers, the
+            last layer of each branch and the classifier zeroed) or ``lsuv`` (Mishkin & Matas 2016: orthogonal, then
+            each layer rescaled until its output variance on ``lsuv_inputs`` is 1 within ``lsuv_tol``).
+        mode: ``fan_in`` (preserve the forward variance) or ``fan_out`` (the backward one), for He schemes and Fixup.
+        nonlinearity: activation after the layers: ``relu``, ``leaky_relu``, ``tanh`` or ``linear``. He schemes use
+            (leaky) ReLU; ``orthogonal`` multiplies by its gain.
+        negative_slope: slope alpha of the leaky ReLU, in [0, 1).
+        include: glob patterns of layer names to initialise (default: all); each must match a layer.
+        exclude: glob patterns of layer names to leave alone.
+        keep_bias: leave biases as they are instead of zeroing them.
+        zero_init_residual: set the weight of the last normalisation layer of every residual branch to 0, so each block
+            starts as the identity (Goyal et al. 2017).
+        residual_branches: glob patterns naming residual-branch modules for ``fixup`` / ``zero_init_residual``; default:
+            found automatically (see :func:`find_residual_branches`).
+        lsuv_inputs: a batch of inputs for ``lsuv``.
+        lsuv_tol: tolerance on |Var - 1| for ``lsuv``.
+        lsuv_max_iters: rescalings per layer at most, for ``lsuv``.
+        generator: CPU generator of the draws (a fixed seed gives identical weights anywhere).
+
+    Returns:
+        One :class:`LayerInit` per initialised layer.
+
+    Example::
+
+        report = init_weights(model, "he_normal", nonlinearity="leaky_relu", negative_slope=0.2)
+        for layer in report:
+            print(layer.name, layer.target_std, layer.std)
+    """
+    check_init_arguments(scheme, mode, nonlinearity, negative_slope)
+    layers = weight_layers(module, include, exclude)
+    if not layers:
+        raise ValueError(
+            f"`module` has no Linear or convolution layer that scheme {scheme!r} can initialise"
+            f" (after `include`={include!r}, `exclude`={exclude!r})."
+        )
+    branches = []
+    if scheme == "fixup" or zero_init_residual:
+        branches = find_residual_branches(module, residual_branches)
+        if not branches:
+            what = "`residual_branches` patterns match" if residual_branches else "automatic search finds"
+            raise ValueError(
+                f"scheme {scheme!r} / `zero_init_residual` needs residual branches, but the {what} none; name the branch"
+                " modules in `residual_branches` (glob patterns)."
+            )
+        if scheme == "fixup" and min(len(b.layers) for b in branches) < 2:
+            raise ValueError("`fixup` needs residual branches of at least 2 weight layers (the exponent is -1/(2m-2)).")
+    if scheme == "lsuv" and lsuv_inputs is None:
+        raise ValueError("scheme 'lsuv' needs `lsuv_inputs`, a batch of training inputs.")
+    if generator is None:  # seeded from the global stream, so `seed_everything` makes it reproducible
+        generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,)).item()))
+    stds = _target_stds(module, layers, branches, scheme, mode, nonlinearity, negative_slope)
+    for name, layer in layers.items():
+        weight = _stored_layout(layer, layer.weight)
+        weight.copy_(_draw(weight.shape, scheme, stds[name], generator).to(weight))
+        if layer.bias is not None and not keep_bias:
+            layer.bias.zero_()
+    _reset_norms(module, branches if zero_init_residual else [])
+    output_vars = lsuv_rescale(module, layers, lsuv_inputs, lsuv_tol, lsuv_max_iters) if scheme == "lsuv" else {}
+    return [
+        LayerInit(
+            name,
+            *fans(layer),
+            target_std=math.nan if scheme == "lsuv" else stds[name],
+            std=layer.weight.detach().double().std().item(),
+            output_var=output_vars.get(name, math.nan),
+        )
+        for name, layer in layers.items()
+    ]
+
+
+def _target_stds(
+    module: nn.Module,
+    layers: dict[str, nn.Module],
+    branches: list[ResidualBranch],
+    scheme: str,
+    mode: str,
+    nonlinearity: str,
+    negative_slope: float,
+) -> dict[str, float]:
+    if scheme == "lsuv":
+        return {n: 1.0 / math.sqrt(max(fans(m))) for n, m in layers.items()}
+    stds = {n: target_std(scheme, *fans(m), mode, nonlinearity, negative_slope) for n, m in layers.items()}
+    if scheme == "fixup":
+        num_branches = len(branches)
+        for branch in branches:
+            scale = num_branches ** (-1.0 / (2 * len(branch.layers) - 2))
+            for name in branch.layers[:-1]:
+                if name in stds:
+                    stds[name] *= scale
+            if branch.layers[-1] in stds:
+                stds[branch.layers[-1]] = 0.0
+        in_branch = {n for b in branches for n in b.layers}
+        classifier = [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and n not in in_branch]
+        if classifier and classifier[-1] in stds:
+            stds[classifier[-1]] = 0.0
+    return stds
+
+
+def _reset_norms(module: nn.Module, branches: list[ResidualBranch]) -> None:
+    """Normalisation layers to weight 1, bias 0; the last one of each listed branch to weight 0."""
+    zeroed = {b.last_norm for b in branches if b.last_norm}
+    for name, norm in module.named_modules():
+        if isinstance(norm, NORM_LAYERS) and getattr(norm, "weight", None) is not None:
+            norm.weight.fill_(0.0 if name in zeroed else 1.0)
+            norm.bias.zero_()
+
+
+@contextmanager
+def calibration_mode(module: nn.Module) -> Iterator[None]:
+    """Train mode with dropout off; every module's mode and every buffer (BatchNorm statistics) restored after."""
+    modes = {m: m.training for m in module.modules()}
+    buffers = {n: b.clone() for n, b in module.named_buffers()}
+    module.train()
+    for m in module.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+        for n, b in module.named_buffers():
+            b.copy_(buffers[n])
+
+
+def lsuv_rescale(
+    module: nn.Module, layers: dict[str, nn.Module], inputs: torch.Tensor, tol: float = 0.1, max_iters: int = 10
+) -> dict[str, float]:
+    """Layer-sequential unit variance: in forward order, divide each layer's weight by the std of its output on
+    ``inputs`` until |Var - 1| < ``tol`` (at most ``max_iters`` times). Returns the final output variance per layer.
+
+    Runs in train mode with dropout off (BatchNorm normalises with batch statistics, as in training) and restores every
+    module's mode and buffers afterwards.
+    """
+    with calibration_mode(module), torch.no_grad():
+        order = forward_variances(module, inputs, layers)  # keys in the order the layers run
+        final: dict[str, float] = {}
+        for name in order:
+            layer = layers[name]
+            var = forward_variances(module, inputs, {name: layer})[name]
+            for _ in range(max_iters):
+                if abs(var - 1.0) < tol or var == 0.0:
+                    break
+                layer.weight.div_(math.sqrt(var))
+                var = forward_variances(module, inputs, {name: layer})[name]
+            final[name] = var
+    return final
+
+
+def forward_variances(module: nn.Module, inputs: torch.Tensor, layers: dict[str, nn.Module]) -> dict[str, float]:
+    """Var[z^l] of each layer's output on ``inputs``, in forward order, without gradients and without mode change."""
+    seen: dict[str, float] = {}
+    names = {m: n for n, m in layers.items()}
+
+    def record(layer: nn.Module, _inputs: object, out: torch.Tensor) -> None:
+        seen.setdefault(names[layer], out.detach().double().var().item())
+
+    handles = [m.register_forward_hook(record) for m in layers.values()]
+    try:
+        with torch.no_grad():
+            module(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+__all__ = [
+    "LayerInit",
+    "calibration_mode",
+    "check_init_arguments",
+    "ResidualBranch",
+    "fans",
+    "find_residual_branches",
+    "forward_variances",
+    "gain",
+    "init_weights",
+    "lsuv_rescale",
+    "target_std",
+    "weight_layers",
+]
