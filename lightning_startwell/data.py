@@ -21,6 +21,8 @@ from lightning.pytorch.utilities.types import EVAL_DATALOADERS, TRAIN_DATALOADER
 from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
+from lightning_startwell._validation import check_int, check_rate
+
 
 def split_sizes(num_examples: int, val_fraction: float, test_fraction: float = 0.0) -> tuple[int, int, int]:
     """Sizes ``(train, val, test)`` of a split of ``num_examples`` by fractions, rounded to the nearest example.
@@ -28,9 +30,8 @@ def split_sizes(num_examples: int, val_fraction: float, test_fraction: float = 0
     Raises:
         ValueError: if a fraction is outside [0, 1) or the split leaves the train split, or a split asked for, empty.
     """
-    for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 <= fraction < 1.0:
-            raise ValueError(f"`{name}` must be in [0, 1), got {fraction!r}.")
+    check_rate("val_fraction", val_fraction)
+    check_rate("test_fraction", test_fraction)
     if val_fraction + test_fraction >= 1.0:
         raise ValueError(
             f"`val_fraction` + `test_fraction` must stay below 1 to leave a train split, got {val_fraction} + {test_fraction}."
@@ -85,10 +86,8 @@ class ArrayDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
-        if num_workers < 0:
-            raise ValueError(f"`num_workers` must be an integer >= 0, got {num_workers!r}.")
+        check_int("batch_size", batch_size)
+        check_int("num_workers", num_workers, minimum=0)
         split_sizes(self.num_examples, val_fraction, test_fraction)
         self.batch_size = batch_size
         self.num_workers = num_workers

@@ -25,6 +25,8 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
+from lightning_startwell._validation import check_choice, check_rate
+
 Scheme = Literal[
     "glorot_normal", "glorot_uniform", "he_normal", "he_uniform", "lecun_normal", "orthogonal", "fixup", "lsuv"
 ]
@@ -195,14 +197,10 @@ def weight_layers(
 
 def check_init_arguments(scheme: str, mode: str, nonlinearity: str, negative_slope: float) -> None:
     """Raise a ValueError naming the first argument that is not accepted."""
-    if scheme not in SCHEMES:
-        raise ValueError(f"`scheme` must be one of {SCHEMES}, got {scheme!r}.")
-    if mode not in MODES:
-        raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
-    if nonlinearity not in NONLINEARITIES:
-        raise ValueError(f"`nonlinearity` must be one of {NONLINEARITIES}, got {nonlinearity!r}.")
-    if not 0.0 <= negative_slope < 1.0:
-        raise ValueError(f"`negative_slope` must be in [0, 1), got {negative_slope!r}.")
+    check_choice("scheme", scheme, SCHEMES)
+    check_choice("mode", mode, MODES)
+    check_choice("nonlinearity", nonlinearity, NONLINEARITIES)
+    check_rate("negative_slope", negative_slope)
     if scheme.startswith("he") and nonlinearity not in ("relu", "leaky_relu"):
         raise ValueError(f"`nonlinearity` must be 'relu' or 'leaky_relu' for scheme {scheme!r}, got {nonlinearity!r}.")
 

@@ -31,6 +31,8 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from lightning_startwell._validation import check_choice, check_int, check_rate
+
 Activation = Literal["relu", "leaky_relu", "tanh"]
 ACTIVATIONS = ("relu", "leaky_relu", "tanh")
 
@@ -42,24 +44,10 @@ def sgd(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
 
 def make_activation(name: str, negative_slope: float = 0.01) -> nn.Module:
     """``relu``, ``leaky_relu`` (slope ``negative_slope``) or ``tanh`` as a module."""
-    if name == "relu":
-        return nn.ReLU()
+    check_choice("activation", name, ACTIVATIONS)
     if name == "leaky_relu":
         return nn.LeakyReLU(negative_slope)
-    if name == "tanh":
-        return nn.Tanh()
-    raise ValueError(f"`activation` must be one of {ACTIVATIONS}, got {name!r}.")
-
-
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
-
-
-def _check_probability(name: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"`{name}` must be in [0, 1), got {value!r}.")
+    return nn.Tanh() if name == "tanh" else nn.ReLU()
 
 
 class Classifier(pl.LightningModule):
@@ -86,9 +74,7 @@ class Classifier(pl.LightningModule):
             raise ValueError(
                 f"`input_shape` must be (C, L), (C, H, W) or (C, D, H, W) with positive sizes, got {input_shape!r}."
             )
-        _check_positive(num_classes=num_classes)
-        if num_classes < 2:
-            raise ValueError(f"`num_classes` must be >= 2, got {num_classes!r}.")
+        check_int("num_classes", num_classes, minimum=2)
         self.input_shape = input_shape
         self.num_classes = num_classes
         self.optimizer = optimizer
@@ -173,8 +159,9 @@ class MLP(Classifier):
         lr_scheduler: Optional[LRSchedulerCallable] = None,
     ) -> None:
         super().__init__(input_shape, num_classes, optimizer, lr_scheduler)
-        _check_positive(depth=depth, width=width)
-        _check_probability("dropout", dropout)
+        check_int("depth", depth)
+        check_int("width", width)
+        check_rate("dropout", dropout)
         make_activation(activation, negative_slope)  # validates before anything is built
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         layers: list[nn.Module] = [nn.Flatten()]
@@ -218,10 +205,12 @@ class ConvNet(Classifier):
         super().__init__(input_shape, num_classes, optimizer, lr_scheduler)
         if not channels:
             raise ValueError("`channels` must list at least one stage, got [].")
-        _check_positive(kernel_size=kernel_size, **{f"channels[{i}]": c for i, c in enumerate(channels)})
+        check_int("kernel_size", kernel_size)
+        for i, c in enumerate(channels):
+            check_int(f"channels[{i}]", c)
         if kernel_size % 2 == 0:
             raise ValueError(f"`kernel_size` must be odd (for 'same' padding), got {kernel_size}.")
-        _check_probability("dropout", dropout)
+        check_rate("dropout", dropout)
         make_activation(activation, negative_slope)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         conv, norm, pool = self._layer("Conv"), self._layer("BatchNorm"), self._layer("MaxPool")
@@ -292,8 +281,9 @@ class ResNet(Classifier):
         lr_scheduler: Optional[LRSchedulerCallable] = None,
     ) -> None:
         super().__init__(input_shape, num_classes, optimizer, lr_scheduler)
-        _check_positive(num_blocks=num_blocks, width=width)
-        _check_probability("dropout", dropout)
+        check_int("num_blocks", num_blocks)
+        check_int("width", width)
+        check_rate("dropout", dropout)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.stem = nn.Sequential(
             self._layer("Conv")(self.input_shape[0], width, 3, padding=1, bias=False),

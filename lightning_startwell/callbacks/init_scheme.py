@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_startwell._validation import check_int
 from lightning_startwell.callbacks._common import BatchKey, batch_tensor, first_train_batch, log_scalars
 from lightning_startwell.init import (
     Mode,
@@ -86,8 +87,7 @@ class InitScheme(Callback):
         check_init_arguments(scheme, mode, nonlinearity, negative_slope)
         if not 0.0 < lsuv_tol < 1.0:
             raise ValueError(f"`lsuv_tol` must be in (0, 1), got {lsuv_tol!r}.")
-        if lsuv_max_iters < 1:
-            raise ValueError(f"`lsuv_max_iters` must be an integer >= 1, got {lsuv_max_iters!r}.")
+        check_int("lsuv_max_iters", lsuv_max_iters)
         self.scheme = scheme
         self.mode = mode
         self.nonlinearity = nonlinearity

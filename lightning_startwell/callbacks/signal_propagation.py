@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_startwell._validation import check_int
 from lightning_startwell.callbacks._common import log_scalars, tensorboard_experiments
 from lightning_startwell.init import weight_layers
 from lightning_startwell.signal import SignalRecorder, propagation_ratios, variances_by_name
@@ -51,8 +52,7 @@ class SignalPropagationMonitor(Callback):
         exclude: Optional[list[str]] = None,
         log_histograms: bool = False,
     ) -> None:
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"`every_n_steps` must be an integer >= 1, got {every_n_steps!r}.")
+        check_int("every_n_steps", every_n_steps)
         self.every_n_steps = every_n_steps
         self.include = include
         self.exclude = exclude
