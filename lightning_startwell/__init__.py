@@ -1,6 +1,11 @@
 """lightning_startwell: PyTorch Lightning callbacks that get the first steps of training right, and show what they do."""
 
-from lightning_startwell.callbacks import InitScheme, SignalPropagationMonitor
+from lightning_startwell.callbacks import (
+    DropoutSchedule,
+    InitScheme,
+    SignalPropagationMonitor,
+    StochasticDepthSchedule,
+)
 from lightning_startwell.data import ArrayDataModule, DigitsDataModule, MNIST1DDataModule
 from lightning_startwell.init import init_weights
 from lightning_startwell.models import MLP, Classifier, ConvNet, ResNet
@@ -13,9 +18,11 @@ __all__ = [
     "Classifier",
     "ConvNet",
     "DigitsDataModule",
+    "DropoutSchedule",
     "InitScheme",
     "MNIST1DDataModule",
     "ResNet",
     "SignalPropagationMonitor",
+    "StochasticDepthSchedule",
     "init_weights",
 ]

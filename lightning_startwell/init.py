@@ -135,11 +135,13 @@ def _stored_layout(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ResidualBranch:
-    """A residual branch: its name and its weight layers in forward order (the last one closes the branch)."""
+    """A residual branch: its name, its weight layers in forward order (the last one closes the branch), its last
+    normalisation layer, and ``output``, the module whose output is the branch's output (what stochastic depth drops)."""
 
     name: str
     layers: tuple[str, ...]
     last_norm: Optional[str]
+    output: str
 
 
 def find_residual_branches(model: nn.Module, names: Optional[Sequence[str]] = None) -> list[ResidualBranch]:
@@ -166,7 +168,8 @@ def find_residual_branches(model: nn.Module, names: Optional[Sequence[str]] = No
             prefix = f"{name}." if name else ""
             layers = tuple(f"{prefix}conv{i}" for i in range(1, depth + 1))
             last_norm = f"{prefix}bn{depth}" if f"{prefix}bn{depth}" in modules else None
-            branches.append(ResidualBranch(name, layers, last_norm))
+            # torchvision adds the shortcut right after the last norm layer: its output is the branch output.
+            branches.append(ResidualBranch(name, layers, last_norm, last_norm or layers[-1]))
     return [b for b in branches if b.layers]
 
 
@@ -175,7 +178,7 @@ def _branch_of(modules: dict[str, nn.Module], root: str, prefix: Optional[str]) 
     inside = [(n, m) for n, m in modules.items() if n.startswith(prefix)]
     layers = tuple(n for n, m in inside if isinstance(m, WEIGHT_LAYERS))
     norms = [n for n, m in inside if isinstance(m, NORM_LAYERS)]
-    return ResidualBranch(root, layers, norms[-1] if norms else None)
+    return ResidualBranch(root, layers, norms[-1] if norms else None, root)
 
 
 def weight_layers(

@@ -30,6 +30,7 @@ def test_quickstart_short_run_writes_accuracy_and_loss_events(tmp_path):
         "train/acc", "train/loss", "train/loss_step", "val/acc", "val/loss",
         "startwell/init/std/stem.0", "startwell/init/target_std/stem.0", "startwell/init/forward_ratio/head.2",
         "startwell/signal/forward_ratio", "startwell/signal/backward_ratio", "startwell/signal/backward/stem.0",
+        "startwell/dropout/rate", "startwell/depth/drop_rate", "startwell/depth/expected_depth",
     ):
         assert tag in scalars, sorted(scalars)
     assert len(scalars["val/acc"]) == 2
@@ -124,3 +125,17 @@ def test_empty_split_fails_before_training_naming_the_fraction(tmp_path):
         main(["fit", "--config", str(QUICKSTART), "--trainer.default_root_dir", str(tmp_path),
               "--data.init_args.val_fraction", "0.0001"])
     assert not (tmp_path / "lightning_logs").exists()
+
+
+@pytest.mark.parametrize("name", ["quickstart", "early_dropout", "early_stochastic_depth", "late_stochastic_depth"])
+def test_example_configs_train_for_a_few_steps(tmp_path, name):
+    config = QUICKSTART.parent / f"{name}.yaml"
+    main(["fit", "--config", str(config), "--trainer.max_steps=3", "--trainer.log_every_n_steps=1",
+          "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar=false"])
+    scalars = read_scalars(tmp_path / "lightning_logs")
+    expected = yaml.safe_load(config.read_text())["trainer"]["callbacks"]
+    prefixes = {"DropoutSchedule": "startwell/dropout/", "StochasticDepthSchedule": "startwell/depth/",
+                "InitScheme": "startwell/init/", "SignalPropagationMonitor": "startwell/signal/"}
+    for callback in expected:
+        prefix = prefixes[callback["class_path"].rpartition(".")[2]]
+        assert any(tag.startswith(prefix) for tag in scalars), (prefix, sorted(scalars))

@@ -8,7 +8,7 @@ from torch import nn
 
 from lightning_startwell.init import weight_layers
 from lightning_startwell.models import MLP
-from lightning_startwell.signal import SignalRecorder, propagation_ratios
+from lightning_startwell.propagation import SignalRecorder, propagation_ratios
 
 
 def _reference(model, x, loss_fn):

@@ -12,7 +12,7 @@ from typing_extensions import override
 from lightning_startwell._validation import check_int
 from lightning_startwell.callbacks._common import log_scalars, tensorboard_experiments
 from lightning_startwell.init import weight_layers
-from lightning_startwell.signal import SignalRecorder, propagation_ratios, variances_by_name
+from lightning_startwell.propagation import SignalRecorder, propagation_ratios, variances_by_name
 
 _HISTOGRAM_VALUES = 65536
 

@@ -1,0 +1,98 @@
+"""DropoutSchedule: standard, early or late dropout (Liu et al. 2023) on every dropout a model holds."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+from lightning_startwell.callbacks._rate_schedule import RateScheduleCallback
+from lightning_startwell.dropout import RateSlot, find_dropout, set_rates
+from lightning_startwell.schedules import Mode, Shape
+
+
+class DropoutSchedule(RateScheduleCallback):
+    r"""Schedule the dropout rate of a whole model over optimizer steps.
+
+    Before every training batch the rate for ``trainer.global_step`` is written into every ``nn.Dropout``-family module,
+    every ``nn.MultiheadAttention.dropout`` (so ``nn.TransformerEncoderLayer`` is fully covered) and the float
+    ``attributes`` you name. The rate depends only on the optimizer step: gradient accumulation and mid-epoch resume give
+    the same trajectory. Evaluation is untouched (dropout is off in eval mode). The rates found at the start of ``fit``
+    are put back at its end.
+
+    Modes (see :func:`~lightning_startwell.schedules.scheduled_rate`): ``standard`` (p always), ``early`` (p until the
+    cutoff, then 0; shape ``constant``, ``linear`` = linspace(p, 0, cutoff) as in the official code, or ``cosine``),
+    ``late`` (0 until the cutoff, then p). The cutoff is exactly one of ``cutoff_epochs``, ``cutoff_steps`` (optimizer
+    steps) or ``cutoff_fraction`` of ``trainer.estimated_stepping_batches``.
+
+    Logs ``startwell/dropout/rate`` every ``log_every_n_steps`` optimizer steps.
+
+    Args:
+        p: the dropout rate, in [0, 1).
+        mode: ``standard``, ``early`` or ``late``.
+        shape: ``constant``, ``linear`` or ``cosine`` (``late`` takes ``constant``).
+        cutoff_epochs: cutoff in epochs.
+        cutoff_steps: cutoff in optimizer steps.
+        cutoff_fraction: cutoff as a fraction of training, in [0, 1]. With no cutoff given, ``early`` and ``late``
+            use 1/6 of training (the paper's epoch 50 of 300).
+        include: glob patterns of dropout-module names to drive (default all); each must match one.
+        exclude: glob patterns of dropout-module names to leave alone.
+        attributes: glob patterns ``<module>.<attribute>`` of further float rates to drive (e.g. ``"*.attn.drop_p"``).
+        rate_levels: round rates to this many evenly spaced values in [0, p], so a ``torch.compile``d model, which
+            recompiles for every new float rate, compiles at most ``rate_levels`` times; None keeps exact rates.
+
+    Example::
+
+        trainer = Trainer(callbacks=[DropoutSchedule(p=0.1, mode="early", shape="linear", cutoff_epochs=50)])
+    """
+
+    rate_name = "p"
+
+    def __init__(
+        self,
+        p: float = 0.1,
+        mode: Mode = "early",
+        shape: Shape = "linear",
+        cutoff_epochs: Optional[int] = None,
+        cutoff_steps: Optional[int] = None,
+        cutoff_fraction: Optional[float] = None,
+        include: Optional[list[str]] = None,
+        exclude: Optional[list[str]] = None,
+        attributes: Optional[list[str]] = None,
+        rate_levels: Optional[int] = None,
+    ) -> None:
+        super().__init__(p, mode, shape, cutoff_epochs, cutoff_steps, cutoff_fraction, rate_levels)
+        self.include = include
+        self.exclude = exclude
+        self.attributes = attributes
+        self._slots: list[RateSlot] = []
+        self._original: dict[str, float] = {}
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        slots = find_dropout(pl_module, self.include, self.exclude, self.attributes)
+        if not slots:
+            raise ValueError(
+                "DropoutSchedule found no dropout in the model (nn.Dropout family, nn.MultiheadAttention); add dropout"
+                " modules, or name float rates with `attributes`."
+            )
+        super().on_fit_start(trainer, pl_module)
+        if getattr(pl_module, "_compiler_ctx", None) and self.rate_levels is None:
+            rank_zero_warn(
+                "DropoutSchedule on a torch.compile'd model with exact rates: every new rate recompiles. Set"
+                " `rate_levels` (e.g. 5) to bound the recompilations."
+            )
+        self._slots = slots
+        self._original = {s.name: s.get() for s in slots}
+
+    @override
+    def apply_rate(self, pl_module: pl.LightningModule, rate: float) -> dict[str, float]:
+        set_rates(self._slots, rate)
+        return {"startwell/dropout/rate": rate}
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for slot in self._slots:
+            slot.set(self._original[slot.name])

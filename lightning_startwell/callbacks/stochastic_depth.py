@@ -1,0 +1,108 @@
+"""StochasticDepthSchedule: stochastic depth (Huang et al. 2016) on any residual model, with a schedule over steps."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import lightning.pytorch as pl
+from typing_extensions import override
+
+from lightning_startwell.callbacks._rate_schedule import RateScheduleCallback
+from lightning_startwell.drop_path import DropPathHooks, existing_drop_path_rates, find_residual_blocks
+from lightning_startwell.dropout import RateSlot
+from lightning_startwell._validation import check_choice
+from lightning_startwell.schedules import RULES, Mode, Rule, Shape, block_drop_rates, expected_depth
+
+
+class StochasticDepthSchedule(RateScheduleCallback):
+    r"""Drop whole residual branches per sample in training, with Huang et al.'s layer rule and a schedule over steps.
+
+    Block l of L survives with p_l = 1 - (l / L)(1 - p_L) (``rule="linear"``, ``drop_rate`` = 1 - p_L) or with
+    1 - ``drop_rate`` each (``uniform``); the expected depth of a training pass is sum_l p_l. ``drop_rate`` itself
+    follows the same ``standard`` / ``early`` / ``late`` schedule as :class:`DropoutSchedule` (Liu et al. 2023: early
+    s.d. 0.5 linear, late s.d. 0.4 constant).
+
+    No module is replaced: forward hooks on the modules whose outputs are residual branches multiply them per sample by
+    b / p_l, b ~ Bernoulli(p_l) (inverted, so evaluation is the plain network and checkpoints load without this
+    library). Blocks are found automatically — timm ``DropPath`` slots (also the ``nn.Identity`` placeholders of a timm
+    model built with ``drop_path_rate=0``), torchvision ``StochasticDepth``, the demo ResNet's ``branch`` modules,
+    torchvision ``BasicBlock`` / ``Bottleneck`` — or named by ``blocks``. Existing drop-path modules are set to rate 0
+    during ``fit`` (the hooks do the dropping) and restored after. Rates live in one device tensor updated in place:
+    no host sync per block, and no recompilation of a ``torch.compile``d model when they change.
+
+    Logs ``startwell/depth/drop_rate`` (the scheduled 1 - p_L) and ``startwell/depth/expected_depth`` every
+    ``log_every_n_steps`` optimizer steps.
+
+    Args:
+        drop_rate: drop rate of the last block, 1 - p_L, in [0, 1).
+        rule: ``linear`` (Huang et al.) or ``uniform``.
+        mode: ``standard``, ``early`` or ``late``.
+        shape: ``constant``, ``linear`` or ``cosine`` (``late`` takes ``constant``).
+        cutoff_epochs: cutoff in epochs.
+        cutoff_steps: cutoff in optimizer steps.
+        cutoff_fraction: cutoff as a fraction of training, in [0, 1]. With no cutoff given, ``early`` and ``late``
+            use 1/6 of training (the paper's epoch 50 of 300).
+        blocks: glob patterns of the modules whose outputs are residual branches, in depth order (default: automatic).
+
+    Example::
+
+        trainer = Trainer(callbacks=[StochasticDepthSchedule(drop_rate=0.5, rule="linear")])
+    """
+
+    rate_name = "drop_rate"
+
+    def __init__(
+        self,
+        drop_rate: float = 0.1,
+        rule: Rule = "linear",
+        mode: Mode = "standard",
+        shape: Shape = "constant",
+        cutoff_epochs: Optional[int] = None,
+        cutoff_steps: Optional[int] = None,
+        cutoff_fraction: Optional[float] = None,
+        blocks: Optional[list[str]] = None,
+    ) -> None:
+        super().__init__(drop_rate, mode, shape, cutoff_epochs, cutoff_steps, cutoff_fraction)
+        check_choice("rule", rule, RULES)
+        self.rule = rule
+        self.blocks = blocks
+        self._hooks: Optional[DropPathHooks] = None
+        self._existing: list[RateSlot] = []
+        self._original: dict[str, float] = {}
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        blocks = find_residual_blocks(pl_module, self.blocks)
+        if not blocks:
+            raise ValueError(
+                "StochasticDepthSchedule found no residual block in the model; name the modules whose outputs are"
+                " residual branches with `blocks` (glob patterns)."
+            )
+        super().on_fit_start(trainer, pl_module)
+        self._existing = existing_drop_path_rates(pl_module)
+        self._original = {s.name: s.get() for s in self._existing}
+        for slot in self._existing:
+            slot.set(0.0)
+        self._hooks = DropPathHooks(pl_module, blocks).attach()
+
+    @override
+    def apply_rate(self, pl_module: pl.LightningModule, rate: float) -> dict[str, float]:
+        assert self._hooks is not None
+        rates = block_drop_rates(rate, len(self._hooks.blocks), self.rule)
+        self._hooks.set_rates(rates)
+        return {"startwell/depth/drop_rate": rate, "startwell/depth/expected_depth": expected_depth(rates)}
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._release()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._hooks is not None:
+            self._hooks.detach()
+            self._hooks = None
+        for slot in self._existing:
+            slot.set(self._original[slot.name])

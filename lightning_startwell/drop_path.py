@@ -1,0 +1,137 @@
+"""Stochastic depth without module surgery (pure PyTorch, no Lightning): forward hooks drop whole residual branches.
+
+Huang et al. (2016): in training, block l computes x + b_l f_l(x) with b_l ~ Bernoulli(p_l) drawn per sample. We use the
+inverted form x + b_l f_l(x) / p_l, so evaluation is the plain x + f_l(x) and the model's eval output does not change.
+A forward hook on the module whose output is f_l(x) does the multiplication, so the model keeps its structure and its
+checkpoints load without this library. The rates live in one tensor on the model's device, updated in place: no host
+sync per block, and a ``torch.compile``d model sees the same graph whatever the rates.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_startwell.dropout import RateSlot
+from lightning_startwell.init import find_residual_branches
+
+# Drop-path modules of other libraries, by class name, and the attribute that holds their rate.
+DROP_PATH_CLASSES = {"DropPath": "drop_prob", "StochasticDepth": "p"}
+
+
+def drop_path(x: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
+    """Per-sample inverted drop: ``x * b / (1 - rate)`` with ``b ~ Bernoulli(1 - rate)`` for each sample (dim 0).
+
+    ``rate`` is a 0-d tensor in [0, 1) (a Python float works too); nothing is read back to the host.
+    """
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    keep = torch.rand(shape, device=x.device, dtype=x.dtype) >= rate
+    return x * keep.to(x.dtype) / (1.0 - rate)
+
+
+@dataclass(frozen=True)
+class ResidualBlock:
+    """One residual block for stochastic depth: its name and the modules whose outputs are its residual branches
+    (a timm ViT block has two, ``drop_path1`` and ``drop_path2``; they share the block's rate)."""
+
+    name: str
+    outputs: tuple[str, ...]
+
+
+def _is_drop_path_slot(name: str, module: nn.Module) -> bool:
+    short = name.rpartition(".")[2]
+    return type(module).__name__ in DROP_PATH_CLASSES or (isinstance(module, nn.Identity) and short.startswith("drop_path"))
+
+
+def find_residual_blocks(model: nn.Module, patterns: Optional[Sequence[str]] = None) -> list[ResidualBlock]:
+    """Residual blocks of ``model`` in depth order.
+
+    With ``patterns`` (glob patterns of module names), each matching module is one block whose output is dropped.
+    Otherwise, found automatically: drop-path slots (timm ``DropPath``, torchvision ``StochasticDepth``, or timm's
+    ``nn.Identity`` placeholders named ``drop_path*`` when built with ``drop_path_rate=0``), grouped by parent block;
+    failing those, residual branches (the demo ResNet's ``branch`` modules, torchvision's ``BasicBlock`` /
+    ``Bottleneck``).
+
+    Raises:
+        ValueError: if a pattern matches no module.
+    """
+    names = [n for n, _ in model.named_modules()]
+    if patterns:
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                raise ValueError(f"`blocks` pattern {pattern!r} matches no module of the model.")
+        return [ResidualBlock(n, (n,)) for n in names if n and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    slots: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if _is_drop_path_slot(name, module):
+            slots.setdefault(name.rpartition(".")[0], []).append(name)
+    if slots:
+        return [ResidualBlock(parent, tuple(outputs)) for parent, outputs in slots.items()]
+    return [ResidualBlock(b.name, (b.output,)) for b in find_residual_branches(model)]
+
+
+def existing_drop_path_rates(model: nn.Module) -> list[RateSlot]:
+    """The rate attributes of drop-path modules already in ``model`` (timm ``DropPath``, torchvision
+    ``StochasticDepth``): set them to 0 while hooks drop, or the branch would be dropped twice."""
+    return [
+        RateSlot(name, module, DROP_PATH_CLASSES[type(module).__name__])
+        for name, module in model.named_modules()
+        if type(module).__name__ in DROP_PATH_CLASSES
+    ]
+
+
+class DropPathHooks:
+    """Forward hooks that apply :func:`drop_path` to the branch outputs of ``blocks``, in training mode only.
+
+    Args:
+        model: the model holding the blocks.
+        blocks: the blocks, in depth order; block ``l`` is dropped with ``rates[l]``.
+
+    Example::
+
+        hooks = DropPathHooks(model, find_residual_blocks(model)).attach()
+        hooks.set_rates(block_drop_rates(0.2, len(hooks.blocks)))
+    """
+
+    def __init__(self, model: nn.Module, blocks: Sequence[ResidualBlock]) -> None:
+        self.model = model
+        self.blocks = list(blocks)
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self.rates = torch.zeros(len(self.blocks), device=device)
+        self._handles: list[RemovableHandle] = []
+
+    def attach(self) -> DropPathHooks:
+        modules = dict(self.model.named_modules())
+        for index, block in enumerate(self.blocks):
+            for output in block.outputs:
+                self._handles.append(modules[output].register_forward_hook(self._hook(index)))
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, index: int):  # noqa: ANN202
+        def hook(module: nn.Module, _inputs: object, output: torch.Tensor) -> Optional[torch.Tensor]:
+            if not module.training:
+                return None
+            return drop_path(output, self.rates[index])
+
+        return hook
+
+    def set_rates(self, rates: Sequence[float]) -> None:
+        """Write the per-block drop rates into the rates tensor, in place (one host-to-device copy)."""
+        self.rates.copy_(torch.tensor(rates, dtype=self.rates.dtype), non_blocking=True)
+
+    def to(self, device: torch.device) -> None:
+        self.rates = self.rates.to(device)
+
+
+__all__ = ["DropPathHooks", "ResidualBlock", "drop_path", "existing_drop_path_rates", "find_residual_blocks"]

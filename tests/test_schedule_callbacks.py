@@ -1,0 +1,347 @@
+"""DropoutSchedule and StochasticDepthSchedule under a real Trainer: rates per step, accumulation, resume, DDP,
+timm and torchvision models, torch.compile, bad arguments."""
+
+from __future__ import annotations
+
+import math
+import types
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+
+from conftest import gaussian_loader, make_trainer, read_scalars
+from lightning_startwell.callbacks import DropoutSchedule, StochasticDepthSchedule
+from lightning_startwell.models import MLP, Classifier, ResNet
+
+
+def _official(rate, total, cutoff, mode, shape):
+    """facebookresearch/dropout's drop_scheduler, rebuilt with NumPy (plus the cosine of our docs)."""
+    if mode == "standard":
+        return np.full(total, rate)
+    if mode == "late":
+        return np.concatenate([np.zeros(cutoff), np.full(total - cutoff, rate)])
+    if shape == "constant":
+        early = np.full(cutoff, rate)
+    elif shape == "linear":
+        early = np.linspace(rate, 0, cutoff)
+    else:
+        early = rate * (1 + np.cos(np.pi * np.arange(cutoff) / (cutoff - 1))) / 2
+    return np.concatenate([early, np.zeros(total - cutoff)])
+
+
+class RecordRates(Callback):
+    """Reads, at every training batch (after the schedule has run), every dropout rate of the model."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, list[float]]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        rates = [m.p for m in pl_module.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+        rates += [m.dropout for m in pl_module.modules() if isinstance(m, nn.MultiheadAttention)]
+        self.seen.append((trainer.global_step, rates))
+
+
+@pytest.mark.parametrize(
+    ("mode", "shape"),
+    [("standard", "constant"), ("early", "constant"), ("early", "linear"), ("early", "cosine"), ("late", "constant")],
+)
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_applied_and_logged_dropout_rates_follow_the_formula(tmp_path, mode, shape, accumulate):
+    cutoff = {} if mode == "standard" else {"cutoff_epochs": 1}
+    record = RecordRates()
+    trainer = make_trainer(
+        tmp_path, [DropoutSchedule(p=0.2, mode=mode, shape=shape, **cutoff), record],
+        max_epochs=3, accumulate_grad_batches=accumulate,
+    )
+    model = MLP(depth=2, width=16, dropout=0.5)
+    trainer.fit(model, gaussian_loader(num=128, batch_size=16))  # 8 batches an epoch
+    steps_per_epoch = 8 // accumulate
+    expected = _official(0.2, 3 * steps_per_epoch, steps_per_epoch, mode, shape)
+    assert len(record.seen) == 24
+    for step, rates in record.seen:
+        assert rates == pytest.approx([expected[step]] * 2, abs=1e-12)
+    logged = read_scalars(tmp_path / "lightning_logs")["startwell/dropout/rate"]
+    assert [s for s, _ in logged] == list(range(3 * steps_per_epoch))
+    np.testing.assert_allclose([v for _, v in logged], expected, atol=1e-7)
+    assert [m.p for m in model.modules() if isinstance(m, nn.Dropout)] == [0.5, 0.5]  # put back after fit
+
+
+class TinyTransformer(Classifier):
+    def __init__(self) -> None:
+        super().__init__(input_shape=(4, 8), num_classes=10)
+        self.encoder = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.attn = nn.MultiheadAttention(8, 2, dropout=0.0, batch_first=True)
+        self.drop = nn.Dropout(0.0)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = self.encoder(x)
+        h = self.drop(h + self.attn(h, h, h, need_weights=False)[0])
+        return self.head(h.mean(1))
+
+
+def test_every_dropout_of_a_transformer_follows_the_schedule(tmp_path):
+    record = RecordRates()
+    trainer = make_trainer(tmp_path, [DropoutSchedule(p=0.3, mode="early", shape="linear", cutoff_steps=5), record],
+                           max_steps=8)
+    trainer.fit(TinyTransformer(), gaussian_loader(num=128, shape=(4, 8)))
+    expected = _official(0.3, 8, 5, "early", "linear")
+    for step, rates in record.seen:
+        assert len(rates) == 6  # dropout, dropout1, dropout2, drop, encoder.self_attn, attn
+        assert rates == pytest.approx([expected[step]] * 6, abs=1e-12)
+
+
+class StopAt(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def _same_batches(num_batches=8):
+    x, y = next(iter(gaussian_loader()))
+    data = torch.utils.data.TensorDataset(x.repeat(num_batches, 1, 1, 1), y.repeat(num_batches))
+    return torch.utils.data.DataLoader(data, batch_size=len(x))
+
+
+@pytest.mark.parametrize("cls", [DropoutSchedule, StochasticDepthSchedule])
+def test_mid_epoch_resume_has_the_uninterrupted_rate_trajectory(tmp_path, cls):
+    def run(root, max_steps, ckpt_path=None, extra=()):
+        callback = cls(0.4, mode="early", shape="linear", cutoff_steps=12)
+        model = ResNet(num_blocks=2, width=4, dropout=0.2)
+        make_trainer(root, [callback, *extra], max_steps=max_steps, max_epochs=-1).fit(
+            model, _same_batches(), ckpt_path=ckpt_path
+        )
+        return read_scalars(root / "lightning_logs")
+
+    tag = "startwell/dropout/rate" if cls is DropoutSchedule else "startwell/depth/drop_rate"
+    full = run(tmp_path / "full", 14)[tag]
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1)
+    run(tmp_path / "first", 14, extra=[checkpoint, StopAt(5)])  # a run of 14 steps interrupted at step 5
+    resumed = run(tmp_path / "second", 14, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=5.ckpt")[tag]
+    assert [s for s, _ in resumed] == list(range(5, 14))
+    assert dict(resumed) == pytest.approx(dict(full[5:]))
+    np.testing.assert_allclose([v for _, v in full], _official(0.4, 14, 12, "early", "linear"), atol=1e-7)
+
+
+class CountDrops(Callback):
+    """Counts, per residual branch, the samples whose branch output was dropped (all zeros) in training passes."""
+
+    def __init__(self) -> None:
+        self.dropped: dict[str, int] = {}
+        self.samples: dict[str, int] = {}
+        self.handles = []
+
+    def on_train_start(self, trainer, pl_module):
+        for name, module in pl_module.named_modules():
+            if name.endswith(".branch"):
+                self.handles.append(module.register_forward_hook(self._count(name)))
+
+    def _count(self, name):
+        def hook(module, inputs, output):
+            if module.training:
+                zero = (output.flatten(1) == 0).all(1)
+                self.dropped[name] = self.dropped.get(name, 0) + int(zero.sum())
+                self.samples[name] = self.samples.get(name, 0) + len(zero)
+
+        return hook
+
+    def on_train_end(self, trainer, pl_module):
+        for handle in self.handles:
+            handle.remove()
+
+
+def test_stochastic_depth_in_a_fit_drops_at_the_scheduled_rates(tmp_path):
+    counter = CountDrops()
+    model = ResNet(num_blocks=3, width=4)
+    reference = ResNet(num_blocks=3, width=4)
+    trainer = make_trainer(tmp_path, [StochasticDepthSchedule(drop_rate=0.6, rule="linear"), counter],
+                           max_epochs=3, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(model, gaussian_loader(num=1024, batch_size=128), gaussian_loader(num=16, batch_size=16))
+    for l, name in enumerate(["blocks.0.branch", "blocks.1.branch", "blocks.2.branch"], start=1):
+        rate = 0.6 * l / 3
+        n = counter.samples[name]
+        assert n == 3 * 1024
+        assert abs(counter.dropped[name] / n - rate) < 4 * math.sqrt(rate * (1 - rate) / n)
+    logged = read_scalars(tmp_path / "lightning_logs")["startwell/depth/expected_depth"]
+    assert logged[0][1] == pytest.approx(sum(1 - 0.6 * l / 3 for l in range(1, 4)))
+    # After fit: no hook left, and eval output is that of the same weights without the callback.
+    reference.load_state_dict(model.state_dict())
+    model.eval(), reference.eval()
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.equal(model(x), reference(x))
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+class Wrapped(Classifier):
+    def __init__(self, net, input_shape):
+        super().__init__(input_shape=input_shape, num_classes=10)
+        self.net = net
+
+
+class AssertHooksDrop(Callback):
+    """In training, the same input gives different outputs (blocks are dropped); in eval the plain model's output."""
+
+    def __init__(self, reference):
+        self.reference = reference
+        self.checked = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx:
+            return
+        x = batch[0][:8]
+        torch.manual_seed(0)
+        with torch.no_grad():
+            first, second = pl_module(x), pl_module(x)
+            assert not torch.allclose(first, second)
+            pl_module.eval()
+            self.reference.load_state_dict(pl_module.net.state_dict())
+            self.reference.eval()
+            assert torch.allclose(pl_module(x), self.reference(x))
+            pl_module.train()
+        self.checked = True
+
+
+def test_timm_vit_built_with_drop_path_rate_zero(tmp_path):
+    timm = pytest.importorskip("timm")
+
+    def vit():
+        torch.manual_seed(0)
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, num_classes=10,
+                                 depth=4, drop_path_rate=0.0, in_chans=1)
+
+    model, check = Wrapped(vit(), (1, 16, 16)), AssertHooksDrop(vit())
+    callback = StochasticDepthSchedule(drop_rate=0.5)
+    make_trainer(tmp_path, [callback, check], max_steps=2).fit(model, gaussian_loader(shape=(1, 16, 16)))
+    assert check.checked
+    logged = read_scalars(tmp_path / "lightning_logs")["startwell/depth/expected_depth"]
+    assert logged[0][1] == pytest.approx(sum(1 - 0.5 * l / 4 for l in range(1, 5)))
+
+
+def test_torchvision_resnet_and_its_existing_stochastic_depth_modules(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    resnet = Wrapped(torchvision.models.resnet18(num_classes=10), (3, 16, 16))
+    check = AssertHooksDrop(torchvision.models.resnet18(num_classes=10))
+    make_trainer(tmp_path, [StochasticDepthSchedule(drop_rate=0.5), check], max_steps=2).fit(
+        resnet, gaussian_loader(shape=(3, 16, 16))
+    )
+    assert check.checked
+    expected = sum(1 - 0.5 * l / 8 for l in range(1, 9))
+    assert read_scalars(tmp_path / "lightning_logs")["startwell/depth/expected_depth"][0][1] == pytest.approx(expected)
+    # A model with torchvision StochasticDepth modules: they are driven through hooks and restored after fit.
+    convnext = Wrapped(torchvision.models.convnext_tiny(num_classes=10, stochastic_depth_prob=0.1), (3, 32, 32))
+    before = [m.p for m in convnext.modules() if type(m).__name__ == "StochasticDepth"]
+    make_trainer(tmp_path / "cx", [StochasticDepthSchedule(drop_rate=0.3)], max_steps=1).fit(
+        convnext, gaussian_loader(num=4, shape=(3, 32, 32), batch_size=4)
+    )
+    assert [m.p for m in convnext.modules() if type(m).__name__ == "StochasticDepth"] == before
+
+
+def _count_compiles(model, schedule_callback, steps, shape):
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(1)
+        return gm.forward
+
+    torch._dynamo.reset()
+    trainer = types.SimpleNamespace(
+        num_training_batches=steps, accumulate_grad_batches=1, estimated_stepping_batches=steps,
+        fit_loop=types.SimpleNamespace(setup_data=lambda: None),
+    )
+    schedule_callback.on_fit_start(trainer, model)
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(4, *shape)
+    model.train()
+    for step in range(steps):
+        schedule_callback.apply_rate(model, schedule_callback.rate_at(step))
+        compiled(x)
+    torch._dynamo.reset()
+    return len(compiles)
+
+
+def test_torch_compile_recompilations_stay_bounded_over_a_full_early_linear_schedule():
+    mlp = MLP(depth=2, width=16, dropout=0.1)
+    dropout = DropoutSchedule(p=0.1, mode="early", shape="linear", cutoff_steps=40, rate_levels=5)
+    assert _count_compiles(mlp, dropout, 60, (1, 8, 8)) <= 6
+    resnet = ResNet(num_blocks=3, width=4)
+    depth = StochasticDepthSchedule(drop_rate=0.5, mode="early", shape="linear", cutoff_steps=40)
+    assert _count_compiles(resnet, depth, 60, (1, 8, 8)) <= 2
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "named"),
+    [
+        (DropoutSchedule, {"p": 1.0}, "`p`"),
+        (DropoutSchedule, {"mode": "middle"}, "mode"),
+        (DropoutSchedule, {"shape": "step"}, "shape"),
+        (DropoutSchedule, {"cutoff_epochs": 2, "cutoff_steps": 5}, "cutoff_epochs"),
+        (DropoutSchedule, {"cutoff_steps": -1}, "cutoff_steps"),
+        (DropoutSchedule, {"rate_levels": 1}, "rate_levels"),
+        (StochasticDepthSchedule, {"drop_rate": -0.5}, "drop_rate"),
+        (StochasticDepthSchedule, {"rule": "exponential"}, "rule"),
+        (StochasticDepthSchedule, {"mode": "late", "shape": "linear"}, "shape"),
+    ],
+)
+def test_bad_arguments_at_construction(cls, kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        cls(**kwargs)
+
+
+class FailIfTrained(Callback):
+    def on_train_batch_start(self, *args):
+        raise AssertionError("training started")
+
+
+@pytest.mark.parametrize(
+    ("callback", "model", "named"),
+    [
+        (DropoutSchedule(cutoff_epochs=5), MLP(), "cutoff_epochs"),
+        (DropoutSchedule(cutoff_steps=100), MLP(), "cutoff_steps"),
+        (DropoutSchedule(include=["head.*"]), MLP(), "include"),
+        (StochasticDepthSchedule(blocks=["layer9.*"]), ResNet(), "blocks"),
+        (StochasticDepthSchedule(), MLP(), "no residual block"),
+    ],
+)
+def test_bad_fit_configurations_fail_before_training(tmp_path, callback, model, named):
+    trainer = make_trainer(tmp_path, [callback, FailIfTrained()], max_epochs=2)
+    with pytest.raises(ValueError, match=named):
+        trainer.fit(model, gaussian_loader())
+
+
+def test_a_model_without_dropout_is_refused(tmp_path):
+    class NoDropout(Classifier):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+    with pytest.raises(ValueError, match="no dropout"):
+        make_trainer(tmp_path, [DropoutSchedule()]).fit(NoDropout(), gaussian_loader())
+
+
+class AssertSameRatesAcrossRanks(Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        p = torch.tensor([m.p for m in pl_module.modules() if isinstance(m, nn.Dropout)])
+        hooks = trainer.callbacks[1]._hooks
+        rates = torch.cat([p, hooks.rates])
+        gathered = trainer.strategy.all_gather(rates)
+        assert torch.equal(gathered[0], gathered[1])
+
+
+@pytest.mark.slow
+def test_two_process_ddp_applies_the_same_rates(tmp_path):
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path, accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=6,
+        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+        callbacks=[DropoutSchedule(p=0.3, mode="early", cutoff_steps=4),
+                   StochasticDepthSchedule(drop_rate=0.4, mode="early", cutoff_steps=4), AssertSameRatesAcrossRanks()],
+    )
+    trainer.fit(ResNet(num_blocks=2, width=4, dropout=0.1), gaussian_loader())
+    logged = read_scalars(tmp_path / "lightning_logs")["startwell/dropout/rate"]
+    np.testing.assert_allclose([v for _, v in logged], _official(0.3, 6, 4, "early", "linear"), atol=1e-7)
