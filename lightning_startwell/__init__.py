@@ -1,12 +1,15 @@
 """lightning_startwell: PyTorch Lightning callbacks that get the first steps of training right, and show what they do."""
 
 from lightning_startwell.callbacks import (
+    DeficitInjector,
     DropoutSchedule,
+    FisherTraceMonitor,
     InitScheme,
     SignalPropagationMonitor,
     StochasticDepthSchedule,
 )
 from lightning_startwell.data import ArrayDataModule, DigitsDataModule, MNIST1DDataModule
+from lightning_startwell.fisher import fisher_trace
 from lightning_startwell.init import init_weights
 from lightning_startwell.models import MLP, Classifier, ConvNet, ResNet
 
@@ -17,12 +20,15 @@ __all__ = [
     "ArrayDataModule",
     "Classifier",
     "ConvNet",
+    "DeficitInjector",
     "DigitsDataModule",
     "DropoutSchedule",
+    "FisherTraceMonitor",
     "InitScheme",
     "MNIST1DDataModule",
     "ResNet",
     "SignalPropagationMonitor",
     "StochasticDepthSchedule",
+    "fisher_trace",
     "init_weights",
 ]

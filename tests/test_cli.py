@@ -31,6 +31,7 @@ def test_quickstart_short_run_writes_accuracy_and_loss_events(tmp_path):
         "startwell/init/std/stem.0", "startwell/init/target_std/stem.0", "startwell/init/forward_ratio/head.2",
         "startwell/signal/forward_ratio", "startwell/signal/backward_ratio", "startwell/signal/backward/stem.0",
         "startwell/dropout/rate", "startwell/depth/drop_rate", "startwell/depth/expected_depth",
+        "startwell/deficit/active", "startwell/fisher/trace", "startwell/fisher/layer/stem.0",
     ):
         assert tag in scalars, sorted(scalars)
     assert len(scalars["val/acc"]) == 2
@@ -127,7 +128,9 @@ def test_empty_split_fails_before_training_naming_the_fraction(tmp_path):
     assert not (tmp_path / "lightning_logs").exists()
 
 
-@pytest.mark.parametrize("name", ["quickstart", "early_dropout", "early_stochastic_depth", "late_stochastic_depth"])
+@pytest.mark.parametrize(
+    "name", ["quickstart", "early_dropout", "early_stochastic_depth", "late_stochastic_depth", "critical_period"]
+)
 def test_example_configs_train_for_a_few_steps(tmp_path, name):
     config = QUICKSTART.parent / f"{name}.yaml"
     main(["fit", "--config", str(config), "--trainer.max_steps=3", "--trainer.log_every_n_steps=1",
@@ -135,7 +138,8 @@ def test_example_configs_train_for_a_few_steps(tmp_path, name):
     scalars = read_scalars(tmp_path / "lightning_logs")
     expected = yaml.safe_load(config.read_text())["trainer"]["callbacks"]
     prefixes = {"DropoutSchedule": "startwell/dropout/", "StochasticDepthSchedule": "startwell/depth/",
-                "InitScheme": "startwell/init/", "SignalPropagationMonitor": "startwell/signal/"}
+                "InitScheme": "startwell/init/", "SignalPropagationMonitor": "startwell/signal/",
+                "DeficitInjector": "startwell/deficit/", "FisherTraceMonitor": "startwell/fisher/"}
     for callback in expected:
         prefix = prefixes[callback["class_path"].rpartition(".")[2]]
         assert any(tag.startswith(prefix) for tag in scalars), (prefix, sorted(scalars))

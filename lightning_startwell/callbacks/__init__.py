@@ -1,8 +1,17 @@
 """The Lightning callbacks: each one decides when and on what the pure core runs, and logs under ``startwell/...``."""
 
+from lightning_startwell.callbacks.deficit_injector import DeficitInjector
 from lightning_startwell.callbacks.dropout_schedule import DropoutSchedule
+from lightning_startwell.callbacks.fisher_monitor import FisherTraceMonitor
 from lightning_startwell.callbacks.init_scheme import InitScheme
 from lightning_startwell.callbacks.signal_propagation import SignalPropagationMonitor
 from lightning_startwell.callbacks.stochastic_depth import StochasticDepthSchedule
 
-__all__ = ["DropoutSchedule", "InitScheme", "SignalPropagationMonitor", "StochasticDepthSchedule"]
+__all__ = [
+    "DeficitInjector",
+    "DropoutSchedule",
+    "FisherTraceMonitor",
+    "InitScheme",
+    "SignalPropagationMonitor",
+    "StochasticDepthSchedule",
+]

@@ -1,0 +1,192 @@
+"""DeficitInjector: a sensory deficit on the training batches of chosen epochs (critical learning periods)."""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+from lightning_startwell._validation import check_choice, check_int
+from lightning_startwell.callbacks._common import BatchKey, batch_tensor, first_train_batch, log_scalars
+from lightning_startwell.deficits import (
+    DEFICITS,
+    Deficit,
+    blur,
+    check_blur_size,
+    class_permutation,
+    label_permutation,
+    noise,
+    vertical_flip,
+)
+
+
+def _windows(start_epoch: Union[int, list[int]], end_epoch: Union[int, list[int]]) -> list[tuple[int, int]]:
+    starts = [start_epoch] if isinstance(start_epoch, int) else list(start_epoch)
+    ends = [end_epoch] if isinstance(end_epoch, int) else list(end_epoch)
+    if len(starts) != len(ends) or not starts:
+        raise ValueError(f"`start_epoch` and `end_epoch` must pair up into windows, got {start_epoch!r} and {end_epoch!r}.")
+    for start, end in zip(starts, ends):
+        check_int("start_epoch", start, minimum=0)
+        check_int("end_epoch", end, minimum=0)
+        if end <= start:
+            raise ValueError(f"`end_epoch` must be > `start_epoch` in every window, got [{start}, {end}).")
+    windows = sorted(zip(starts, ends))
+    for (_, end), (start, _) in zip(windows, windows[1:]):
+        if start < end:
+            raise ValueError(f"`start_epoch`/`end_epoch` windows overlap: {windows}.")
+    return windows
+
+
+class DeficitInjector(Callback):
+    r"""Apply a deficit to the training batches of the epochs in ``[start_epoch, end_epoch)`` — the experiment of
+    Achille et al. (2017): a network that sees blurred images early, then clean ones, ends up worse the longer the
+    deficit lasted; the damage of an early deficit is not undone by training longer.
+
+    The deficit is applied in ``on_train_batch_start`` to the batch on the device (validation and test batches are
+    never touched). The batch container is given a new tensor (a list or dict batch), or, for a tuple batch, the
+    collated tensor is overwritten in place: the dataset's own storage is never written. Whether an epoch has the
+    deficit depends only on ``trainer.current_epoch``, so a resumed run applies it on the same epochs.
+
+    Deficits (see :mod:`lightning_startwell.deficits`): ``blur`` (down to ``size``, antialiased, and back),
+    ``noise`` (additive Gaussian, ``noise_std``), ``vertical_flip``, ``label_permutation`` (a fixed random permutation of
+    the classes drawn from ``seed``; acts on the targets).
+
+    Logs ``startwell/deficit/active`` (1 or 0) every ``log_every_n_steps`` optimizer steps. Warns once if, when a
+    deficit is removed, the learning rate is below ``lr_warning_ratio`` times its value when the deficit began: the
+    clean epochs then train at a lower learning rate, a confound of the protocol.
+
+    Args:
+        deficit: ``blur``, ``noise``, ``vertical_flip`` or ``label_permutation``.
+        start_epoch: first epoch with the deficit, or a list of them for several windows.
+        end_epoch: first epoch without it again (exclusive), or a list matching ``start_epoch``.
+        size: blur resolution (``size x size`` for images, ``size`` samples for signals).
+        noise_std: standard deviation of the noise deficit.
+        num_classes: number of classes for ``label_permutation`` (default: the model's ``num_classes``).
+        seed: seed of the label permutation.
+        input_key: where the inputs are in a batch (tuple index or dict key).
+        target_key: where the targets are in a batch.
+        lr_warning_ratio: warn when the LR at removal is below this fraction of the LR at onset; 0 disables.
+
+    Example::
+
+        trainer = Trainer(max_epochs=60, callbacks=[DeficitInjector("blur", start_epoch=0, end_epoch=20, size=8)])
+    """
+
+    def __init__(
+        self,
+        deficit: Deficit = "blur",
+        start_epoch: Union[int, list[int]] = 0,
+        end_epoch: Union[int, list[int]] = 10,
+        size: int = 8,
+        noise_std: float = 1.0,
+        num_classes: Optional[int] = None,
+        seed: int = 0,
+        input_key: BatchKey = 0,
+        target_key: BatchKey = 1,
+        lr_warning_ratio: float = 0.5,
+    ) -> None:
+        check_choice("deficit", deficit, DEFICITS)
+        self.windows = _windows(start_epoch, end_epoch)
+        check_int("size", size)
+        if noise_std < 0:
+            raise ValueError(f"`noise_std` must be >= 0, got {noise_std!r}.")
+        if num_classes is not None:
+            check_int("num_classes", num_classes, minimum=2)
+        if not 0.0 <= lr_warning_ratio <= 1.0:
+            raise ValueError(f"`lr_warning_ratio` must be in [0, 1], got {lr_warning_ratio!r}.")
+        self.deficit = deficit
+        self.size = size
+        self.noise_std = noise_std
+        self.num_classes = num_classes
+        self.seed = seed
+        self.input_key = input_key
+        self.target_key = target_key
+        self.lr_warning_ratio = lr_warning_ratio
+        self._permutation: Optional[torch.Tensor] = None
+        self._onset_lr: dict[int, float] = {}
+        self._warned = False
+        self._last_logged_step = -1
+
+    def active(self, epoch: int) -> bool:
+        """Whether training batches of ``epoch`` get the deficit."""
+        return any(start <= epoch < end for start, end in self.windows)
+
+    @property
+    def _key(self) -> BatchKey:
+        return self.target_key if self.deficit == "label_permutation" else self.input_key
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        batch = first_train_batch(trainer)
+        x = batch_tensor(batch, self.input_key, "input_key")
+        if self.deficit == "label_permutation":
+            batch_tensor(batch, self.target_key, "target_key")
+            num_classes = self.num_classes or getattr(pl_module, "num_classes", None)
+            if not isinstance(num_classes, int):
+                raise ValueError("`num_classes` is needed for 'label_permutation' (the model has no `num_classes`).")
+            self._permutation = class_permutation(num_classes, self.seed)
+        elif self.deficit in ("blur", "vertical_flip"):
+            if x.ndim not in (3, 4):
+                raise ValueError(
+                    f"deficit {self.deficit!r} needs inputs (N, C, H, W) or (N, C, L), got shape {tuple(x.shape)}."
+                )
+            if self.deficit == "blur":
+                check_blur_size(x.shape, self.size)
+
+    def _apply(self, batch: Any) -> None:
+        value = batch_tensor(batch, self._key, "target_key" if self.deficit == "label_permutation" else "input_key")
+        if self.deficit == "blur":
+            changed = blur(value, self.size)
+        elif self.deficit == "noise":
+            changed = noise(value, self.noise_std)
+        elif self.deficit == "vertical_flip":
+            changed = vertical_flip(value)
+        else:
+            assert self._permutation is not None
+            changed = label_permutation(value, self._permutation)
+        if isinstance(batch, (list, MutableMapping)):
+            batch[self._key] = changed
+        else:  # a tuple: overwrite the collated tensor, never a dataset's storage (collation copies)
+            value.copy_(changed)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        active = self.active(trainer.current_epoch)
+        if active:
+            self._apply(batch)
+        step = trainer.global_step
+        if step != self._last_logged_step and step % trainer.log_every_n_steps == 0:
+            log_scalars(trainer, {"startwell/deficit/active": float(active)}, step=step)
+            self._last_logged_step = step
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.optimizers:
+            return
+        epoch, lr = trainer.current_epoch, trainer.optimizers[0].param_groups[0]["lr"]
+        for start, end in self.windows:
+            if epoch == start:
+                self._onset_lr[start] = lr
+            elif epoch == end and start in self._onset_lr and not self._warned:
+                onset = self._onset_lr[start]
+                if lr < self.lr_warning_ratio * onset:
+                    rank_zero_warn(
+                        f"DeficitInjector: the deficit of epochs [{start}, {end}) ends with a learning rate of {lr:.3g},"
+                        f" {onset / lr:.1f}x below its {onset:.3g} at onset; the clean epochs train at a lower learning"
+                        " rate, a confound of the critical-period protocol (Achille et al. 2017)."
+                    )
+                    self._warned = True
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"onset_lr": self._onset_lr, "warned": self._warned}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._onset_lr = dict(state_dict["onset_lr"])
+        self._warned = state_dict["warned"]

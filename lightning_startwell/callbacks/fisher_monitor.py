@@ -1,0 +1,189 @@
+"""FisherTraceMonitor: the trace of the Fisher information, total and per layer, over training."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+from lightning_startwell._validation import check_choice, check_int
+from lightning_startwell.callbacks._common import BatchKey, batch_tensor, log_scalars, tensorboard_experiments
+from lightning_startwell.fisher import FISHERS, METHODS, FisherKind, Method, fisher_trace_sums
+
+
+class FisherTraceMonitor(Callback):
+    r"""Log the trace of the Fisher information on a fixed probe set: at the start of training (the initialisation),
+    then every ``every_n_steps`` optimizer steps or every ``every_n_epochs`` epochs.
+
+    Achille et al. (2017) read critical learning periods off this curve: it rises fast early (the network takes in
+    information), then falls (it forgets what it does not need); its split per layer shows where that happens.
+
+    The probe set is ``num_samples`` training examples drawn once with ``seed`` (so the curve is comparable over time),
+    measured by :func:`~lightning_startwell.fisher.fisher_trace_sums` in batches of ``batch_size``: exact per-sample
+    gradient norms, in eval mode, fp32, without touching ``.grad``, the model's mode restored. Under DDP every rank
+    takes its share of the probe set (the same draw on every rank, split by rank) and the per-layer sums and counts are
+    all-reduced, so the number equals a single process's on the same samples. The ``true`` Fisher's label draws use a
+    generator seeded from ``seed`` and the step, so a measurement is reproducible.
+
+    Logs ``startwell/fisher/trace`` and ``startwell/fisher/layer/<module>`` (the part of the trace carried by that
+    module's parameters; they add up to the total), and, in TensorBoard, a custom-scalars chart ("startwell" tab,
+    "Fisher trace per layer") with all layer curves on one plot. A non-finite trace is logged, warned about, and
+    training goes on.
+
+    Args:
+        num_samples: size of the probe set (capped at the training set's size).
+        batch_size: probe examples per forward pass.
+        every_n_steps: measure after every ``every_n_steps`` optimizer steps.
+        every_n_epochs: measure after every ``every_n_epochs`` training epochs (exactly one of the two cadences).
+        fisher: ``true``, ``empirical`` or ``exact`` (see :func:`~lightning_startwell.fisher.fisher_trace`).
+        method: ``auto`` (closed forms) or ``vmap``.
+        seed: seed of the probe draw and of the ``true`` Fisher's labels.
+        input_key: where the inputs are in a dataset item or batch (tuple index or dict key).
+        target_key: where the labels are (for ``empirical``).
+        log_per_layer: also log the per-layer split.
+
+    Example::
+
+        trainer = Trainer(callbacks=[FisherTraceMonitor(every_n_epochs=1, num_samples=512)])
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 256,
+        batch_size: int = 64,
+        every_n_steps: Optional[int] = None,
+        every_n_epochs: Optional[int] = None,
+        fisher: FisherKind = "true",
+        method: Method = "auto",
+        seed: int = 0,
+        input_key: BatchKey = 0,
+        target_key: BatchKey = 1,
+        log_per_layer: bool = True,
+    ) -> None:
+        check_int("num_samples", num_samples)
+        check_int("batch_size", batch_size)
+        if (every_n_steps is None) == (every_n_epochs is None):
+            raise ValueError(
+                "Give exactly one of `every_n_steps` and `every_n_epochs`, got"
+                f" every_n_steps={every_n_steps!r}, every_n_epochs={every_n_epochs!r}."
+            )
+        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
+            if value is not None:
+                check_int(name, value)
+        check_choice("fisher", fisher, FISHERS)
+        check_choice("method", method, METHODS)
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.every_n_steps = every_n_steps
+        self.every_n_epochs = every_n_epochs
+        self.fisher = fisher
+        self.method = method
+        self.seed = seed
+        self.input_key = input_key
+        self.target_key = target_key
+        self.log_per_layer = log_per_layer
+        self._inputs: Optional[torch.Tensor] = None
+        self._targets: Optional[torch.Tensor] = None
+        self._last_step = -1
+        self._layout_written = False
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._inputs, self._targets = self._draw_probe(trainer)
+        if trainer.global_step == 0:  # the curve starts at the initialisation; a resumed run has that point already
+            self._measure(trainer, pl_module)
+
+    def _draw_probe(self, trainer: pl.Trainer) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """This rank's share of ``num_samples`` training items drawn with ``seed`` (the same draw on every rank)."""
+        loader = trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise ValueError("FisherTraceMonitor needs a map-style training dataset (with __len__ and __getitem__).")
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))
+        chosen = order[: self.num_samples][trainer.global_rank :: trainer.world_size]
+        items = loader.collate_fn([dataset[int(i)] for i in chosen]) if len(chosen) else None
+        if items is None:
+            return torch.empty(0), None
+        inputs = batch_tensor(items, self.input_key, "input_key")
+        targets = batch_tensor(items, self.target_key, "target_key") if self.fisher == "empirical" else None
+        return inputs, targets
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
+            self._measure(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._measure(trainer, pl_module)
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self._inputs is not None
+        step = trainer.global_step
+        self._last_step = step
+        sums, count = self._local_sums(pl_module, step)
+        names = sorted(
+            name
+            for name, module in pl_module.named_modules()
+            if any(p.requires_grad for p in module.parameters(recurse=False))
+        )
+        device = pl_module.device
+        local = torch.stack([sums.get(n, torch.zeros((), dtype=torch.float64, device=device)).to(device) for n in names])
+        local = torch.cat([local, torch.tensor([float(count)], dtype=torch.float64, device=device)])
+        total_sums = trainer.strategy.reduce(local, reduce_op="sum").cpu()
+        num = total_sums[-1].item()
+        per_layer = {n: v / num for n, v in zip(names, total_sums[:-1].tolist())}
+        trace = math.fsum(per_layer.values())
+        metrics = {"startwell/fisher/trace": trace}
+        if self.log_per_layer:
+            metrics.update({f"startwell/fisher/layer/{n}": v for n, v in per_layer.items()})
+        if not math.isfinite(trace):
+            rank_zero_warn(f"FisherTraceMonitor: the Fisher trace at step {step} is {trace}; training goes on.")
+        log_scalars(trainer, metrics, step=step)
+        self._write_layout(trainer)
+
+    def _local_sums(self, pl_module: pl.LightningModule, step: int) -> tuple[dict[str, torch.Tensor], int]:
+        if self._inputs is None or len(self._inputs) == 0:
+            return {}, 0
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        return fisher_trace_sums(
+            pl_module,
+            self._inputs,
+            fisher=self.fisher,
+            targets=self._targets,
+            method=self.method,
+            generator=generator,
+            batch_size=self.batch_size,
+        )
+
+    def _write_layout(self, trainer: pl.Trainer) -> None:
+        if self._layout_written or not self.log_per_layer:
+            return
+        for writer in tensorboard_experiments(trainer):
+            writer.add_custom_scalars(
+                {
+                    "startwell": {
+                        "Fisher trace": ["Multiline", ["startwell/fisher/trace"]],
+                        "Fisher trace per layer": ["Multiline", [r"startwell/fisher/layer/.*"]],
+                    }
+                }
+            )
+        self._layout_written = True
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self._last_step}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = state_dict["last_step"]
+

@@ -1,0 +1,76 @@
+"""Sensory deficits on batched tensors (pure PyTorch, no Lightning), after Achille et al. (2017).
+
+All functions work on the tensor's own device without reading anything back to the host, and return new tensors (the
+caller decides where they go). Images are ``(N, C, H, W)``, signals ``(N, C, L)``.
+
+* :func:`blur`: downsample to ``size`` with an antialiased resize, then upsample back (the paper: CIFAR-10 down to 8x8,
+  back to 32x32). Detail finer than ``size`` is gone; coarse structure stays.
+* :func:`noise`: additive Gaussian noise of standard deviation ``std``.
+* :func:`vertical_flip`: images upside down (rows reversed); for signals, the signal mirrored about zero (x -> -x),
+  the 1-D analogue of flipping the picture vertically. The information is all there, in another form.
+* :func:`label_permutation`: classes relabelled by a fixed random permutation, drawn once from a seed.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+Deficit = Literal["blur", "noise", "vertical_flip", "label_permutation"]
+DEFICITS: tuple[str, ...] = Deficit.__args__  # type: ignore[attr-defined]
+
+
+def _check_batched(x: torch.Tensor, what: str) -> None:
+    if x.ndim not in (3, 4):
+        raise ValueError(f"{what} needs images (N, C, H, W) or signals (N, C, L), got a tensor of shape {tuple(x.shape)}.")
+
+
+def check_blur_size(shape: torch.Size, size: int) -> None:
+    """``size`` must be >= 1 and no larger than the spatial size of inputs of ``shape``."""
+    spatial = tuple(shape[2:])
+    if size < 1 or any(size > s for s in spatial):
+        raise ValueError(f"`size` must be in [1, {min(spatial)}] for inputs of spatial size {spatial}, got {size!r}.")
+
+
+def blur(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Downsample ``x`` to ``size`` (``size x size`` for images) with antialiasing, then upsample back, both bilinear.
+
+    A signal ``(N, C, L)`` is resized as a ``(N, C, 1, L)`` image. ``size`` equal to the input size is the identity.
+    ``F.interpolate`` antialiases only when asked (``antialias=True``), which this does for the downsampling.
+    """
+    _check_batched(x, "blur")
+    check_blur_size(x.shape, size)
+    image = x.unsqueeze(2) if x.ndim == 3 else x
+    height, width = image.shape[-2:]
+    small = (1 if x.ndim == 3 else size, size)
+    down = F.interpolate(image.float(), size=small, mode="bilinear", antialias=True, align_corners=False)
+    up = F.interpolate(down, size=(height, width), mode="bilinear", align_corners=False).to(x.dtype)
+    return up.squeeze(2) if x.ndim == 3 else up
+
+
+def noise(x: torch.Tensor, std: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``x + std * eps`` with ``eps ~ N(0, 1)`` elementwise (``generator`` on ``x``'s device, or the global stream)."""
+    if std < 0:
+        raise ValueError(f"`noise_std` must be >= 0, got {std!r}.")
+    return x + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def vertical_flip(x: torch.Tensor) -> torch.Tensor:
+    """Images upside down (reverse dim -2); signals ``(N, C, L)`` mirrored about zero (``-x``)."""
+    _check_batched(x, "vertical_flip")
+    return x.flip(-2) if x.ndim == 4 else -x
+
+
+def class_permutation(num_classes: int, seed: int) -> torch.Tensor:
+    """A random permutation of ``range(num_classes)``, the same for the same seed on any machine."""
+    return torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed))
+
+
+def label_permutation(y: torch.Tensor, permutation: torch.Tensor) -> torch.Tensor:
+    """Class ``c`` becomes ``permutation[c]``."""
+    return permutation.to(y.device)[y]
+
+
+__all__ = ["DEFICITS", "blur", "check_blur_size", "class_permutation", "label_permutation", "noise", "vertical_flip"]

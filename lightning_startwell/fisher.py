@@ -1,0 +1,465 @@
+"""Trace of the Fisher information, total and per layer, from exact per-sample gradient norms (pure PyTorch).
+
+For a classifier p_w(y|x) (softmax of the logits), Achille et al. (2017) follow
+
+    tr F = E_x E_{y ~ p_w(.|x)} || grad_w log p_w(y|x) ||^2,
+
+per layer the same sum restricted to that layer's parameters. Three Fishers:
+
+* ``true``: y drawn once per input from the model's own predictive distribution (seeded);
+* ``empirical``: y = the dataset label (a different quantity: it measures the fit to the labels);
+* ``exact``: the expectation over y in closed form, sum_c p_c ||grad log p_c||^2 (C backward passes).
+
+The norms are *per sample* (squaring the gradient of a batch mean would be about N times too small). The default method
+never materialises per-sample gradients where a closed form exists. Forward hooks keep each layer's input and register a
+tensor hook on its output, which receives delta_i = d(sum_i log p(y_i|x_i))/d output (tensor hooks on outputs, unlike
+module full-backward hooks, survive torchvision's in-place ReLU and ``out += identity``); then, per sample i:
+
+* Linear on (N, d) inputs: ||g_i||^2 = ||a_i||^2 ||delta_i||^2 (+ ||delta_i||^2 for the bias);
+* Linear on sequences and Conv1d/Conv2d (inputs unfolded to A_i, T x d; output gradients D_i, T x p):
+  ||D_i^T A_i||_F^2, either materialised (N p d numbers) or as <A_i A_i^T, D_i D_i^T>_F ("ghost norm", N T^2 numbers),
+  whichever is smaller; bias ||sum_t D_i[t]||^2;
+* BatchNorm (eval mode, running statistics) and LayerNorm: gamma_i = sum delta_i * x_hat_i, beta_i = sum delta_i;
+* any other module with its own parameters: per-sample vector-Jacobian products with ``torch.func.vmap`` over that
+  module alone, from its recorded inputs and output gradients.
+
+A parameter used by several modules, or a module called more than once in a forward pass, makes per-use norms wrong
+(the per-sample gradient is the sum over uses): then the whole model falls back to ``torch.func`` per-sample gradients
+(``method="vmap"``), in chunks.
+
+The measurement runs in eval mode (BatchNorm with running statistics: per-sample gradients are undefined when samples
+are normalised together), in float32 with autocast off, never writes ``.grad``, and restores the mode of every module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vjp, vmap
+
+from lightning_startwell._validation import check_choice, check_int
+
+FisherKind = Literal["true", "empirical", "exact"]
+Method = Literal["auto", "vmap"]
+FISHERS: tuple[str, ...] = FisherKind.__args__  # type: ignore[attr-defined]
+METHODS: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class FisherTrace:
+    """Trace of the Fisher information averaged over ``num_samples`` inputs: ``total`` and its split ``per_layer``
+    (module name -> the part of the trace carried by that module's own parameters; they add up to ``total``)."""
+
+    total: float
+    per_layer: dict[str, float]
+    num_samples: int
+
+
+def _per_sample_sq_norm(g: torch.Tensor) -> torch.Tensor:
+    return g.flatten(1).square().sum(1)
+
+
+def _sequence_norms(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """||D_i^T A_i||_F^2 per sample for A (N, T, d) and D (N, T, p), by the cheaper of ghost norm and materialising."""
+    n, t, dim_a = a.shape
+    dim_d = d.shape[2]
+    if 2 * t * t <= dim_a * dim_d:
+        return (a @ a.transpose(1, 2) * (d @ d.transpose(1, 2))).flatten(1).sum(1)
+    return _per_sample_sq_norm(d.transpose(1, 2) @ a)
+
+
+def _linear_norms(layer: nn.Linear, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    if x.ndim == 2:
+        norms = x.square().sum(1) * delta.square().sum(1)
+        return norms + delta.square().sum(1) if layer.bias is not None else norms
+    a, d = x.flatten(1, -2), delta.flatten(1, -2)
+    norms = _sequence_norms(a, d)
+    return norms + d.sum(1).square().sum(1) if layer.bias is not None else norms
+
+
+def _conv_supported(layer: nn.Module) -> bool:
+    return (
+        isinstance(layer, (nn.Conv1d, nn.Conv2d))
+        and layer.padding_mode == "zeros"
+        and not isinstance(layer.padding, str)
+    )
+
+
+def _conv_norms(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Unfold the input into patches (N, groups, T, C_in/groups x k) and apply the sequence rule per group."""
+    one_d = isinstance(layer, nn.Conv1d)
+    pair = (lambda v: (1, v[0])) if one_d else (lambda v: tuple(v))
+    image = x.unsqueeze(2) if one_d else x
+    patches = F.unfold(
+        image,
+        kernel_size=pair(layer.kernel_size),
+        dilation=pair(layer.dilation),
+        padding=(0, layer.padding[0]) if one_d else layer.padding,
+        stride=pair(layer.stride),
+    )  # (N, C_in x k, T)
+    n, groups = x.shape[0], layer.groups
+    t = patches.shape[-1]
+    a = patches.reshape(n, groups, -1, t).transpose(2, 3).reshape(n * groups, t, -1)
+    d = delta.reshape(n, groups, -1, t).transpose(2, 3).reshape(n * groups, t, -1)
+    norms = _sequence_norms(a, d).reshape(n, groups).sum(1)
+    if layer.bias is not None:
+        norms = norms + delta.flatten(2).sum(2).square().sum(1)
+    return norms
+
+
+def _norm_layer_norms(layer: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """BatchNorm (eval, running statistics) and LayerNorm: gamma_i = sum delta_i x_hat_i, beta_i = sum delta_i, the
+    sums running over every dimension the parameter is broadcast along."""
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        x_hat = (x - layer.running_mean.reshape(shape)) / torch.sqrt(layer.running_var.reshape(shape) + layer.eps)
+        first_param_dim = 1
+    else:
+        first_param_dim = x.ndim - len(layer.normalized_shape)
+        dims = tuple(range(first_param_dim, x.ndim))
+        x_hat = (x - x.mean(dims, keepdim=True)) / torch.sqrt(x.var(dims, unbiased=False, keepdim=True) + layer.eps)
+
+    def per_sample(t: torch.Tensor) -> torch.Tensor:
+        """Sum over the broadcast dimensions: (N, *param shape)."""
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            return t.flatten(2).sum(2) if t.ndim > 2 else t
+        return t.flatten(1, first_param_dim - 1).sum(1) if first_param_dim > 1 else t
+
+    norms = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    if layer.weight is not None:
+        norms = norms + _per_sample_sq_norm(per_sample(delta * x_hat))
+    if layer.bias is not None:
+        norms = norms + _per_sample_sq_norm(per_sample(delta))
+    return norms
+
+
+def _closed_form(layer: nn.Module) -> Optional[Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """The closed-form per-sample norm rule for ``layer``, or None for the vmap fallback."""
+    if isinstance(layer, nn.Linear):
+        return _linear_norms
+    if _conv_supported(layer):
+        return _conv_norms
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats:
+        return _norm_layer_norms
+    if isinstance(layer, nn.LayerNorm):
+        return _norm_layer_norms
+    return None
+
+
+def _first_tensor(output: Any) -> Optional[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return None
+
+
+def _vjp_norms(
+    layer: nn.Module, params: dict[str, torch.Tensor], args: tuple, kwargs: dict, delta: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """Per-sample ||J_params(layer)^T delta_i||^2, by vmap over samples of a vector-Jacobian product of the layer
+    alone (``params``: names relative to the layer). Returns (N, owners): one column per module owning parameters,
+    in the order of :func:`_owners`."""
+    batched = [isinstance(a, torch.Tensor) and a.ndim > 0 and a.shape[0] == delta.shape[0] for a in args]
+    owners = _owners(params)
+
+    def one(sample_args: tuple, d: torch.Tensor) -> torch.Tensor:
+        def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            full = [a.unsqueeze(0) if b else a for a, b in zip(sample_args, batched)]
+            return _first_tensor(functional_call(layer, p, tuple(full), kwargs))[0]
+
+        _, pullback = vjp(f, params)
+        (grads,) = pullback(d)
+        return torch.stack([sum(grads[k].square().sum() for k in keys) for keys in owners.values()])
+
+    in_dims = (tuple(0 if b else None for b in batched), 0)
+    chunks = []
+    for s in range(0, delta.shape[0], chunk):
+        sample_args = tuple(a[s : s + chunk] if b else a for a, b in zip(args, batched))
+        chunks.append(vmap(one, in_dims=in_dims)(sample_args, delta[s : s + chunk]))
+    return torch.cat(chunks)
+
+
+def _owners(params: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Parameter names grouped by the (relative) name of the module that owns them."""
+    groups: dict[str, list[str]] = {}
+    for key in params:
+        groups.setdefault(key.rpartition(".")[0], []).append(key)
+    return groups
+
+
+class _NormRecorder:
+    """Hooks that turn each backward pass into per-sample squared gradient norms per module (see the module doc).
+
+    Every module is watched for calls; a module owning parameters keeps its inputs and hooks its output's gradient.
+    Parameters of a module that never ran (``nn.MultiheadAttention.out_proj`` is used functionally by its parent) are
+    adopted by the nearest ancestor that ran, whose norms then come from the vmap fallback over all of them.
+    """
+
+    def __init__(self, model: nn.Module, chunk: int) -> None:
+        self.model = model
+        self.chunk = chunk
+        self.own = {n: dict(m.named_parameters(recurse=False)) for n, m in model.named_modules()}
+        self.own = {n: {k: p for k, p in ps.items() if p.requires_grad} for n, ps in self.own.items()}
+        self.calls: dict[str, int] = {}
+        self.adopted: dict[str, dict[str, torch.Tensor]] = {}
+        self.norms: dict[str, torch.Tensor] = {}
+        self.weight: Optional[torch.Tensor] = None  # per-sample weights of the current backward (exact Fisher)
+        self._inputs: dict[str, tuple[tuple, dict]] = {}
+        self._enabled = True
+
+    @contextmanager
+    def attached(self) -> Iterator[_NormRecorder]:
+        handles = [
+            module.register_forward_hook(self._forward_hook(name), with_kwargs=True)
+            for name, module in self.model.named_modules()
+        ]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _forward_hook(self, name: str):  # noqa: ANN202
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if not self._enabled:
+                return
+            self.calls[name] = self.calls.get(name, 0) + 1
+            out = _first_tensor(output)
+            if out is None or not out.requires_grad:
+                return
+            self._inputs[name] = (tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), kwargs)
+            out.register_hook(lambda delta: self._backward(name, module, delta))
+
+        return hook
+
+    def adopt_silent_parameters(self) -> bool:
+        """After the forward pass: hand the parameters of modules that never ran to their nearest ancestor that did.
+        False if some have no such ancestor (the caller falls back to whole-model vmap)."""
+        for name, params in self.own.items():
+            if not params or name in self.calls:
+                continue
+            parts = name.split(".")
+            ancestors = [".".join(parts[:k]) for k in range(len(parts) - 1, -1, -1)]
+            ancestor = next((a for a in ancestors if a in self.calls), None)
+            if ancestor is None:
+                return False
+            prefix = name[len(ancestor) + 1 :] if ancestor else name
+            self.adopted.setdefault(ancestor, {}).update({f"{prefix}.{k}": p for k, p in params.items()})
+        return True
+
+    def _backward(self, name: str, module: nn.Module, delta: torch.Tensor) -> None:
+        params = {k: p.detach() for k, p in {**self.own[name], **self.adopted.get(name, {})}.items()}
+        if not params:
+            return
+        args, kwargs = self._inputs[name]
+        rule = _closed_form(module) if name not in self.adopted else None
+        if rule is not None and args and isinstance(args[0], torch.Tensor):
+            self._add(name, rule(module, args[0], delta))
+            return
+        self._enabled = False  # the fallback re-runs the module: its submodules must not record
+        try:
+            norms = _vjp_norms(module, params, args, kwargs, delta.detach(), self.chunk)
+        finally:
+            self._enabled = True
+        for column, owner in enumerate(_owners(params)):
+            self._add(f"{name}.{owner}" if name and owner else name or owner, norms[:, column])
+
+    def _add(self, name: str, norms: torch.Tensor) -> None:
+        norms = norms.detach().double()
+        if self.weight is not None:
+            norms = norms * self.weight
+        self.norms[name] = self.norms[name] + norms if name in self.norms else norms
+
+    def shared(self) -> bool:
+        """Whether a parameter belongs to several modules or a module owning parameters ran more than once: per-use
+        norms would then be wrong."""
+        owners: dict[int, int] = {}
+        for params in self.own.values():
+            for p in params.values():
+                owners[id(p)] = owners.get(id(p), 0) + 1
+        reused = any(self.calls.get(n, 0) > 1 for n, params in self.own.items() if params)
+        return reused or any(c > 1 for c in owners.values())
+
+
+def check_logits(logits: torch.Tensor, num_inputs: int) -> None:
+    """The categorical likelihood needs (N, C) logits."""
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != num_inputs or logits.shape[1] < 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"fisher_trace needs the model to return (N, C) logits with C >= 2 for N={num_inputs} inputs, got {shape}.")
+
+
+def _labels(
+    logits: torch.Tensor, fisher: str, targets: Optional[torch.Tensor], generator: Optional[torch.Generator]
+) -> torch.Tensor:
+    if fisher == "empirical":
+        if targets is None:
+            raise ValueError("fisher='empirical' needs `targets` (the dataset labels).")
+        return targets.to(logits.device).long()
+    probs = logits.detach().float().softmax(-1).cpu()
+    probs[~torch.isfinite(probs).all(1)] = 1.0  # non-finite outputs: any label will do, the trace is non-finite anyway
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+
+
+def _auto_sums(
+    model: nn.Module, x: torch.Tensor, fisher: str, targets: Optional[torch.Tensor], generator: Optional[torch.Generator], chunk: int
+) -> Optional[dict[str, torch.Tensor]]:
+    """Per-module sums over the batch of per-sample squared norms (exact Fisher: weighted by p_c, summed over c), or
+    None when parameters are shared (the caller falls back to vmap)."""
+    recorder = _NormRecorder(model, chunk)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with recorder.attached():
+        logits = model(x)
+        check_logits(logits, len(x))
+        log_probs = logits.float().log_softmax(-1)
+        if recorder.shared() or not recorder.adopt_silent_parameters():
+            return None
+        if fisher == "exact":
+            probs = log_probs.detach().exp().double()
+            for c in range(log_probs.shape[1]):
+                recorder.weight = probs[:, c]
+                torch.autograd.grad(log_probs[:, c].sum(), params, retain_graph=c + 1 < log_probs.shape[1], allow_unused=True)
+        else:
+            labels = _labels(logits, fisher, targets, generator)
+            torch.autograd.grad(log_probs.gather(1, labels[:, None]).sum(), params, allow_unused=True)
+    return {name: norms.sum() for name, norms in recorder.norms.items()}
+
+
+def _vmap_sums(
+    model: nn.Module, x: torch.Tensor, fisher: str, targets: Optional[torch.Tensor], generator: Optional[torch.Generator], chunk: int
+) -> dict[str, torch.Tensor]:
+    """Per-module sums of per-sample squared norms from ``torch.func`` per-sample gradients, in chunks of samples."""
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    buffers = dict(model.named_buffers())
+    owner = {n: n.rpartition(".")[0] for n in params}
+
+    def log_prob(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
+        return logits.float().log_softmax(-1)[0].gather(0, yi.reshape(1)).squeeze(0)
+
+    per_sample_grads = vmap(grad(log_prob), in_dims=(None, 0, 0))
+    with torch.no_grad():
+        logits = model(x)
+    check_logits(logits, len(x))
+    if fisher == "exact":
+        probs = logits.float().softmax(-1).double()
+        label_sets = [(torch.full((len(x),), c, device=x.device), probs[:, c]) for c in range(logits.shape[1])]
+    else:
+        label_sets = [(_labels(logits, fisher, targets, generator), None)]
+    sums: dict[str, torch.Tensor] = {}
+    for labels, weight in label_sets:
+        for start in range(0, len(x), chunk):
+            grads = per_sample_grads(params, x[start : start + chunk], labels[start : start + chunk])
+            for name, g in grads.items():
+                norms = _per_sample_sq_norm(g).double()
+                if weight is not None:
+                    norms = norms * weight[start : start + chunk]
+                key = owner[name]
+                sums[key] = sums[key] + norms.sum() if key in sums else norms.sum()
+    return sums
+
+
+@contextmanager
+def _measurement_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and autocast off for the measurement; every module's mode restored afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        device_type = next((p.device.type for p in model.parameters()), "cpu")
+        with torch.autocast(device_type=device_type, enabled=False), torch.enable_grad():
+            yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def fisher_trace_sums(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    *,
+    fisher: str = "true",
+    targets: Optional[torch.Tensor] = None,
+    method: str = "auto",
+    generator: Optional[torch.Generator] = None,
+    batch_size: Optional[int] = None,
+    chunk_size: int = 32,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Per-module sums over ``inputs`` of the per-sample squared gradient norms (float64 tensors), and the number of
+    samples: the quantities to add across processes before dividing. See :func:`fisher_trace`."""
+    check_choice("fisher", fisher, FISHERS)
+    check_choice("method", method, METHODS)
+    check_int("chunk_size", chunk_size)
+    if batch_size is not None:
+        check_int("batch_size", batch_size)
+    if fisher == "empirical" and (targets is None or len(targets) != len(inputs)):
+        raise ValueError("fisher='empirical' needs `targets`, one label per input.")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    step = batch_size or len(inputs)
+    totals: dict[str, torch.Tensor] = {}
+    with _measurement_mode(model):
+        for start in range(0, len(inputs), step):
+            x = inputs[start : start + step].to(device)
+            if x.is_floating_point():
+                x = x.float()
+            y = targets[start : start + step] if targets is not None else None
+            sums = _auto_sums(model, x, fisher, y, generator, chunk_size) if method == "auto" else None
+            if sums is None:
+                sums = _vmap_sums(model, x, fisher, y, generator, chunk_size)
+            for name, value in sums.items():
+                totals[name] = totals[name] + value if name in totals else value
+    return totals, len(inputs)
+
+
+def fisher_trace(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    *,
+    fisher: str = "true",
+    targets: Optional[torch.Tensor] = None,
+    per_layer: bool = True,
+    method: str = "auto",
+    generator: Optional[torch.Generator] = None,
+    batch_size: Optional[int] = None,
+    chunk_size: int = 32,
+) -> FisherTrace:
+    """Trace of the Fisher information of a classifier on ``inputs``: total, per layer, number of samples.
+
+    tr F = (1/N) sum_i E_y ||grad_w log p_w(y | x_i)||^2 with y from the model (``true``, one draw per input from
+    ``generator``), the ``targets`` (``empirical``) or the expectation over all classes (``exact``).
+
+    Args:
+        model: returns (N, C) logits.
+        inputs: the inputs, a tensor of N examples.
+        fisher: ``true``, ``empirical`` or ``exact``.
+        targets: dataset labels, for ``empirical``.
+        per_layer: also return the split per module (module name -> its share); otherwise ``per_layer`` is empty.
+        method: ``auto`` (closed forms and per-module vmap, see the module doc) or ``vmap`` (whole-model ``torch.func``
+            per-sample gradients).
+        generator: CPU generator for the ``true`` Fisher's label draws.
+        batch_size: inputs per forward pass (default: all at once).
+        chunk_size: samples per vmap call in the fallbacks.
+
+    Returns:
+        A :class:`FisherTrace`.
+
+    Example::
+
+        trace = fisher_trace(model, x, fisher="exact")
+        print(trace.total, trace.per_layer)
+    """
+    sums, count = fisher_trace_sums(
+        model, inputs, fisher=fisher, targets=targets, method=method, generator=generator,
+        batch_size=batch_size, chunk_size=chunk_size,
+    )
+    per = {name: value.item() / count for name, value in sums.items()}
+    return FisherTrace(total=math.fsum(per.values()), per_layer=per if per_layer else {}, num_samples=count)
+
+
+__all__ = ["FISHERS", "METHODS", "FisherTrace", "check_logits", "fisher_trace", "fisher_trace_sums"]

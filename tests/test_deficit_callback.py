@@ -1,0 +1,175 @@
+"""DeficitInjector under a real Trainer: which epochs see the deficit (checked inside training_step), validation
+untouched, dataset unchanged, resume, DDP, YAML and bad arguments."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import make_trainer, read_scalars
+from lightning_startwell.callbacks import DeficitInjector
+from lightning_startwell.deficits import blur, class_permutation
+from lightning_startwell.models import MLP
+
+G = torch.Generator().manual_seed(0)
+TRAIN_X, TRAIN_Y = torch.randn(64, 1, 8, 8, generator=G), torch.randint(0, 10, (64,), generator=G)
+VAL_X, VAL_Y = torch.randn(32, 1, 8, 8, generator=G), torch.randint(0, 10, (32,), generator=G)
+
+
+class Witness(MLP):
+    """Records, inside training_step, whether each batch was blurred, clean or otherwise changed."""
+
+    def __init__(self, expected_active=None):
+        super().__init__(depth=1, width=16)
+        self.seen: list[tuple[int, str]] = []
+        self.val_clean = True
+        self.expected_active = expected_active
+
+    @staticmethod
+    def _kind(x):
+        """Which of the 4 fixed training batches ``x`` is, clean or blurred (a plain DataLoader restarts its epoch on a
+        mid-epoch resume, so the position of the batch does not say which one it is)."""
+        batches = TRAIN_X.split(16)
+        if any(torch.equal(x, clean) for clean in batches):
+            return "clean"
+        if any(torch.allclose(x, blur(clean, 4), atol=1e-6) for clean in batches):
+            return "blur"
+        return "other"
+
+    def training_step(self, batch, batch_idx):
+        kind = self._kind(batch[0])
+        self.seen.append((self.current_epoch, kind))
+        if self.expected_active is not None:
+            assert kind == ("blur" if self.current_epoch in self.expected_active else "clean")
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        self.val_clean &= torch.equal(batch[0], VAL_X[batch_idx * 16 : (batch_idx + 1) * 16])
+        return super().validation_step(batch, batch_idx)
+
+
+def loaders():
+    return (DataLoader(TensorDataset(TRAIN_X, TRAIN_Y), batch_size=16, shuffle=False),
+            DataLoader(TensorDataset(VAL_X, VAL_Y), batch_size=16))
+
+
+def test_deficit_exactly_on_the_chosen_epochs_and_nothing_else_touched(tmp_path):
+    train_x, val_x = TRAIN_X.clone(), VAL_X.clone()
+    model = Witness()
+    trainer = make_trainer(tmp_path, [DeficitInjector("blur", start_epoch=[1, 3], end_epoch=[2, 4], size=4)],
+                           max_epochs=5, limit_val_batches=None)
+    trainer.fit(model, *loaders())
+    by_epoch = {}
+    for epoch, kind in model.seen:
+        by_epoch.setdefault(epoch, set()).add(kind)
+    assert by_epoch == {0: {"clean"}, 1: {"blur"}, 2: {"clean"}, 3: {"blur"}, 4: {"clean"}}
+    assert model.val_clean
+    assert torch.equal(TRAIN_X, train_x) and torch.equal(VAL_X, val_x)  # the datasets' own storage
+    active = read_scalars(tmp_path / "lightning_logs")["startwell/deficit/active"]
+    assert [v for _, v in active] == [float(e in (1, 3)) for e in range(5) for _ in range(4)]
+
+
+def test_label_permutation_acts_on_the_targets(tmp_path):
+    seen = []
+
+    class Targets(MLP):
+        def training_step(self, batch, batch_idx):
+            seen.append(batch[1].clone())
+            return super().training_step(batch, batch_idx)
+
+    make_trainer(tmp_path, [DeficitInjector("label_permutation", 0, 1, seed=5)], max_epochs=2).fit(
+        Targets(), loaders()[0]
+    )
+    perm = class_permutation(10, 5)
+    assert torch.equal(seen[0], perm[TRAIN_Y[:16]])  # epoch 0, permuted
+    assert torch.equal(seen[4], TRAIN_Y[:16])  # epoch 1, clean
+
+
+def test_mid_epoch_resume_applies_the_deficit_on_the_same_epochs(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1)
+    make_trainer(tmp_path, [DeficitInjector("blur", 1, 3, size=4), checkpoint], max_epochs=2).fit(Witness(), loaders()[0])
+    resumed = Witness(expected_active={1, 2})
+    make_trainer(tmp_path, [DeficitInjector("blur", 1, 3, size=4)], max_epochs=4).fit(
+        resumed, loaders()[0], ckpt_path=tmp_path / "ckpt" / "epoch=1-step=6.ckpt"
+    )
+    assert resumed.seen[0] == (1, "blur") and len(resumed.seen) == 2 + 4 + 4  # rest of epoch 1, epochs 2 and 3
+    assert {k for e, k in resumed.seen if e == 3} == {"clean"}
+
+
+def test_warns_once_when_the_lr_has_decayed_at_removal(tmp_path):
+    model = MLP(lr_scheduler=lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.5))
+    with pytest.warns(UserWarning, match="confound"):
+        make_trainer(tmp_path, [DeficitInjector("noise", 0, 2)], max_epochs=3).fit(model, loaders()[0])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"deficit": "occlusion"}, "deficit"),
+        ({"start_epoch": 3, "end_epoch": 3}, "end_epoch"),
+        ({"start_epoch": -1, "end_epoch": 3}, "start_epoch"),
+        ({"start_epoch": [0, 2], "end_epoch": [3]}, "start_epoch"),
+        ({"start_epoch": [0, 2], "end_epoch": [3, 5]}, "overlap"),
+        ({"size": 0}, "size"),
+        ({"noise_std": -0.1}, "noise_std"),
+    ],
+)
+def test_bad_arguments_at_construction(kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        DeficitInjector(**kwargs)
+
+
+class FailIfTrained(pl.Callback):
+    def on_train_batch_end(self, *args):
+        raise AssertionError("a training step ran")
+
+
+@pytest.mark.parametrize(
+    ("callback", "named"),
+    [
+        (DeficitInjector("blur", 0, 2, size=9), "size"),
+        (DeficitInjector("blur", 0, 2, input_key="image"), "input_key"),
+        (DeficitInjector("label_permutation", 0, 2, target_key=5), "target_key"),
+    ],
+)
+def test_deficits_that_do_not_fit_the_batch_fail_before_training(tmp_path, callback, named):
+    with pytest.raises(ValueError, match=named):
+        make_trainer(tmp_path, [callback, FailIfTrained()], max_epochs=3).fit(MLP(), loaders()[0])
+
+
+@pytest.mark.slow
+def test_two_process_ddp_applies_the_deficit_on_the_same_epochs(tmp_path):
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path, accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=3,
+        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1, use_distributed_sampler=False,
+        callbacks=[DeficitInjector("blur", 1, 2, size=4)],
+    )
+    trainer.fit(Witness(expected_active={1}), loaders()[0])  # asserts inside training_step, on both ranks
+    active = read_scalars(tmp_path / "lightning_logs")["startwell/deficit/active"]
+    assert [v for _, v in active] == [0.0] * 4 + [1.0] * 4 + [0.0] * 4
+
+
+@pytest.mark.slow
+def test_critical_period_sweep_writes_its_table_plot_and_runs(tmp_path):
+    import csv
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("sweep", REPO / "examples" / "critical_period_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    summary = sweep.main(["--removal-epochs", "0", "1", "--clean-epochs", "1", "--seeds", "0", "1",
+                          "--out", str(tmp_path)])
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["removal_epoch"], r["seed"]) for r in rows] == [("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")]
+    for s in summary:
+        accs = [float(r["test_acc"]) for r in rows if int(r["removal_epoch"]) == s["removal_epoch"]]
+        assert s["mean_test_acc"] == pytest.approx(sum(accs) / 2)
+    assert (tmp_path / "critical_period.png").stat().st_size > 10_000
+    blurred = read_scalars(tmp_path / "tensorboard" / "blur_N1" / "seed0")["startwell/deficit/active"]
+    assert blurred[0][1] == 1.0 and blurred[-1][1] == 0.0

@@ -1,0 +1,81 @@
+"""Deficit functions against properties computed independently (constants, projections, indexing, statistics)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_startwell.deficits import blur, class_permutation, label_permutation, noise, vertical_flip
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 32, 32), (5, 1, 40)])
+def test_blur_of_a_constant_is_that_constant(shape):
+    x = torch.full(shape, 2.5)
+    assert torch.allclose(blur(x, 4), x, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 32, 32), (5, 1, 40)])
+def test_blur_at_full_size_is_the_identity_and_blur_is_linear(shape):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    assert torch.allclose(blur(x, shape[-1]), x, atol=1e-5)
+    assert torch.allclose(blur(2 * x - 3 * y, 8), 2 * blur(x, 8) - 3 * blur(y, 8), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 32, 32), (5, 1, 40)])
+def test_blur_is_nearly_a_projection(shape):
+    """Bilinear upsampling followed by an antialiased (triangle-filter) downsampling is not exactly the identity on the
+    small grid, so a second blur still moves the batch a little: much less than the first one did."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    once = blur(x, 8)
+    twice = blur(once, 8)
+    assert (twice - once).norm() < 0.15 * (once - x).norm()
+
+
+def test_blur_removes_fine_detail_and_keeps_coarse_structure():
+    t = torch.arange(40, dtype=torch.float32)
+    fine = torch.cos(math.pi * t).reshape(1, 1, 40)  # +1, -1, ...: period 2 samples
+    coarse = torch.sin(2 * math.pi * t / 40).reshape(1, 1, 40)  # one period over the signal
+    assert blur(fine, 8).abs().max() < 0.1  # at least 90% of the amplitude gone (the rest is at the borders)
+    assert torch.corrcoef(torch.stack([blur(coarse, 8).flatten(), coarse.flatten()]))[0, 1] > 0.98
+
+
+def test_vertical_flip_by_indexing_and_twice_is_identity():
+    image = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
+    flipped = vertical_flip(image)
+    for row in range(4):
+        assert torch.equal(flipped[:, :, row], image[:, :, 3 - row])
+    assert torch.equal(vertical_flip(flipped), image)
+    signal = torch.randn(2, 1, 40)
+    assert torch.equal(vertical_flip(signal), -signal)
+    assert torch.equal(vertical_flip(vertical_flip(signal)), signal)
+
+
+def test_label_permutation_is_a_fixed_permutation():
+    perm = class_permutation(10, seed=3)
+    assert sorted(perm.tolist()) == list(range(10))
+    assert torch.equal(perm, class_permutation(10, seed=3))
+    assert not torch.equal(perm, class_permutation(10, seed=4))
+    y = torch.tensor([0, 3, 3, 9])
+    assert label_permutation(y, perm).tolist() == [perm[0].item(), perm[3].item(), perm[3].item(), perm[9].item()]
+
+
+def test_noise_statistics():
+    x = torch.zeros(200_000)
+    out = noise(x, 0.7, generator=torch.Generator().manual_seed(0))
+    assert abs(out.mean().item()) < 0.01 and out.std().item() == pytest.approx(0.7, rel=0.01)
+    with pytest.raises(ValueError, match="noise_std"):
+        noise(x, -1.0)
+
+
+@pytest.mark.parametrize("size", [0, 41])
+def test_blur_size_outside_the_input_is_refused(size):
+    with pytest.raises(ValueError, match="size"):
+        blur(torch.zeros(1, 1, 40), size)
+
+
+def test_deficits_need_batched_images_or_signals():
+    with pytest.raises(ValueError, match="shape"):
+        blur(torch.zeros(4, 40), 4)

@@ -1,0 +1,184 @@
+"""fisher_trace against a float64 naive per-sample loop (one backward per sample and label), on an MLP, a conv net with
+BatchNorm, the demo ResNet, torchvision's ResNet (in-place ReLU), attention, and shared parameters."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_startwell.fisher import fisher_trace
+from lightning_startwell.models import MLP, ConvNet, ResNet
+
+
+def naive_fisher(model, x, fisher, labels=None):
+    """Per-module float64 trace: for every sample, backward of log p(y|x_i) for the label(s), squared norms summed."""
+    model = copy.deepcopy(model).double().eval()
+    params = dict(model.named_parameters())
+    owner = {n: n.rpartition(".")[0] for n in params}
+    per_layer = {o: 0.0 for o in owner.values()}
+    for i in range(len(x)):
+        log_probs = model(x[i : i + 1].double()).log_softmax(-1)[0]
+        if fisher == "exact":
+            pairs = [(c, log_probs[c].exp().item()) for c in range(len(log_probs))]
+        else:
+            pairs = [(int(labels[i]), 1.0)]
+        for c, weight in pairs:
+            grads = torch.autograd.grad(log_probs[c], list(params.values()), retain_graph=True, allow_unused=True)
+            for (name, _), g in zip(params.items(), grads):
+                if g is not None:
+                    per_layer[owner[name]] += weight * g.square().sum().item()
+    return {k: v / len(x) for k, v in per_layer.items()}
+
+
+def _trained_bn(model, x):
+    """Give BatchNorm layers non-trivial running statistics, as after some training."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(x + 0.5 * torch.randn_like(x))
+    return model.eval()
+
+
+def _compare(model, x, fisher, targets=None, method="auto", rel=1e-5):
+    generator = torch.Generator().manual_seed(0)
+    ours = fisher_trace(model, x, fisher=fisher, targets=targets, method=method, generator=generator)
+    labels = targets
+    if fisher == "true":  # the same draws as fisher_trace: one multinomial per input from the same seed
+        with torch.no_grad():
+            probs = model.eval()(x).float().softmax(-1)
+        labels = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(0)).squeeze(1)
+    reference = naive_fisher(model, x, fisher, labels)
+    nonzero = {k: v for k, v in reference.items() if v > 0}
+    assert set(ours.per_layer) >= set(nonzero), (sorted(ours.per_layer), sorted(nonzero))
+    for name, value in reference.items():
+        assert ours.per_layer.get(name, 0.0) == pytest.approx(value, rel=rel, abs=1e-12), name
+    assert ours.total == pytest.approx(sum(reference.values()), rel=rel)
+    assert sum(ours.per_layer.values()) == pytest.approx(ours.total, rel=1e-12)
+    assert ours.num_samples == len(x)
+    return ours
+
+
+X_IMG = torch.randn(12, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+Y = torch.randint(0, 10, (12,), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "exact", "true"])
+def test_mlp(fisher):
+    _compare(MLP(depth=2, width=16, activation="tanh"), X_IMG, fisher, Y)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "exact"])
+@pytest.mark.parametrize("input_shape", [(1, 8, 8), (1, 40)])
+def test_conv_net_with_batchnorm(fisher, input_shape):
+    x = torch.randn(10, *input_shape, generator=torch.Generator().manual_seed(3))
+    model = _trained_bn(ConvNet(input_shape=input_shape, channels=[8, 16]), x)
+    _compare(model, x, fisher, Y[:10])
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "exact"])
+def test_demo_resnet(fisher):
+    _compare(_trained_bn(ResNet(num_blocks=2, width=8), X_IMG), X_IMG, fisher, Y)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "exact"])
+def test_torchvision_resnet_with_in_place_relu(fisher):
+    torchvision = pytest.importorskip("torchvision")
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    model = _trained_bn(torchvision.models.resnet18(num_classes=5), x)
+    _compare(model, x, fisher, Y[:4] % 5)
+
+
+class Attention(nn.Module):
+    """Embedding -> TransformerEncoderLayer (MultiheadAttention uses its out_proj functionally) -> LayerNorm -> head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.encoder = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(self.encoder(self.embed(x))).mean(1))
+
+
+def test_attention_layernorm_and_sequence_linear_layers():
+    x = torch.randn(6, 5, 4, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        model = Attention()
+        model.norm.weight.uniform_(0.5, 1.5)
+    _compare(model, x, "exact")
+
+
+class Tied(nn.Module):
+    """The same Linear applied twice, and a weight shared by two modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(6, 6)
+        self.a = nn.Linear(6, 4)
+        self.b = nn.Linear(6, 4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        h = torch.tanh(self.inner(torch.tanh(self.inner(x))))
+        return self.a(h) + self.b(h)
+
+
+def test_shared_parameters_fall_back_to_exact_per_sample_gradients():
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(6))
+    _compare(Tied(), x, "exact")
+
+
+def test_vmap_method_agrees():
+    _compare(_trained_bn(ResNet(num_blocks=1, width=4), X_IMG), X_IMG, "empirical", Y, method="vmap")
+
+
+def test_measurement_leaves_grad_mode_and_running_statistics_alone():
+    model = _trained_bn(ResNet(num_blocks=1, width=4), X_IMG).train()
+    model.blocks[0].eval()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    fisher_trace(model, X_IMG, fisher="exact")
+    assert all(torch.all(p.grad == 7.0) for p in model.parameters())
+    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
+    assert {n: m.training for n, m in model.named_modules()} == modes
+
+
+def test_batching_gives_the_same_trace():
+    model = MLP(depth=1, width=8)
+    whole = fisher_trace(model, X_IMG, fisher="exact")
+    batched = fisher_trace(model, X_IMG, fisher="exact", batch_size=5)
+    assert batched.total == pytest.approx(whole.total, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"fisher": "observed"}, "fisher"),
+        ({"method": "backpack"}, "method"),
+        ({"fisher": "empirical"}, "targets"),
+        ({"batch_size": 0}, "batch_size"),
+    ],
+)
+def test_bad_arguments(kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        fisher_trace(MLP(), X_IMG, **kwargs)
+
+
+def test_output_that_is_not_logits_is_refused():
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(64, 1)
+
+        def forward(self, x):
+            return self.lin(x.flatten(1)).squeeze(1)
+
+    with pytest.raises(ValueError, match=r"\(N, C\) logits"):
+        fisher_trace(Flat(), X_IMG)

@@ -1,0 +1,121 @@
+"""FisherTraceMonitor under a real Trainer: cadence, value against the naive loop, DDP equals one process, warnings."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import make_trainer, read_scalars
+from lightning_startwell.callbacks import FisherTraceMonitor
+from lightning_startwell.fisher import fisher_trace
+from lightning_startwell.models import MLP, ConvNet
+from test_fisher import naive_fisher
+
+G = torch.Generator().manual_seed(0)
+X, Y = torch.randn(96, 1, 8, 8, generator=G), torch.randint(0, 10, (96,), generator=G)
+
+
+def loader():
+    return DataLoader(TensorDataset(X, Y), batch_size=16, shuffle=True)
+
+
+def _probe(num_samples, seed=0):
+    chosen = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))[:num_samples]
+    return X[chosen], Y[chosen]
+
+
+def test_logged_trace_at_initialisation_equals_the_naive_loop_on_the_probe(tmp_path):
+    model = ConvNet(channels=[4, 8])
+    initial = copy.deepcopy(model)
+    monitor = FisherTraceMonitor(num_samples=40, batch_size=16, every_n_steps=2, fisher="empirical")
+    make_trainer(tmp_path, [monitor], max_steps=5).fit(model, loader())
+    scalars = read_scalars(tmp_path / "lightning_logs")
+    assert [s for s, _ in scalars["startwell/fisher/trace"]] == [0, 2, 4]
+    x, y = _probe(40)
+    reference = naive_fisher(initial, x, "empirical", y)
+    assert scalars["startwell/fisher/trace"][0][1] == pytest.approx(sum(reference.values()), rel=1e-5)
+    for name, value in reference.items():
+        assert scalars[f"startwell/fisher/layer/{name}"][0][1] == pytest.approx(value, rel=1e-4, abs=1e-9)
+    per_layer_sum = sum(v[0][1] for k, v in scalars.items() if k.startswith("startwell/fisher/layer/"))
+    assert per_layer_sum == pytest.approx(scalars["startwell/fisher/trace"][0][1], rel=1e-5)
+
+
+def test_epoch_cadence_and_custom_scalar_layout(tmp_path):
+    monitor = FisherTraceMonitor(num_samples=16, every_n_epochs=2, log_per_layer=True)
+    make_trainer(tmp_path, [monitor], max_epochs=4).fit(MLP(), loader())
+    scalars = read_scalars(tmp_path / "lightning_logs")
+    assert [s for s, _ in scalars["startwell/fisher/trace"]] == [0, 12, 24]  # 6 steps an epoch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (event_file,) = (tmp_path / "lightning_logs").rglob("events.out.tfevents.*")
+    acc = EventAccumulator(str(event_file))
+    acc.Reload()
+    assert acc.summary_metadata  # written
+    raw = event_file.read_bytes()
+    assert b"Fisher trace per layer" in raw and b"startwell/fisher/layer/.*" in raw
+
+
+def test_measurement_does_not_change_training(tmp_path):
+    def run(root, callbacks):
+        pl.seed_everything(0)
+        model = MLP(depth=1, width=8, dropout=0.2)
+        make_trainer(root, callbacks, max_steps=6).fit(model, loader())
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    plain = run(tmp_path / "plain", [])
+    watched = run(tmp_path / "watched", [FisherTraceMonitor(num_samples=32, every_n_steps=1, fisher="true")])
+    assert torch.equal(plain, watched)
+
+
+def test_non_finite_trace_is_logged_and_warned_and_training_goes_on(tmp_path):
+    model = MLP()
+    with torch.no_grad():
+        model.net[1].weight[0, 0] = float("inf")
+    with pytest.warns(UserWarning, match="Fisher trace"):
+        make_trainer(tmp_path, [FisherTraceMonitor(num_samples=8, every_n_steps=1)], max_steps=2).fit(model, loader())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"every_n_steps": 5, "every_n_epochs": 1}, "every_n_steps"),
+        ({}, "every_n_epochs"),
+        ({"every_n_steps": 0}, "every_n_steps"),
+        ({"every_n_epochs": 1, "num_samples": 0}, "num_samples"),
+        ({"every_n_epochs": 1, "fisher": "observed"}, "fisher"),
+        ({"every_n_epochs": 1, "method": "backpack"}, "method"),
+    ],
+)
+def test_bad_arguments(kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        FisherTraceMonitor(**kwargs)
+
+
+def test_batch_without_the_named_key_is_refused(tmp_path):
+    monitor = FisherTraceMonitor(every_n_epochs=1, input_key="image")
+    with pytest.raises(ValueError, match="input_key"):
+        make_trainer(tmp_path, [monitor], max_steps=1).fit(MLP(), loader())
+
+
+def frozen_sgd(params):
+    return torch.optim.SGD(params, lr=0.0)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_logs_the_single_process_trace(tmp_path):
+    model = MLP(depth=2, width=16, optimizer=frozen_sgd)  # no BatchNorm: nothing changes the model between steps
+    expected = fisher_trace(copy.deepcopy(model), *_probe(48)[:1], fisher="empirical", targets=_probe(48)[1])
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path, accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2,
+        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+        callbacks=[FisherTraceMonitor(num_samples=48, batch_size=10, every_n_steps=1, fisher="empirical")],
+    )
+    trainer.fit(model, loader())
+    logged = read_scalars(tmp_path / "lightning_logs")["startwell/fisher/trace"]
+    assert [s for s, _ in logged] == [0, 1, 2]
+    for _, value in logged:  # learning rate 0: the same model at every measurement
+        assert value == pytest.approx(expected.total, rel=1e-5)
