@@ -5,7 +5,9 @@ For every N in ``--removal-epochs`` and every seed, the same seeded 1-D ConvNet 
 epochs [0, N), then ``--clean-epochs`` epochs of clean data (the paper's protocol: the total is N + clean epochs), with
 SGD, momentum 0.9, weight decay 5e-4 and the learning rate decayed by 0.97 each epoch as in the paper. Writes, under
 ``--out``: ``results.csv`` (one row per run), ``summary.csv`` (mean and spread over seeds per N),
-``critical_period.png`` (final test accuracy against N) and the TensorBoard runs in ``tensorboard/``.
+``critical_period.png`` (final test accuracy against N), ``fisher_trace.png`` (the trace of the Fisher information
+over training for each N, mean over seeds, measured by FisherTraceMonitor on 256 training signals every epoch; off with
+``--no-fisher``) and the TensorBoard runs in ``tensorboard/``.
 
     python examples/critical_period_sweep.py                       # defaults: ~10 minutes on 2 CPU cores
     python examples/critical_period_sweep.py --deficit vertical_flip
@@ -23,7 +25,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_startwell import ConvNet, DeficitInjector, MNIST1DDataModule
+from lightning_startwell import ConvNet, DeficitInjector, FisherTraceMonitor, MNIST1DDataModule
 from lightning_startwell.deficits import DEFICITS
 
 
@@ -38,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--lr-decay", type=float, default=0.97)
     parser.add_argument("--out", type=Path, default=Path("critical_period_runs"))
+    parser.add_argument("--no-fisher", dest="fisher", action="store_false", help="skip the Fisher trace curves")
     return parser.parse_args(argv)
 
 
@@ -58,6 +61,8 @@ def train_one(args: argparse.Namespace, removal_epoch: int, seed: int) -> dict[s
             DeficitInjector(args.deficit, start_epoch=0, end_epoch=removal_epoch, size=args.size,
                             noise_std=args.noise_std, seed=seed, lr_warning_ratio=0.0)
         )
+    if args.fisher:
+        callbacks.append(FisherTraceMonitor(num_samples=256, batch_size=128, every_n_epochs=1, seed=seed))
     logger = TensorBoardLogger(args.out / "tensorboard", name=f"{args.deficit}_N{removal_epoch}", version=f"seed{seed}")
     trainer = pl.Trainer(
         max_epochs=removal_epoch + args.clean_epochs, accelerator="cpu", devices=1, logger=logger,
@@ -112,6 +117,35 @@ def plot(args: argparse.Namespace, rows: list[dict[str, float]], summary: list[d
     fig.savefig(args.out / "critical_period.png", dpi=120)
 
 
+def plot_fisher(args: argparse.Namespace) -> None:
+    """Mean over seeds of the logged Fisher trace against the optimizer step, one curve per removal epoch N."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for n in args.removal_epochs:
+        curves = []
+        for seed in args.seeds:
+            run_dir = args.out / "tensorboard" / f"{args.deficit}_N{n}" / f"seed{seed}"
+            acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+            acc.Reload()
+            curves.append([(e.step, e.value) for e in acc.Scalars("startwell/fisher/trace")])
+        steps = [s for s, _ in curves[0]]
+        mean = [statistics.mean(c[i][1] for c in curves) for i in range(len(steps))]
+        ax.plot(steps, mean, label=f"N = {n}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("trace of the Fisher information")
+    ax.set_yscale("log")
+    ax.set_title(f"Fisher trace, {args.deficit} removed at epoch N")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out / "fisher_trace.png", dpi=120)
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     args = parse_args(argv)
     rows = []
@@ -123,6 +157,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
             print(f"N={n:3d} seed={seed}: test acc {result['test_acc']:.4f}  ({time.time() - start:.0f} s)", flush=True)
     summary = write_outputs(args, rows)
     plot(args, rows, summary)
+    if args.fisher:
+        plot_fisher(args)
     for s in summary:
         print(f"N={s['removal_epoch']:3d}: test acc {s['mean_test_acc']:.4f} ± {s['std_test_acc']:.4f} over {s['seeds']} seeds")
     return summary

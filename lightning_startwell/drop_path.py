@@ -128,10 +128,7 @@ class DropPathHooks:
 
     def set_rates(self, rates: Sequence[float]) -> None:
         """Write the per-block drop rates into the rates tensor, in place (one host-to-device copy)."""
-        self.rates.copy_(torch.tensor(rates, dtype=self.rates.dtype), non_blocking=True)
-
-    def to(self, device: torch.device) -> None:
-        self.rates = self.rates.to(device)
+        self.rates.copy_(torch.tensor(rates, dtype=self.rates.dtype))
 
 
 __all__ = ["DropPathHooks", "ResidualBlock", "drop_path", "existing_drop_path_rates", "find_residual_blocks"]

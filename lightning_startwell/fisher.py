@@ -17,8 +17,8 @@ module full-backward hooks, survive torchvision's in-place ReLU and ``out += ide
 
 * Linear on (N, d) inputs: ||g_i||^2 = ||a_i||^2 ||delta_i||^2 (+ ||delta_i||^2 for the bias);
 * Linear on sequences and Conv1d/Conv2d (inputs unfolded to A_i, T x d; output gradients D_i, T x p):
-  ||D_i^T A_i||_F^2, either materialised (N p d numbers) or as <A_i A_i^T, D_i D_i^T>_F ("ghost norm", N T^2 numbers),
-  whichever is smaller; bias ||sum_t D_i[t]||^2;
+  ||D_i^T A_i||_F^2, either materialised (T p d operations) or as <A_i A_i^T, D_i D_i^T>_F ("ghost norm", T^2 (d + p)
+  operations), whichever is cheaper; bias ||sum_t D_i[t]||^2;
 * BatchNorm (eval mode, running statistics) and LayerNorm: gamma_i = sum delta_i * x_hat_i, beta_i = sum delta_i;
 * any other module with its own parameters: per-sample vector-Jacobian products with ``torch.func.vmap`` over that
   module alone, from its recorded inputs and output gradients.
@@ -66,13 +66,28 @@ def _per_sample_sq_norm(g: torch.Tensor) -> torch.Tensor:
     return g.flatten(1).square().sum(1)
 
 
+_CHUNK_ELEMENTS = 2**25  # per-sample intermediates are built in sample chunks of at most this many numbers
+
+
 def _sequence_norms(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """||D_i^T A_i||_F^2 per sample for A (N, T, d) and D (N, T, p), by the cheaper of ghost norm and materialising."""
+    """||D_i^T A_i||_F^2 per sample for A (N, T, d) and D (N, T, p).
+
+    Ghost norm <A_i A_i^T, D_i D_i^T>_F costs T^2 (d + p) per sample, materialising D_i^T A_i costs T p d: the cheaper
+    one is used, over chunks of samples so that the intermediates (T^2 or p d numbers per sample) stay bounded.
+    """
     n, t, dim_a = a.shape
     dim_d = d.shape[2]
-    if 2 * t * t <= dim_a * dim_d:
-        return (a @ a.transpose(1, 2) * (d @ d.transpose(1, 2))).flatten(1).sum(1)
-    return _per_sample_sq_norm(d.transpose(1, 2) @ a)
+    ghost = t * (dim_a + dim_d) <= dim_a * dim_d
+    per_sample = t * t if ghost else dim_a * dim_d
+    step = max(1, _CHUNK_ELEMENTS // per_sample)
+    norms = []
+    for s in range(0, n, step):
+        a_s, d_s = a[s : s + step], d[s : s + step]
+        if ghost:
+            norms.append((a_s @ a_s.transpose(1, 2) * (d_s @ d_s.transpose(1, 2))).flatten(1).sum(1))
+        else:
+            norms.append(_per_sample_sq_norm(d_s.transpose(1, 2) @ a_s))
+    return torch.cat(norms)
 
 
 def _linear_norms(layer: nn.Linear, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -93,12 +108,27 @@ def _conv_supported(layer: nn.Module) -> bool:
 
 
 def _conv_norms(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """Unfold the input into patches (N, groups, T, C_in/groups x k) and apply the sequence rule per group."""
+    """Per-sample squared norms of a convolution's weight (and bias) gradients.
+
+    With T output positions, d = C_in/groups x kernel inputs and p = C_out/groups outputs per group: ghost norm over
+    unfolded patches when T (d + p) <= p d; otherwise the per-sample weight gradients themselves, computed in one
+    grouped convolution-weight backward with the batch folded into the groups (no unfold), in sample chunks.
+    """
+    groups, t = layer.groups, delta[0, 0].numel()
+    dim_a = layer.weight[0].numel()
+    dim_d = layer.out_channels // groups
+    norms = _conv_ghost_norms(layer, x, delta) if t * (dim_a + dim_d) <= dim_a * dim_d else _conv_weight_norms(layer, x, delta)
+    if layer.bias is not None:
+        norms = norms + delta.flatten(2).sum(2).square().sum(1)
+    return norms
+
+
+def _conv_ghost_norms(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Unfold the input into patches (N x groups, T, C_in/groups x k) and apply the ghost norm per group."""
     one_d = isinstance(layer, nn.Conv1d)
     pair = (lambda v: (1, v[0])) if one_d else (lambda v: tuple(v))
-    image = x.unsqueeze(2) if one_d else x
     patches = F.unfold(
-        image,
+        x.unsqueeze(2) if one_d else x,
         kernel_size=pair(layer.kernel_size),
         dilation=pair(layer.dilation),
         padding=(0, layer.padding[0]) if one_d else layer.padding,
@@ -108,10 +138,29 @@ def _conv_norms(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, delta: torch.Tens
     t = patches.shape[-1]
     a = patches.reshape(n, groups, -1, t).transpose(2, 3).reshape(n * groups, t, -1)
     d = delta.reshape(n, groups, -1, t).transpose(2, 3).reshape(n * groups, t, -1)
-    norms = _sequence_norms(a, d).reshape(n, groups).sum(1)
-    if layer.bias is not None:
-        norms = norms + delta.flatten(2).sum(2).square().sum(1)
-    return norms
+    return _sequence_norms(a, d).reshape(n, groups).sum(1)
+
+
+def _conv_weight_norms(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients by one convolution-weight backward with the samples folded into the groups."""
+    weight_grad = torch.nn.grad.conv1d_weight if isinstance(layer, nn.Conv1d) else torch.nn.grad.conv2d_weight
+    per_sample = layer.weight.numel()
+    step = max(1, _CHUNK_ELEMENTS // per_sample)
+    norms = []
+    for s in range(0, x.shape[0], step):
+        x_s, d_s = x[s : s + step], delta[s : s + step]
+        n = x_s.shape[0]
+        grads = weight_grad(
+            x_s.reshape(1, -1, *x_s.shape[2:]),
+            (n * layer.out_channels, *layer.weight.shape[1:]),
+            d_s.reshape(1, -1, *d_s.shape[2:]),
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            groups=n * layer.groups,
+        )
+        norms.append(grads.reshape(n, -1).square().sum(1))
+    return torch.cat(norms)
 
 
 def _norm_layer_norms(layer: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -171,5 +171,7 @@ def test_critical_period_sweep_writes_its_table_plot_and_runs(tmp_path):
         accs = [float(r["test_acc"]) for r in rows if int(r["removal_epoch"]) == s["removal_epoch"]]
         assert s["mean_test_acc"] == pytest.approx(sum(accs) / 2)
     assert (tmp_path / "critical_period.png").stat().st_size > 10_000
-    blurred = read_scalars(tmp_path / "tensorboard" / "blur_N1" / "seed0")["startwell/deficit/active"]
-    assert blurred[0][1] == 1.0 and blurred[-1][1] == 0.0
+    assert (tmp_path / "fisher_trace.png").stat().st_size > 10_000
+    blurred = read_scalars(tmp_path / "tensorboard" / "blur_N1" / "seed0")
+    assert blurred["startwell/deficit/active"][0][1] == 1.0 and blurred["startwell/deficit/active"][-1][1] == 0.0
+    assert [s for s, _ in blurred["startwell/fisher/trace"]] == [0, 29, 58]  # start, then each of the 2 epochs

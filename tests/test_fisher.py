@@ -182,3 +182,40 @@ def test_output_that_is_not_logits_is_refused():
 
     with pytest.raises(ValueError, match=r"\(N, C\) logits"):
         fisher_trace(Flat(), X_IMG)
+
+
+@pytest.mark.parametrize(("t", "d", "p"), [(3, 20, 30), (50, 4, 6)])  # ghost norm, then materialised
+def test_sequence_rule_equals_explicit_per_sample_gradients(t, d, p):
+    from lightning_startwell.fisher import _sequence_norms
+
+    g = torch.Generator().manual_seed(7)
+    a, delta = torch.randn(5, t, d, generator=g, dtype=torch.float64), torch.randn(5, t, p, generator=g, dtype=torch.float64)
+    explicit = torch.einsum("ntp,ntd->npd", delta, a).square().sum((1, 2))
+    assert torch.allclose(_sequence_norms(a, delta), explicit, rtol=1e-12)
+
+
+@pytest.mark.parametrize("path", ["ghost", "weight"])
+@pytest.mark.parametrize(
+    "layer",
+    [
+        nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1, groups=2),
+        nn.Conv2d(3, 5, (3, 1), padding=(1, 0), dilation=(2, 1)),
+        nn.Conv1d(4, 8, 5, stride=2, padding=2, groups=4),
+    ],
+)
+def test_both_convolution_rules_equal_explicit_per_sample_gradients(monkeypatch, path, layer):
+    import lightning_startwell.fisher as fisher_module
+
+    layer = layer.double()
+    shape = (6, layer.in_channels, 9, 7) if isinstance(layer, nn.Conv2d) else (6, layer.in_channels, 11)
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    out = layer(x)
+    delta = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    explicit = []
+    for i in range(len(x)):
+        grads = torch.autograd.grad(layer(x[i : i + 1]), [layer.weight, layer.bias], delta[i : i + 1])
+        explicit.append(sum(g.square().sum() for g in grads))
+    rule = fisher_module._conv_ghost_norms if path == "ghost" else fisher_module._conv_weight_norms
+    monkeypatch.setattr(fisher_module, "_conv_ghost_norms", rule)
+    monkeypatch.setattr(fisher_module, "_conv_weight_norms", rule)
+    assert torch.allclose(fisher_module._conv_norms(layer, x, delta.detach()), torch.stack(explicit), rtol=1e-10)

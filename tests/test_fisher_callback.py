@@ -119,3 +119,33 @@ def test_two_process_ddp_logs_the_single_process_trace(tmp_path):
     assert [s for s, _ in logged] == [0, 1, 2]
     for _, value in logged:  # learning rate 0: the same model at every measurement
         assert value == pytest.approx(expected.total, rel=1e-5)
+
+
+class StopAt(pl.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def test_mid_epoch_resume_continues_the_uninterrupted_curve(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    x, y = X[:16], Y[:16]
+    same_batches = DataLoader(TensorDataset(x.repeat(8, 1, 1, 1), y.repeat(8)), batch_size=16)  # 8 identical batches
+
+    def run(root, ckpt_path=None, extra=()):
+        pl.seed_everything(0)
+        monitor = FisherTraceMonitor(num_samples=32, every_n_steps=2, fisher="empirical")
+        make_trainer(root, [monitor, *extra], max_steps=9, max_epochs=-1).fit(MLP(), same_batches, ckpt_path=ckpt_path)
+        return read_scalars(root / "lightning_logs")["startwell/fisher/trace"]
+
+    full = run(tmp_path / "full")
+    assert [s for s, _ in full] == [0, 2, 4, 6, 8]
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1)
+    run(tmp_path / "first", extra=[checkpoint, StopAt(5)])
+    resumed = run(tmp_path / "second", ckpt_path=tmp_path / "ckpt" / "epoch=0-step=5.ckpt")
+    assert [s for s, _ in resumed] == [6, 8]
+    assert dict(resumed) == pytest.approx({s: v for s, v in full if s >= 6}, rel=1e-6)
