@@ -327,6 +327,11 @@ class _NormRecorder:
             norms = norms * self.weight
         self.norms[name] = self.norms[name] + norms if name in self.norms else norms
 
+    def all_reached(self) -> bool:
+        """Whether every module owning parameters that produced a differentiable output received its gradient."""
+        expected = [n for n in self._inputs if self.own[n] or n in self.adopted]
+        return all(n in self.norms or any(k.startswith(f"{n}.") for k in self.norms) for n in expected)
+
     def shared(self) -> bool:
         """Whether a parameter belongs to several modules or a module owning parameters ran more than once: per-use
         norms would then be wrong."""
@@ -363,7 +368,13 @@ def _auto_sums(
     """Per-module sums over the batch of per-sample squared norms (exact Fisher: weighted by p_c, summed over c), or
     None when parameters are shared (the caller falls back to vmap)."""
     recorder = _NormRecorder(model, chunk)
-    params = [p for p in model.parameters() if p.requires_grad]
+    # The backward pass only has to reach the hooked outputs: differentiate with respect to a float input (no weight
+    # gradient kernels run), or to the parameters when the input is not differentiable (token ids).
+    if x.is_floating_point():
+        x = x.detach().requires_grad_(True)
+        wrt = [x]
+    else:
+        wrt = [p for p in model.parameters() if p.requires_grad]
     with recorder.attached():
         logits = model(x)
         check_logits(logits, len(x))
@@ -374,10 +385,13 @@ def _auto_sums(
             probs = log_probs.detach().exp().double()
             for c in range(log_probs.shape[1]):
                 recorder.weight = probs[:, c]
-                torch.autograd.grad(log_probs[:, c].sum(), params, retain_graph=c + 1 < log_probs.shape[1], allow_unused=True)
+                retain = c + 1 < log_probs.shape[1]
+                torch.autograd.grad(log_probs[:, c].sum(), wrt, retain_graph=retain, allow_unused=True)
         else:
             labels = _labels(logits, fisher, targets, generator)
-            torch.autograd.grad(log_probs.gather(1, labels[:, None]).sum(), params, allow_unused=True)
+            torch.autograd.grad(log_probs.gather(1, labels[:, None]).sum(), wrt, allow_unused=True)
+    if not recorder.all_reached():
+        return None  # a layer off the path to the input got no gradient: the caller falls back to vmap
     return {name: norms.sum() for name, norms in recorder.norms.items()}
 
 

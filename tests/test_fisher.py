@@ -20,7 +20,8 @@ def naive_fisher(model, x, fisher, labels=None):
     owner = {n: n.rpartition(".")[0] for n in params}
     per_layer = {o: 0.0 for o in owner.values()}
     for i in range(len(x)):
-        log_probs = model(x[i : i + 1].double()).log_softmax(-1)[0]
+        xi = x[i : i + 1]
+        log_probs = model(xi.double() if xi.is_floating_point() else xi).log_softmax(-1)[0]
         if fisher == "exact":
             pairs = [(c, log_probs[c].exp().item()) for c in range(len(log_probs))]
         else:
@@ -219,3 +220,35 @@ def test_both_convolution_rules_equal_explicit_per_sample_gradients(monkeypatch,
     monkeypatch.setattr(fisher_module, "_conv_ghost_norms", rule)
     monkeypatch.setattr(fisher_module, "_conv_weight_norms", rule)
     assert torch.allclose(fisher_module._conv_norms(layer, x, delta.detach()), torch.stack(explicit), rtol=1e-10)
+
+
+class OffPath(nn.Module):
+    """A layer whose output does not depend on the input (a learned bias vector through a Linear)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seed = nn.Parameter(torch.randn(1, 4))
+        self.const = nn.Linear(4, 3)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(x) + self.const(self.seed)
+
+
+def test_layers_off_the_path_to_the_input_are_still_counted():
+    x = torch.randn(7, 6, generator=torch.Generator().manual_seed(10))
+    _compare(OffPath(), x, "exact")
+
+
+def test_integer_inputs_go_through_the_parameters():
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(11, 6)
+            self.head = nn.Linear(6, 4)
+
+        def forward(self, tokens):
+            return self.head(self.embed(tokens).mean(1))
+
+    tokens = torch.randint(0, 11, (5, 3), generator=torch.Generator().manual_seed(11))
+    _compare(Tokens(), tokens, "exact")
