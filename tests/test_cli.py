@@ -143,3 +143,17 @@ def test_example_configs_train_for_a_few_steps(tmp_path, name):
     for callback in expected:
         prefix = prefixes[callback["class_path"].rpartition(".")[2]]
         assert any(tag.startswith(prefix) for tag in scalars), (prefix, sorted(scalars))
+
+
+def test_readme_callback_snippets_build_their_callbacks():
+    import importlib
+    import re
+
+    readme = (QUICKSTART.parents[2] / "README.md").read_text()
+    snippets = re.findall(r"`(- \{class_path: .*?\})`", readme)
+    assert len(snippets) == 6
+    for snippet in snippets:
+        (entry,) = yaml.safe_load(snippet)
+        module, _, name = entry["class_path"].rpartition(".")
+        callback = getattr(importlib.import_module(module), name)(**entry["init_args"])
+        assert type(callback).__name__ == name
