@@ -117,8 +117,11 @@ class DeficitInjector(Callback):
         return any(start <= epoch < end for start, end in self.windows)
 
     @property
-    def _key(self) -> BatchKey:
-        return self.target_key if self.deficit == "label_permutation" else self.input_key
+    def _key(self) -> tuple[BatchKey, str]:
+        """Where the deficit acts in a batch, and the argument that says so."""
+        if self.deficit == "label_permutation":
+            return self.target_key, "target_key"
+        return self.input_key, "input_key"
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -139,7 +142,8 @@ class DeficitInjector(Callback):
                 check_blur_size(x.shape, self.size)
 
     def _apply(self, batch: Any) -> None:
-        value = batch_tensor(batch, self._key, "target_key" if self.deficit == "label_permutation" else "input_key")
+        key, argument = self._key
+        value = batch_tensor(batch, key, argument)
         if self.deficit == "blur":
             changed = blur(value, self.size)
         elif self.deficit == "noise":
@@ -150,7 +154,7 @@ class DeficitInjector(Callback):
             assert self._permutation is not None
             changed = label_permutation(value, self._permutation)
         if isinstance(batch, (list, MutableMapping)):
-            batch[self._key] = changed
+            batch[key] = changed
         else:  # a tuple: overwrite the collated tensor, never a dataset's storage (collation copies)
             value.copy_(changed)
 
