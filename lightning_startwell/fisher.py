@@ -1,6 +1,7 @@
 """Trace of the Fisher information, total and per layer, from exact per-sample gradient norms (pure PyTorch).
 
-For a classifier p_w(y|x) (softmax of the logits), Achille et al. (2017) follow
+For a classifier p_w(y|x) (softmax of the logits; a Gaussian N(output, s^2 I) for regression), Achille et al. (2017)
+follow
 
     tr F = E_x E_{y ~ p_w(.|x)} || grad_w log p_w(y|x) ||^2,
 
@@ -8,11 +9,12 @@ per layer the same sum restricted to that layer's parameters. Three Fishers:
 
 * ``true``: y drawn once per input from the model's own predictive distribution (seeded);
 * ``empirical``: y = the dataset label (a different quantity: it measures the fit to the labels);
-* ``exact``: the expectation over y in closed form, sum_c p_c ||grad log p_c||^2 (C backward passes).
+* ``exact``: the expectation over y in closed form, sum_c p_c ||grad log p_c||^2 (C backward passes; for the Gaussian,
+  sum_k ||grad output_k||^2 / s^2, one pass per output dimension).
 
 The norms are *per sample* (squaring the gradient of a batch mean would be about N times too small). The default method
 never materialises per-sample gradients where a closed form exists. Forward hooks keep each layer's input and register a
-tensor hook on its output, which receives delta_i = d(sum_i log p(y_i|x_i))/d output (tensor hooks on outputs, unlike
+tensor hook on its output, which receives delta_i = d(sum_i log p(y_i|x_i))/d layer output (tensor hooks on outputs, unlike
 module full-backward hooks, survive torchvision's in-place ReLU and ``out += identity``); then, per sample i:
 
 * Linear on (N, d) inputs: ||g_i||^2 = ||a_i||^2 ||delta_i||^2 (+ ||delta_i||^2 for the bias);
@@ -48,6 +50,8 @@ from lightning_startwell._validation import check_choice, check_int
 
 FisherKind = Literal["true", "empirical", "exact"]
 Method = Literal["auto", "vmap"]
+Likelihood = Literal["categorical", "gaussian"]
+LIKELIHOODS: tuple[str, ...] = Likelihood.__args__  # type: ignore[attr-defined]
 FISHERS: tuple[str, ...] = FisherKind.__args__  # type: ignore[attr-defined]
 METHODS: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
 
@@ -343,30 +347,64 @@ class _NormRecorder:
         return reused or any(c > 1 for c in owners.values())
 
 
-def check_logits(logits: torch.Tensor, num_inputs: int) -> None:
-    """The categorical likelihood needs (N, C) logits."""
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != num_inputs or logits.shape[1] < 2:
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"fisher_trace needs the model to return (N, C) logits with C >= 2 for N={num_inputs} inputs, got {shape}.")
+def check_output(output: torch.Tensor, num_inputs: int, likelihood: str) -> torch.Tensor:
+    """The model output as (N, D): (N, C) logits with C >= 2 for ``categorical``, (N, D) or (N,) for ``gaussian``."""
+    if isinstance(output, torch.Tensor) and likelihood == "gaussian" and output.ndim == 1 and len(output) == num_inputs:
+        return output[:, None]
+    ok = isinstance(output, torch.Tensor) and output.ndim == 2 and output.shape[0] == num_inputs
+    if not ok or (likelihood == "categorical" and output.shape[1] < 2):
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        expected = "(N, C) logits with C >= 2" if likelihood == "categorical" else "(N, D) or (N,) outputs"
+        raise ValueError(f"fisher_trace needs the model to return {expected} for N={num_inputs} inputs, got {shape}.")
+    return output
 
 
-def _labels(
-    logits: torch.Tensor, fisher: str, targets: Optional[torch.Tensor], generator: Optional[torch.Generator]
-) -> torch.Tensor:
+def _cotangents(
+    output: torch.Tensor,
+    fisher: str,
+    likelihood: str,
+    targets: Optional[torch.Tensor],
+    generator: Optional[torch.Generator],
+    noise_std: float,
+) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """The backward passes to run, as (v, w): v (N, D) is d log p(y_i | x_i) / d output_i for the label(s) y_i of
+    this pass, w (N,) weights its per-sample norms (None: 1).
+
+    Categorical (softmax of logits f): d log p_c / df = e_c - softmax(f); ``exact`` runs every class c weighted by p_c.
+    Gaussian N(f, noise_std^2 I): d log p(y) / df = (y - f) / noise_std^2; ``true`` draws y = f + noise_std * eps, so
+    v = eps / noise_std; ``exact`` runs every output dimension k with v = e_k / noise_std (tr F = sum_k ||J_k||^2 / s^2).
+    """
+    f = output.detach().float()
+    n, d = f.shape
+    eye = torch.eye(d, device=f.device)
+    if likelihood == "categorical":
+        probs = f.softmax(-1)
+        if fisher == "exact":
+            return [(eye[c] - probs, probs[:, c].double()) for c in range(d)]
+        if fisher == "empirical":
+            labels = targets.to(f.device).long()
+        else:
+            draw = probs.cpu()
+            draw[~torch.isfinite(draw).all(1)] = 1.0  # non-finite outputs: any label will do, the trace is non-finite
+            labels = torch.multinomial(draw, 1, generator=generator).squeeze(1).to(f.device)
+        return [(eye[labels] - probs, None)]
+    if fisher == "exact":
+        return [(eye[k].expand(n, d) / noise_std, None) for k in range(d)]
     if fisher == "empirical":
-        if targets is None:
-            raise ValueError("fisher='empirical' needs `targets` (the dataset labels).")
-        return targets.to(logits.device).long()
-    probs = logits.detach().float().softmax(-1).cpu()
-    probs[~torch.isfinite(probs).all(1)] = 1.0  # non-finite outputs: any label will do, the trace is non-finite anyway
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+        return [((targets.to(f.device).float().reshape(n, d) - f) / noise_std**2, None)]
+    eps = torch.randn(n, d, generator=generator).to(f.device)
+    return [(eps / noise_std, None)]
 
 
 def _auto_sums(
-    model: nn.Module, x: torch.Tensor, fisher: str, targets: Optional[torch.Tensor], generator: Optional[torch.Generator], chunk: int
+    model: nn.Module,
+    x: torch.Tensor,
+    cotangents: Callable[[torch.Tensor], list[tuple[torch.Tensor, Optional[torch.Tensor]]]],
+    likelihood: str,
+    chunk: int,
 ) -> Optional[dict[str, torch.Tensor]]:
-    """Per-module sums over the batch of per-sample squared norms (exact Fisher: weighted by p_c, summed over c), or
-    None when parameters are shared (the caller falls back to vmap)."""
+    """Per-module sums over the batch of per-sample squared norms (weighted and summed over the backward passes), or
+    None when the hooks cannot be exact (shared parameters, a layer off the input's path): the caller uses vmap."""
     recorder = _NormRecorder(model, chunk)
     # The backward pass only has to reach the hooked outputs: differentiate with respect to a float input (no weight
     # gradient kernels run), or to the parameters when the input is not differentiable (token ids).
@@ -376,50 +414,41 @@ def _auto_sums(
     else:
         wrt = [p for p in model.parameters() if p.requires_grad]
     with recorder.attached():
-        logits = model(x)
-        check_logits(logits, len(x))
-        log_probs = logits.float().log_softmax(-1)
+        output = check_output(model(x), len(x), likelihood).float()
         if recorder.shared() or not recorder.adopt_silent_parameters():
             return None
-        if fisher == "exact":
-            probs = log_probs.detach().exp().double()
-            for c in range(log_probs.shape[1]):
-                recorder.weight = probs[:, c]
-                retain = c + 1 < log_probs.shape[1]
-                torch.autograd.grad(log_probs[:, c].sum(), wrt, retain_graph=retain, allow_unused=True)
-        else:
-            labels = _labels(logits, fisher, targets, generator)
-            torch.autograd.grad(log_probs.gather(1, labels[:, None]).sum(), wrt, allow_unused=True)
+        passes = cotangents(output)
+        for index, (v, weight) in enumerate(passes):
+            recorder.weight = weight
+            torch.autograd.grad((output * v).sum(), wrt, retain_graph=index + 1 < len(passes), allow_unused=True)
     if not recorder.all_reached():
-        return None  # a layer off the path to the input got no gradient: the caller falls back to vmap
+        return None
     return {name: norms.sum() for name, norms in recorder.norms.items()}
 
 
 def _vmap_sums(
-    model: nn.Module, x: torch.Tensor, fisher: str, targets: Optional[torch.Tensor], generator: Optional[torch.Generator], chunk: int
+    model: nn.Module,
+    x: torch.Tensor,
+    cotangents: Callable[[torch.Tensor], list[tuple[torch.Tensor, Optional[torch.Tensor]]]],
+    likelihood: str,
+    chunk: int,
 ) -> dict[str, torch.Tensor]:
     """Per-module sums of per-sample squared norms from ``torch.func`` per-sample gradients, in chunks of samples."""
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     buffers = dict(model.named_buffers())
     owner = {n: n.rpartition(".")[0] for n in params}
 
-    def log_prob(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
-        return logits.float().log_softmax(-1)[0].gather(0, yi.reshape(1)).squeeze(0)
+    def projected_output(p: dict[str, torch.Tensor], xi: torch.Tensor, vi: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
+        return (out.float().reshape(-1) * vi).sum()
 
-    per_sample_grads = vmap(grad(log_prob), in_dims=(None, 0, 0))
+    per_sample_grads = vmap(grad(projected_output), in_dims=(None, 0, 0))
     with torch.no_grad():
-        logits = model(x)
-    check_logits(logits, len(x))
-    if fisher == "exact":
-        probs = logits.float().softmax(-1).double()
-        label_sets = [(torch.full((len(x),), c, device=x.device), probs[:, c]) for c in range(logits.shape[1])]
-    else:
-        label_sets = [(_labels(logits, fisher, targets, generator), None)]
+        output = check_output(model(x), len(x), likelihood)
     sums: dict[str, torch.Tensor] = {}
-    for labels, weight in label_sets:
+    for v, weight in cotangents(output):
         for start in range(0, len(x), chunk):
-            grads = per_sample_grads(params, x[start : start + chunk], labels[start : start + chunk])
+            grads = per_sample_grads(params, x[start : start + chunk], v[start : start + chunk])
             for name, g in grads.items():
                 norms = _per_sample_sq_norm(g).double()
                 if weight is not None:
@@ -449,6 +478,8 @@ def fisher_trace_sums(
     *,
     fisher: str = "true",
     targets: Optional[torch.Tensor] = None,
+    likelihood: str = "categorical",
+    noise_std: float = 1.0,
     method: str = "auto",
     generator: Optional[torch.Generator] = None,
     batch_size: Optional[int] = None,
@@ -457,12 +488,15 @@ def fisher_trace_sums(
     """Per-module sums over ``inputs`` of the per-sample squared gradient norms (float64 tensors), and the number of
     samples: the quantities to add across processes before dividing. See :func:`fisher_trace`."""
     check_choice("fisher", fisher, FISHERS)
+    check_choice("likelihood", likelihood, LIKELIHOODS)
     check_choice("method", method, METHODS)
     check_int("chunk_size", chunk_size)
     if batch_size is not None:
         check_int("batch_size", batch_size)
+    if not noise_std > 0:
+        raise ValueError(f"`noise_std` must be > 0, got {noise_std!r}.")
     if fisher == "empirical" and (targets is None or len(targets) != len(inputs)):
-        raise ValueError("fisher='empirical' needs `targets`, one label per input.")
+        raise ValueError("fisher='empirical' needs `targets`, one per input.")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     step = batch_size or len(inputs)
     totals: dict[str, torch.Tensor] = {}
@@ -472,9 +506,13 @@ def fisher_trace_sums(
             if x.is_floating_point():
                 x = x.float()
             y = targets[start : start + step] if targets is not None else None
-            sums = _auto_sums(model, x, fisher, y, generator, chunk_size) if method == "auto" else None
+
+            def cotangents(output: torch.Tensor, y: Optional[torch.Tensor] = y) -> list:
+                return _cotangents(output, fisher, likelihood, y, generator, noise_std)
+
+            sums = _auto_sums(model, x, cotangents, likelihood, chunk_size) if method == "auto" else None
             if sums is None:
-                sums = _vmap_sums(model, x, fisher, y, generator, chunk_size)
+                sums = _vmap_sums(model, x, cotangents, likelihood, chunk_size)
             for name, value in sums.items():
                 totals[name] = totals[name] + value if name in totals else value
     return totals, len(inputs)
@@ -486,26 +524,30 @@ def fisher_trace(
     *,
     fisher: str = "true",
     targets: Optional[torch.Tensor] = None,
+    likelihood: str = "categorical",
+    noise_std: float = 1.0,
     per_layer: bool = True,
     method: str = "auto",
     generator: Optional[torch.Generator] = None,
     batch_size: Optional[int] = None,
     chunk_size: int = 32,
 ) -> FisherTrace:
-    """Trace of the Fisher information of a classifier on ``inputs``: total, per layer, number of samples.
+    """Trace of the Fisher information of ``model`` on ``inputs``: total, per layer, number of samples.
 
     tr F = (1/N) sum_i E_y ||grad_w log p_w(y | x_i)||^2 with y from the model (``true``, one draw per input from
-    ``generator``), the ``targets`` (``empirical``) or the expectation over all classes (``exact``).
+    ``generator``), the ``targets`` (``empirical``) or the expectation over y in closed form (``exact``).
 
     Args:
-        model: returns (N, C) logits.
+        model: returns (N, C) logits (``categorical``) or (N, D) / (N,) means (``gaussian``).
         inputs: the inputs, a tensor of N examples.
         fisher: ``true``, ``empirical`` or ``exact``.
-        targets: dataset labels, for ``empirical``.
+        targets: dataset labels (or regression targets), for ``empirical``.
+        likelihood: ``categorical`` (softmax of logits) or ``gaussian`` (N(output, noise_std^2 I), for regression).
+        noise_std: standard deviation of the Gaussian likelihood.
         per_layer: also return the split per module (module name -> its share); otherwise ``per_layer`` is empty.
         method: ``auto`` (closed forms and per-module vmap, see the module doc) or ``vmap`` (whole-model ``torch.func``
             per-sample gradients).
-        generator: CPU generator for the ``true`` Fisher's label draws.
+        generator: CPU generator for the ``true`` Fisher's draws.
         batch_size: inputs per forward pass (default: all at once).
         chunk_size: samples per vmap call in the fallbacks.
 
@@ -518,11 +560,11 @@ def fisher_trace(
         print(trace.total, trace.per_layer)
     """
     sums, count = fisher_trace_sums(
-        model, inputs, fisher=fisher, targets=targets, method=method, generator=generator,
-        batch_size=batch_size, chunk_size=chunk_size,
+        model, inputs, fisher=fisher, targets=targets, likelihood=likelihood, noise_std=noise_std, method=method,
+        generator=generator, batch_size=batch_size, chunk_size=chunk_size,
     )
     per = {name: value.item() / count for name, value in sums.items()}
     return FisherTrace(total=math.fsum(per.values()), per_layer=per if per_layer else {}, num_samples=count)
 
 
-__all__ = ["FISHERS", "METHODS", "FisherTrace", "check_logits", "fisher_trace", "fisher_trace_sums"]
+__all__ = ["FISHERS", "LIKELIHOODS", "METHODS", "FisherTrace", "check_output", "fisher_trace", "fisher_trace_sums"]

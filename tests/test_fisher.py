@@ -252,3 +252,46 @@ def test_integer_inputs_go_through_the_parameters():
 
     tokens = torch.randint(0, 11, (5, 3), generator=torch.Generator().manual_seed(11))
     _compare(Tokens(), tokens, "exact")
+
+
+def naive_gaussian(model, x, fisher, sigma, targets=None, eps=None):
+    """Float64 loop for the Gaussian likelihood N(f(x), sigma^2 I): grad log p(y|x) = J^T (y - f) / sigma^2."""
+    model = copy.deepcopy(model).double().eval()
+    params = list(model.parameters())
+    total = 0.0
+    for i in range(len(x)):
+        f = model(x[i : i + 1].double()).reshape(-1)
+        if fisher == "exact":
+            vectors = [torch.eye(len(f), dtype=torch.float64)[k] / sigma for k in range(len(f))]
+        elif fisher == "empirical":
+            vectors = [(targets[i].double().reshape(-1) - f.detach()) / sigma**2]
+        else:
+            vectors = [eps[i].double() / sigma]
+        for v in vectors:
+            grads = torch.autograd.grad(f, params, v, retain_graph=True)
+            total += sum(g.square().sum().item() for g in grads)
+    return total / len(x)
+
+
+@pytest.mark.parametrize("fisher", ["exact", "empirical", "true"])
+@pytest.mark.parametrize("squeeze", [False, True])
+def test_gaussian_likelihood_for_regression(fisher, squeeze):
+    torch.manual_seed(0)
+    dim = 1 if squeeze else 3
+    body = nn.Sequential(nn.Conv1d(1, 4, 3, padding=1), nn.BatchNorm1d(4), nn.Tanh(), nn.Flatten(), nn.Linear(40, dim))
+    model = nn.Sequential(body, nn.Flatten(0)) if squeeze else body
+    x = torch.randn(9, 1, 10)
+    model = _trained_bn(model, x)
+    targets = torch.randn(9, dim).squeeze(1) if squeeze else torch.randn(9, dim)
+    ours = fisher_trace(model, x, fisher=fisher, likelihood="gaussian", noise_std=0.5, targets=targets,
+                        generator=torch.Generator().manual_seed(3))
+    eps = torch.randn(9, dim, generator=torch.Generator().manual_seed(3))
+    expected = naive_gaussian(model, x, fisher, 0.5, targets=targets, eps=eps)
+    assert ours.total == pytest.approx(expected, rel=1e-5)
+
+
+def test_gaussian_rejects_bad_noise_and_categorical_rejects_one_output():
+    with pytest.raises(ValueError, match="noise_std"):
+        fisher_trace(MLP(), X_IMG, likelihood="gaussian", noise_std=0.0)
+    with pytest.raises(ValueError, match="likelihood"):
+        fisher_trace(MLP(), X_IMG, likelihood="poisson")

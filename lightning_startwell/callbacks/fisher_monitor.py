@@ -13,7 +13,7 @@ from typing_extensions import override
 
 from lightning_startwell._validation import check_choice, check_int
 from lightning_startwell.callbacks._common import BatchKey, batch_tensor, log_scalars, tensorboard_experiments
-from lightning_startwell.fisher import FISHERS, METHODS, FisherKind, Method, fisher_trace_sums
+from lightning_startwell.fisher import FISHERS, LIKELIHOODS, METHODS, FisherKind, Likelihood, Method, fisher_trace_sums
 
 
 class FisherTraceMonitor(Callback):
@@ -41,6 +41,8 @@ class FisherTraceMonitor(Callback):
         every_n_steps: measure after every ``every_n_steps`` optimizer steps.
         every_n_epochs: measure after every ``every_n_epochs`` training epochs (exactly one of the two cadences).
         fisher: ``true``, ``empirical`` or ``exact`` (see :func:`~lightning_startwell.fisher.fisher_trace`).
+        likelihood: ``categorical`` (classification logits) or ``gaussian`` (regression outputs).
+        noise_std: standard deviation of the Gaussian likelihood.
         method: ``auto`` (closed forms) or ``vmap``.
         seed: seed of the probe draw and of the ``true`` Fisher's labels.
         input_key: where the inputs are in a dataset item or batch (tuple index or dict key).
@@ -59,6 +61,8 @@ class FisherTraceMonitor(Callback):
         every_n_steps: Optional[int] = None,
         every_n_epochs: Optional[int] = None,
         fisher: FisherKind = "true",
+        likelihood: Likelihood = "categorical",
+        noise_std: float = 1.0,
         method: Method = "auto",
         seed: int = 0,
         input_key: BatchKey = 0,
@@ -76,12 +80,17 @@ class FisherTraceMonitor(Callback):
             if value is not None:
                 check_int(name, value)
         check_choice("fisher", fisher, FISHERS)
+        check_choice("likelihood", likelihood, LIKELIHOODS)
         check_choice("method", method, METHODS)
+        if not noise_std > 0:
+            raise ValueError(f"`noise_std` must be > 0, got {noise_std!r}.")
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs
         self.fisher = fisher
+        self.likelihood = likelihood
+        self.noise_std = noise_std
         self.method = method
         self.seed = seed
         self.input_key = input_key
@@ -160,6 +169,8 @@ class FisherTraceMonitor(Callback):
             self._inputs,
             fisher=self.fisher,
             targets=self._targets,
+            likelihood=self.likelihood,
+            noise_std=self.noise_std,
             method=self.method,
             generator=generator,
             batch_size=self.batch_size,
