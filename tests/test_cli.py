@@ -14,7 +14,10 @@ from lightning_startwell.cli import main
 
 
 def startwell(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "lightning_startwell.cli", *args]
+    """Run the `startwell` console script that the install put beside this Python."""
+    script = Path(sys.executable).parent / "startwell"
+    assert script.exists(), f"the install did not create the `startwell` console script in {script.parent}"
+    command = [str(script), *args]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
 
 

@@ -198,3 +198,19 @@ def test_two_process_ddp_gives_identical_weights_and_monitor_runs(tmp_path, seed
     trainer.fit(MLP(depth=2, width=32), gaussian_loader())
     scalars = read_scalars(tmp_path / "lightning_logs")
     assert [s for s, _ in scalars["startwell/signal/forward_ratio"]] == [0, 1, 2]
+
+
+def test_monitor_histograms_are_written_when_asked(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    make_trainer(tmp_path, [SignalPropagationMonitor(every_n_steps=2, log_histograms=True)], max_steps=3).fit(
+        MLP(depth=1, width=8), gaussian_loader()
+    )
+    (event_file,) = (tmp_path / "lightning_logs").rglob("events.out.tfevents.*")
+    acc = EventAccumulator(str(event_file), size_guidance={"histograms": 0})
+    acc.Reload()
+    tags = acc.Tags()["histograms"]
+    assert {"startwell/signal/forward_hist/net.1", "startwell/signal/backward_hist/net.4"} <= set(tags)
+    assert [e.step for e in acc.Histograms("startwell/signal/forward_hist/net.1")] == [0, 2]
+    first = acc.Histograms("startwell/signal/forward_hist/net.1")[0].histogram_value
+    assert first.num == 16 * 8  # one batch of 16 samples, 8 units
