@@ -472,6 +472,15 @@ def _measurement_mode(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
+def check_fisher_arguments(fisher: str, likelihood: str, method: str, noise_std: float) -> None:
+    """Raise a ValueError naming the first of these arguments that is not accepted."""
+    check_choice("fisher", fisher, FISHERS)
+    check_choice("likelihood", likelihood, LIKELIHOODS)
+    check_choice("method", method, METHODS)
+    if not noise_std > 0:
+        raise ValueError(f"`noise_std` must be > 0, got {noise_std!r}.")
+
+
 def fisher_trace_sums(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -487,14 +496,10 @@ def fisher_trace_sums(
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Per-module sums over ``inputs`` of the per-sample squared gradient norms (float64 tensors), and the number of
     samples: the quantities to add across processes before dividing. See :func:`fisher_trace`."""
-    check_choice("fisher", fisher, FISHERS)
-    check_choice("likelihood", likelihood, LIKELIHOODS)
-    check_choice("method", method, METHODS)
+    check_fisher_arguments(fisher, likelihood, method, noise_std)
     check_int("chunk_size", chunk_size)
     if batch_size is not None:
         check_int("batch_size", batch_size)
-    if not noise_std > 0:
-        raise ValueError(f"`noise_std` must be > 0, got {noise_std!r}.")
     if fisher == "empirical" and (targets is None or len(targets) != len(inputs)):
         raise ValueError("fisher='empirical' needs `targets`, one per input.")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -567,4 +572,13 @@ def fisher_trace(
     return FisherTrace(total=math.fsum(per.values()), per_layer=per if per_layer else {}, num_samples=count)
 
 
-__all__ = ["FISHERS", "LIKELIHOODS", "METHODS", "FisherTrace", "check_output", "fisher_trace", "fisher_trace_sums"]
+__all__ = [
+    "FISHERS",
+    "LIKELIHOODS",
+    "METHODS",
+    "FisherTrace",
+    "check_fisher_arguments",
+    "check_output",
+    "fisher_trace",
+    "fisher_trace_sums",
+]

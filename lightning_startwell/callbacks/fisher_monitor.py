@@ -11,9 +11,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lightning_startwell._validation import check_choice, check_int
+from lightning_startwell._validation import check_int
 from lightning_startwell.callbacks._common import BatchKey, batch_tensor, log_scalars, tensorboard_experiments
-from lightning_startwell.fisher import FISHERS, LIKELIHOODS, METHODS, FisherKind, Likelihood, Method, fisher_trace_sums
+from lightning_startwell.fisher import FisherKind, Likelihood, Method, check_fisher_arguments, fisher_trace_sums
 
 
 class FisherTraceMonitor(Callback):
@@ -79,11 +79,7 @@ class FisherTraceMonitor(Callback):
         for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
             if value is not None:
                 check_int(name, value)
-        check_choice("fisher", fisher, FISHERS)
-        check_choice("likelihood", likelihood, LIKELIHOODS)
-        check_choice("method", method, METHODS)
-        if not noise_std > 0:
-            raise ValueError(f"`noise_std` must be > 0, got {noise_std!r}.")
+        check_fisher_arguments(fisher, likelihood, method, noise_std)
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.every_n_steps = every_n_steps
