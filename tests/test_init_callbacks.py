@@ -187,15 +187,28 @@ class _AssertSeedSharedAcrossRanks(Callback):
         assert torch.equal(gathered[0], gathered[1]), "ranks disagree with a broadcast seed"
 
 
+class _RankDependentRandomness(Callback):
+    """Gives each rank its own global random stream, so each draws a different first batch from a shuffling loader."""
+
+    def setup(self, trainer, pl_module, stage):
+        torch.manual_seed(1000 + trainer.global_rank)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("seed", "check"), [(11, _AssertSameAcrossRanks), (None, _AssertSeedSharedAcrossRanks)])
-def test_two_process_ddp_gives_identical_weights_and_monitor_runs(tmp_path, seed, check):
+@pytest.mark.parametrize(
+    ("scheme", "seed", "check"),
+    [("orthogonal", 11, _AssertSameAcrossRanks), ("orthogonal", None, _AssertSeedSharedAcrossRanks),
+     ("lsuv", None, _AssertSeedSharedAcrossRanks)],
+)
+def test_two_process_ddp_gives_identical_weights_and_monitor_runs(tmp_path, scheme, seed, check):
     trainer = pl.Trainer(
         default_root_dir=tmp_path, accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3,
         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
-        callbacks=[InitScheme("orthogonal", seed=seed), check(), SignalPropagationMonitor(every_n_steps=1)],
+        callbacks=[_RankDependentRandomness(), InitScheme(scheme, seed=seed), check(),
+                   SignalPropagationMonitor(every_n_steps=1)],
     )
-    trainer.fit(MLP(depth=2, width=32), gaussian_loader())
+    loader = torch.utils.data.DataLoader(gaussian_loader().dataset, batch_size=16, shuffle=True)
+    trainer.fit(MLP(depth=2, width=32), loader)
     scalars = read_scalars(tmp_path / "lightning_logs")
     assert [s for s, _ in scalars["startwell/signal/forward_ratio"]] == [0, 1, 2]
 

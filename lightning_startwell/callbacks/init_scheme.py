@@ -33,7 +33,8 @@ class InitScheme(Callback):
     Runs in ``on_fit_start``: after ``configure_model`` (layers built there are covered) and after the DDP wrap, in place
     under ``no_grad`` so the optimizer keeps its tensors. It never runs when resuming (``fit(ckpt_path=...)``), in
     validate/test/predict, or on a second ``fit`` of the same trainer. Every DDP rank draws the same weights from one
-    seed (``seed``, or one drawn on rank 0 and broadcast).
+    seed (``seed``, or one drawn on rank 0 and broadcast), and rank 0's result is then broadcast, so data-dependent
+    LSUV agrees across ranks too.
 
     Logs at step 0, per layer: ``startwell/init/std/<layer>`` (std obtained), ``startwell/init/target_std/<layer>``,
     and ``startwell/init/forward_ratio/<layer>`` = Var[z^l] / Var[z^1] on one training batch (train mode, dropout off).
@@ -139,6 +140,7 @@ class InitScheme(Callback):
             lsuv_max_iters=self.lsuv_max_iters,
             generator=torch.Generator().manual_seed(seed),
         )
+        _share_rank_zero_weights(pl_module)
         self.applied = True
         metrics = {}
         for layer in self.report:
@@ -161,3 +163,15 @@ class InitScheme(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.applied = state_dict["applied"]
+
+
+@torch.no_grad()
+def _share_rank_zero_weights(module: torch.nn.Module) -> None:
+    """Under torch.distributed, copy rank 0's parameters and buffers to every rank: the seeded draws agree already,
+    but a data-dependent scheme (LSUV on each rank's own first batch) would not."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() < 2:
+        return
+    for tensor in [*module.parameters(), *module.buffers()]:
+        torch.distributed.broadcast(tensor.data, src=0)
