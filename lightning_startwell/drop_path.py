@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_startwell._validation import check_rate
 from lightning_startwell.dropout import RateSlot
 from lightning_startwell.init import find_residual_branches
 
@@ -33,6 +34,29 @@ def drop_path(x: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     keep = torch.rand(shape, device=x.device, dtype=x.dtype) >= rate
     return x * keep.to(x.dtype) / (1.0 - rate)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth as a module, for models written with it: ``drop_path(x, drop_prob)`` in training, the identity
+    in evaluation. Put it on the residual branch (``x + DropPath(p)(f(x))``); StochasticDepthSchedule finds and
+    schedules it like timm's module of the same name.
+
+    Args:
+        drop_prob: probability of dropping the branch for a sample, in [0, 1).
+    """
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        check_rate("drop_prob", drop_prob)
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_prob == 0.0:
+            return x
+        return drop_path(x, torch.tensor(self.drop_prob, device=x.device))
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
 
 
 @dataclass(frozen=True)
@@ -131,4 +155,4 @@ class DropPathHooks:
         self.rates.copy_(torch.tensor(rates, dtype=self.rates.dtype))
 
 
-__all__ = ["DropPathHooks", "ResidualBlock", "drop_path", "existing_drop_path_rates", "find_residual_blocks"]
+__all__ = ["DropPath", "DropPathHooks", "ResidualBlock", "drop_path", "existing_drop_path_rates", "find_residual_blocks"]

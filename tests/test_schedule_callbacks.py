@@ -345,3 +345,31 @@ def test_two_process_ddp_applies_the_same_rates(tmp_path):
     trainer.fit(ResNet(num_blocks=2, width=4, dropout=0.1), gaussian_loader())
     logged = read_scalars(tmp_path / "lightning_logs")["startwell/dropout/rate"]
     np.testing.assert_allclose([v for _, v in logged], _official(0.3, 6, 4, "early", "linear"), atol=1e-7)
+
+
+def test_our_drop_path_modules_are_driven_by_the_schedule_and_restored(tmp_path):
+    from lightning_startwell.drop_path import DropPath
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Linear(64, 64)
+            self.drop_path = DropPath(0.1)
+
+        def forward(self, x):
+            return x + self.drop_path(torch.relu(self.f(x)))
+
+    class Net(Classifier):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), Residual(), Residual(), nn.Linear(64, 10))
+
+    class SeesZero(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            assert [m.drop_prob for m in pl_module.modules() if isinstance(m, DropPath)] == [0.0, 0.0]
+
+    model = Net()
+    make_trainer(tmp_path, [StochasticDepthSchedule(drop_rate=0.3), SeesZero()], max_steps=2).fit(model, gaussian_loader())
+    assert [m.drop_prob for m in model.modules() if isinstance(m, DropPath)] == [0.1, 0.1]
+    logged = read_scalars(tmp_path / "lightning_logs")["startwell/depth/expected_depth"]
+    assert logged[0][1] == pytest.approx((1 - 0.15) + (1 - 0.3))

@@ -170,3 +170,30 @@ def test_demo_resnet_hooked_eval_equals_plain_model():
     model.train()
     torch.manual_seed(0)
     assert not torch.allclose(model(x), model(x))
+
+
+def test_our_drop_path_module_drops_whole_samples_and_is_found_as_a_slot():
+    from lightning_startwell.drop_path import DropPath
+
+    torch.manual_seed(0)
+    layer = DropPath(0.25)
+    out = layer(torch.ones(40_000, 3))
+    dropped = (out[:, 0] == 0).double().mean().item()
+    assert abs(dropped - 0.25) < 4 * math.sqrt(0.25 * 0.75 / 40_000)
+    assert torch.all((out == 0) | torch.isclose(out, torch.tensor(1 / 0.75)))
+    layer.eval()
+    assert torch.equal(layer(torch.ones(5, 3)), torch.ones(5, 3))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Linear(3, 3)
+            self.drop = DropPath(0.1)
+
+        def forward(self, x):
+            return x + self.drop(self.f(x))
+
+    model = nn.Sequential(Block(), Block())
+    assert [b.outputs for b in find_residual_blocks(model)] == [("0.drop",), ("1.drop",)]
+    with pytest.raises(ValueError, match="drop_prob"):
+        DropPath(1.0)
