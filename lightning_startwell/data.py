@@ -76,6 +76,7 @@ class ArrayDataModule(pl.LightningDataModule):
     input_shape: tuple[int, ...]
     num_classes: int
     num_examples: int
+    has_own_test_set = False  # True: the test split is the dataset's own, not carved from the pool
 
     def __init__(
         self,
@@ -89,6 +90,10 @@ class ArrayDataModule(pl.LightningDataModule):
         check_int("batch_size", batch_size)
         check_int("num_workers", num_workers, minimum=0)
         split_sizes(self.num_examples, val_fraction, test_fraction)
+        empty = [("val_fraction", val_fraction)] + ([] if self.has_own_test_set else [("test_fraction", test_fraction)])
+        for name, fraction in empty:
+            if fraction == 0:
+                raise ValueError(f"`{name}`=0 leaves the {name.split('_')[0]} split empty; use a fraction in (0, 1).")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.val_fraction = val_fraction
@@ -213,6 +218,7 @@ class MNIST1DDataModule(ArrayDataModule):
     input_shape = (1, 40)
     num_classes = 10
     num_examples = 4000
+    has_own_test_set = True
 
     def __init__(
         self,

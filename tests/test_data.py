@@ -86,6 +86,8 @@ def test_normalisation_uses_training_statistics_only():
         ({"test_fraction": 0.0002}, "test_fraction"),
         ({"val_fraction": 0.5, "test_fraction": 0.5}, "val_fraction"),
         ({"val_fraction": 1.0}, "val_fraction"),
+        ({"val_fraction": 0.0}, "val_fraction"),
+        ({"test_fraction": 0.0}, "test_fraction"),
         ({"batch_size": 0}, "batch_size"),
         ({"num_workers": -1}, "num_workers"),
     ],
