@@ -5,6 +5,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Two-process gloo runs under ddp_spawn now and then lose a worker to SIGABRT in gloo's teardown, a known flake of
+# Lightning's own test suite (Lightning-AI/pytorch-lightning#20620, #20933). Rerun only on that crash: a failed
+# assertion inside a worker is reported as a different error and still fails the test.
+ddp_spawn_flake = pytest.mark.flaky(reruns=2, only_rerun=["ProcessExitedException"])
 QUICKSTART = REPO / "examples" / "configs" / "quickstart.yaml"
 
 

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import make_trainer, read_scalars
+from conftest import ddp_spawn_flake, make_trainer, read_scalars
 from lightning_startwell.callbacks import DeficitInjector
 from lightning_startwell.deficits import blur, class_permutation
 from lightning_startwell.models import MLP
@@ -141,6 +141,7 @@ def test_deficits_that_do_not_fit_the_batch_fail_before_training(tmp_path, callb
 
 
 @pytest.mark.slow
+@ddp_spawn_flake
 def test_two_process_ddp_applies_the_deficit_on_the_same_epochs(tmp_path):
     trainer = pl.Trainer(
         default_root_dir=tmp_path, accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=3,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import make_trainer, read_scalars
+from conftest import ddp_spawn_flake, make_trainer, read_scalars
 from lightning_startwell.callbacks import FisherTraceMonitor
 from lightning_startwell.fisher import fisher_trace
 from lightning_startwell.models import MLP, ConvNet
@@ -106,6 +106,7 @@ def frozen_sgd(params):
 
 
 @pytest.mark.slow
+@ddp_spawn_flake
 def test_two_process_ddp_logs_the_single_process_trace(tmp_path):
     model = MLP(depth=2, width=16, optimizer=frozen_sgd)  # no BatchNorm: nothing changes the model between steps
     expected = fisher_trace(copy.deepcopy(model), *_probe(48)[:1], fisher="empirical", targets=_probe(48)[1])

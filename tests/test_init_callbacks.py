@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from conftest import gaussian_loader, make_trainer, read_scalars
+from conftest import ddp_spawn_flake, gaussian_loader, make_trainer, read_scalars
 from lightning_startwell.callbacks import InitScheme, SignalPropagationMonitor
 from lightning_startwell.init import init_weights
 from lightning_startwell.models import MLP
@@ -200,6 +200,7 @@ class _RankDependentRandomness(Callback):
     [("orthogonal", 11, _AssertSameAcrossRanks), ("orthogonal", None, _AssertSeedSharedAcrossRanks),
      ("lsuv", None, _AssertSeedSharedAcrossRanks)],
 )
+@ddp_spawn_flake
 def test_two_process_ddp_gives_identical_weights_and_monitor_runs(tmp_path, scheme, seed, check):
     trainer = pl.Trainer(
         default_root_dir=tmp_path, accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3,

@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from conftest import gaussian_loader, make_trainer, read_scalars
+from conftest import ddp_spawn_flake, gaussian_loader, make_trainer, read_scalars
 from lightning_startwell.callbacks import DropoutSchedule, StochasticDepthSchedule
 from lightning_startwell.models import MLP, Classifier, ResNet
 
@@ -335,6 +335,7 @@ class AssertSameRatesAcrossRanks(Callback):
 
 
 @pytest.mark.slow
+@ddp_spawn_flake
 def test_two_process_ddp_applies_the_same_rates(tmp_path):
     trainer = pl.Trainer(
         default_root_dir=tmp_path, accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=6,
