@@ -240,6 +240,17 @@ def _vjp_norms(
     return torch.cat(chunks)
 
 
+def owned_parameters(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """Trainable parameters by the module that owns them directly (``recurse=False``); modules owning none are left
+    out. These modules are the "layers" of the per-layer trace."""
+    owned = {}
+    for name, module in model.named_modules():
+        params = {k: p for k, p in module.named_parameters(recurse=False) if p.requires_grad}
+        if params:
+            owned[name] = params
+    return owned
+
+
 def _owners(params: dict[str, torch.Tensor]) -> dict[str, list[str]]:
     """Parameter names grouped by the (relative) name of the module that owns them."""
     groups: dict[str, list[str]] = {}
@@ -259,8 +270,7 @@ class _NormRecorder:
     def __init__(self, model: nn.Module, chunk: int) -> None:
         self.model = model
         self.chunk = chunk
-        self.own = {n: dict(m.named_parameters(recurse=False)) for n, m in model.named_modules()}
-        self.own = {n: {k: p for k, p in ps.items() if p.requires_grad} for n, ps in self.own.items()}
+        self.own = owned_parameters(model)
         self.calls: dict[str, int] = {}
         self.adopted: dict[str, dict[str, torch.Tensor]] = {}
         self.norms: dict[str, torch.Tensor] = {}
@@ -297,7 +307,7 @@ class _NormRecorder:
         """After the forward pass: hand the parameters of modules that never ran to their nearest ancestor that did.
         False if some have no such ancestor (the caller falls back to whole-model vmap)."""
         for name, params in self.own.items():
-            if not params or name in self.calls:
+            if name in self.calls:
                 continue
             parts = name.split(".")
             ancestors = [".".join(parts[:k]) for k in range(len(parts) - 1, -1, -1)]
@@ -309,7 +319,7 @@ class _NormRecorder:
         return True
 
     def _backward(self, name: str, module: nn.Module, delta: torch.Tensor) -> None:
-        params = {k: p.detach() for k, p in {**self.own[name], **self.adopted.get(name, {})}.items()}
+        params = {k: p.detach() for k, p in {**self.own.get(name, {}), **self.adopted.get(name, {})}.items()}
         if not params:
             return
         args, kwargs = self._inputs[name]
@@ -333,7 +343,7 @@ class _NormRecorder:
 
     def all_reached(self) -> bool:
         """Whether every module owning parameters that produced a differentiable output received its gradient."""
-        expected = [n for n in self._inputs if self.own[n] or n in self.adopted]
+        expected = [n for n in self._inputs if n in self.own or n in self.adopted]
         return all(n in self.norms or any(k.startswith(f"{n}.") for k in self.norms) for n in expected)
 
     def shared(self) -> bool:
@@ -343,7 +353,7 @@ class _NormRecorder:
         for params in self.own.values():
             for p in params.values():
                 owners[id(p)] = owners.get(id(p), 0) + 1
-        reused = any(self.calls.get(n, 0) > 1 for n, params in self.own.items() if params)
+        reused = any(self.calls.get(n, 0) > 1 for n in self.own)
         return reused or any(c > 1 for c in owners.values())
 
 
@@ -581,4 +591,5 @@ __all__ = [
     "check_output",
     "fisher_trace",
     "fisher_trace_sums",
+    "owned_parameters",
 ]

@@ -13,7 +13,7 @@ from typing_extensions import override
 
 from lightning_startwell._validation import check_int
 from lightning_startwell.callbacks._common import BatchKey, batch_tensor, log_scalars, tensorboard_experiments
-from lightning_startwell.fisher import FisherKind, Likelihood, Method, check_fisher_arguments, fisher_trace_sums
+from lightning_startwell.fisher import FisherKind, Likelihood, Method, check_fisher_arguments, fisher_trace_sums, owned_parameters
 
 
 class FisherTraceMonitor(Callback):
@@ -136,11 +136,7 @@ class FisherTraceMonitor(Callback):
         step = trainer.global_step
         self._last_step = step
         sums, count = self._local_sums(pl_module, step)
-        names = sorted(
-            name
-            for name, module in pl_module.named_modules()
-            if any(p.requires_grad for p in module.parameters(recurse=False))
-        )
+        names = sorted(owned_parameters(pl_module))  # the same layers, in the same order, on every rank
         device = pl_module.device
         local = torch.stack([sums.get(n, torch.zeros((), dtype=torch.float64, device=device)).to(device) for n in names])
         local = torch.cat([local, torch.tensor([float(count)], dtype=torch.float64, device=device)])
