@@ -67,7 +67,8 @@ class FisherTrace:
 
 
 def _per_sample_sq_norm(g: torch.Tensor) -> torch.Tensor:
-    return g.flatten(1).square().sum(1)
+    g = g.flatten(1)
+    return torch.linalg.vecdot(g, g)  # fused multiply-add: no squared copy of the per-sample gradients
 
 
 _CHUNK_ELEMENTS = 2**25  # per-sample intermediates are built in sample chunks of at most this many numbers
@@ -167,42 +168,51 @@ def _conv_weight_norms(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, delta: tor
     return torch.cat(norms)
 
 
-def _norm_layer_norms(layer: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """BatchNorm (eval, running statistics) and LayerNorm: gamma_i = sum delta_i x_hat_i, beta_i = sum delta_i, the
-    sums running over every dimension the parameter is broadcast along."""
-    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        x_hat = (x - layer.running_mean.reshape(shape)) / torch.sqrt(layer.running_var.reshape(shape) + layer.eps)
-        first_param_dim = 1
-    else:
-        first_param_dim = x.ndim - len(layer.normalized_shape)
-        dims = tuple(range(first_param_dim, x.ndim))
-        x_hat = (x - x.mean(dims, keepdim=True)) / torch.sqrt(x.var(dims, unbiased=False, keepdim=True) + layer.eps)
+def _batch_norm_norms(layer: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Eval-mode BatchNorm, x_hat = (x - running_mean) / sqrt(running_var + eps) per channel c: gamma_i[c] =
+    sum_s delta_i[c, s] x_hat_i[c, s] (the division by the channel's std comes after the sum), beta_i[c] = sum_s
+    delta_i[c, s], the sums over the spatial positions s."""
+
+    def per_channel(t: torch.Tensor) -> torch.Tensor:
+        return t.flatten(2).sum(2) if t.ndim > 2 else t
+
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    gamma = per_channel(delta * (x - layer.running_mean.reshape(shape))) / torch.sqrt(layer.running_var + layer.eps)
+    return _affine_norms(layer, gamma, per_channel(delta))
+
+
+def _layer_norm_norms(layer: nn.LayerNorm, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the trailing ``normalized_shape``: gamma_i = sum delta_i x_hat_i, beta_i = sum delta_i, the sums
+    over the leading (sequence) dimensions of sample i."""
+    first = x.ndim - len(layer.normalized_shape)
+    dims = tuple(range(first, x.ndim))
+    x_hat = (x - x.mean(dims, keepdim=True)) / torch.sqrt(x.var(dims, unbiased=False, keepdim=True) + layer.eps)
 
     def per_sample(t: torch.Tensor) -> torch.Tensor:
-        """Sum over the broadcast dimensions: (N, *param shape)."""
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-            return t.flatten(2).sum(2) if t.ndim > 2 else t
-        return t.flatten(1, first_param_dim - 1).sum(1) if first_param_dim > 1 else t
+        return t.flatten(1, first - 1).sum(1) if first > 1 else t
 
-    norms = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    if layer.weight is not None:
-        norms = norms + _per_sample_sq_norm(per_sample(delta * x_hat))
-    if layer.bias is not None:
-        norms = norms + _per_sample_sq_norm(per_sample(delta))
-    return norms
+    return _affine_norms(layer, per_sample(delta * x_hat), per_sample(delta))
+
+
+def _affine_norms(layer: nn.Module, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """||gamma_i||^2 + ||beta_i||^2 for a norm layer's scale (always there when it has parameters) and shift."""
+    norms = _per_sample_sq_norm(gamma)
+    return norms + _per_sample_sq_norm(beta) if layer.bias is not None else norms
 
 
 def _closed_form(layer: nn.Module) -> Optional[Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]]:
-    """The closed-form per-sample norm rule for ``layer``, or None for the vmap fallback."""
+    """The closed-form per-sample norm rule for ``layer``, or None for the vmap fallback (also for a layer with some
+    parameters frozen: the closed forms count all of them)."""
+    if not all(p.requires_grad for p in layer.parameters(recurse=False)):
+        return None
     if isinstance(layer, nn.Linear):
         return _linear_norms
     if _conv_supported(layer):
         return _conv_norms
     if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats:
-        return _norm_layer_norms
+        return _batch_norm_norms
     if isinstance(layer, nn.LayerNorm):
-        return _norm_layer_norms
+        return _layer_norm_norms
     return None
 
 
@@ -218,25 +228,34 @@ def _vjp_norms(
     layer: nn.Module, params: dict[str, torch.Tensor], args: tuple, kwargs: dict, delta: torch.Tensor, chunk: int
 ) -> torch.Tensor:
     """Per-sample ||J_params(layer)^T delta_i||^2, by vmap over samples of a vector-Jacobian product of the layer
-    alone (``params``: names relative to the layer). Returns (N, owners): one column per module owning parameters,
-    in the order of :func:`_owners`."""
-    batched = [isinstance(a, torch.Tensor) and a.ndim > 0 and a.shape[0] == delta.shape[0] for a in args]
+    alone (``params``: names relative to the layer). Positional and keyword tensors whose first dimension is the
+    batch (inputs, per-sample masks) are split by sample; the others are passed whole. Returns (N, owners): one column
+    per module owning parameters, in the order of :func:`_owners`."""
+    n = delta.shape[0]
+
+    def is_batched(value: Any) -> bool:
+        return isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == n
+
+    batched = {
+        "args": {i: a for i, a in enumerate(args) if is_batched(a)},
+        "kwargs": {k: v for k, v in kwargs.items() if is_batched(v)},
+    }
     owners = _owners(params)
 
-    def one(sample_args: tuple, d: torch.Tensor) -> torch.Tensor:
+    def one(sample: dict[str, dict], d: torch.Tensor) -> torch.Tensor:
         def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            full = [a.unsqueeze(0) if b else a for a, b in zip(sample_args, batched)]
-            return _first_tensor(functional_call(layer, p, tuple(full), kwargs))[0]
+            call_args = tuple(sample["args"][i][None] if i in sample["args"] else a for i, a in enumerate(args))
+            call_kwargs = {k: sample["kwargs"][k][None] if k in sample["kwargs"] else v for k, v in kwargs.items()}
+            return _first_tensor(functional_call(layer, p, call_args, call_kwargs))[0]
 
         _, pullback = vjp(f, params)
         (grads,) = pullback(d)
         return torch.stack([sum(grads[k].square().sum() for k in keys) for keys in owners.values()])
 
-    in_dims = (tuple(0 if b else None for b in batched), 0)
     chunks = []
-    for s in range(0, delta.shape[0], chunk):
-        sample_args = tuple(a[s : s + chunk] if b else a for a, b in zip(args, batched))
-        chunks.append(vmap(one, in_dims=in_dims)(sample_args, delta[s : s + chunk]))
+    for s in range(0, n, chunk):
+        sample = {group: {k: v[s : s + chunk] for k, v in values.items()} for group, values in batched.items()}
+        chunks.append(vmap(one)(sample, delta[s : s + chunk]))
     return torch.cat(chunks)
 
 
