@@ -67,8 +67,7 @@ class FisherTrace:
 
 
 def _per_sample_sq_norm(g: torch.Tensor) -> torch.Tensor:
-    g = g.flatten(1)
-    return torch.linalg.vecdot(g, g)  # fused multiply-add: no squared copy of the per-sample gradients
+    return torch.linalg.vector_norm(g.flatten(1), dim=1).square()  # a reduction: no squared copy of g
 
 
 _CHUNK_ELEMENTS = 2**25  # per-sample intermediates are built in sample chunks of at most this many numbers
@@ -97,11 +96,11 @@ def _sequence_norms(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 def _linear_norms(layer: nn.Linear, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     if x.ndim == 2:
-        norms = x.square().sum(1) * delta.square().sum(1)
-        return norms + delta.square().sum(1) if layer.bias is not None else norms
+        norms = _per_sample_sq_norm(x) * _per_sample_sq_norm(delta)
+        return norms + _per_sample_sq_norm(delta) if layer.bias is not None else norms
     a, d = x.flatten(1, -2), delta.flatten(1, -2)
     norms = _sequence_norms(a, d)
-    return norms + d.sum(1).square().sum(1) if layer.bias is not None else norms
+    return norms + _per_sample_sq_norm(d.sum(1)) if layer.bias is not None else norms
 
 
 def _conv_supported(layer: nn.Module) -> bool:
@@ -124,7 +123,7 @@ def _conv_norms(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, delta: torch.Tens
     dim_d = layer.out_channels // groups
     norms = _conv_ghost_norms(layer, x, delta) if t * (dim_a + dim_d) <= dim_a * dim_d else _conv_weight_norms(layer, x, delta)
     if layer.bias is not None:
-        norms = norms + delta.flatten(2).sum(2).square().sum(1)
+        norms = norms + _per_sample_sq_norm(delta.flatten(2).sum(2))
     return norms
 
 
@@ -164,7 +163,7 @@ def _conv_weight_norms(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, delta: tor
             dilation=layer.dilation,
             groups=n * layer.groups,
         )
-        norms.append(grads.reshape(n, -1).square().sum(1))
+        norms.append(_per_sample_sq_norm(grads))
     return torch.cat(norms)
 
 
