@@ -163,7 +163,7 @@ def _conv_weight_norms(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, delta: tor
             dilation=layer.dilation,
             groups=n * layer.groups,
         )
-        norms.append(_per_sample_sq_norm(grads))
+        norms.append(_per_sample_sq_norm(grads.reshape(n, -1)))
     return torch.cat(norms)
 
 
