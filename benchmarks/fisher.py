@@ -8,10 +8,12 @@
 
 Models: a small conv net (the demo ConvNet on 8x8 digits), the demo ResNet (8x8), torchvision's ResNet-18 at CIFAR size
 (3x32x32). Each (model, method) runs in its own process so that its peak memory (peak RSS above the model and inputs,
-on CPU; peak CUDA allocation on a GPU) is its own; time is the median of ``--repeats`` runs after one warm-up;
-agreement is the relative difference of the total trace from the naive loop's.
+on CPU; peak CUDA allocation on a GPU) is its own; in a process, time is the median of ``--repeats`` runs after one
+warm-up. The methods of a model run one after another in each of ``--rounds`` rounds (so that a slow spell of a shared
+machine hits them all) and the table shows the median over rounds, with the spread (max - min) of the rounds.
+Agreement is the relative difference of the total trace from the naive loop's.
 
-    python benchmarks/fisher.py [--device cpu|cuda] [--repeats 3]
+    python benchmarks/fisher.py [--device cpu|cuda] [--repeats 3] [--rounds 3]
 
 Needs torchvision; BackPACK (``pip install backpack-for-pytorch``) is optional.
 """
@@ -162,6 +164,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=None, help="default: 256 on a GPU; 128 (8x8) / 64 (ResNet-18) on CPU")
     args = parser.parse_args()
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
@@ -169,20 +172,38 @@ def main() -> None:
     for model_name in MODELS:
         batch = args.batch or (256 if args.device == "cuda" else (64 if "ResNet-18" in model_name else 128))
         print(f"\n### {model_name}, batch {batch}\n")
-        print("| method | time (ms) | x training step | peak memory (MiB) | trace | rel. diff. from naive |")
-        print("|---|---|---|---|---|---|")
-        results = {m: measure(model_name, m, batch, args.device, args.repeats) for m in METHODS}
+        print("| method | time (ms) | spread over rounds (ms) | x training step | peak memory (MiB) | trace | rel. diff. from naive |")
+        print("|---|---|---|---|---|---|---|")
+        rounds = [{m: measure(model_name, m, batch, args.device, args.repeats) for m in METHODS} for _ in range(args.rounds)]
+        results = {m: summarize([r[m] for r in rounds]) for m in METHODS}
         step = results["training step"].get("seconds")
         reference = results["naive per-sample loop"].get("value")
         for method, r in results.items():
             if "error" in r:
-                print(f"| {method} | fails: {r['error']} | | | | |")
+                print(f"| {method} | fails: {r['error']} | | | | | |")
                 continue
             ratio = r["seconds"] / step if step else float("nan")
             trace = "" if method == "training step" else f"{r['value']:.6g}"
             diff = "" if method == "training step" or not reference else f"{abs(r['value'] - reference) / reference:.1e}"
-            print(f"| {method} | {1e3 * r['seconds']:.1f} | {ratio:.1f} | {r['peak_bytes'] / 2**20:.0f} | {trace} | {diff} |")
-        print("\n" + json.dumps({m: r for m, r in results.items()}), flush=True)
+            print(
+                f"| {method} | {1e3 * r['seconds']:.1f} | {1e3 * r['spread']:.1f} | {ratio:.2f} |"
+                f" {r['peak_bytes'] / 2**20:.0f} | {trace} | {diff} |"
+            )
+        print("\n" + json.dumps(rounds), flush=True)
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median time and peak memory over rounds, and the spread of the times; a failure in any round is reported."""
+    failed = next((r for r in runs if "error" in r), None)
+    if failed:
+        return failed
+    seconds = [r["seconds"] for r in runs]
+    return {
+        "value": runs[0]["value"],
+        "seconds": statistics.median(seconds),
+        "spread": max(seconds) - min(seconds),
+        "peak_bytes": statistics.median(r["peak_bytes"] for r in runs),
+    }
 
 
 if __name__ == "__main__":

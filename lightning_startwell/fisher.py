@@ -22,8 +22,9 @@ module full-backward hooks, survive torchvision's in-place ReLU and ``out += ide
   ||D_i^T A_i||_F^2, either materialised (T p d operations) or as <A_i A_i^T, D_i D_i^T>_F ("ghost norm", T^2 (d + p)
   operations), whichever is cheaper; bias ||sum_t D_i[t]||^2;
 * BatchNorm (eval mode, running statistics) and LayerNorm: gamma_i = sum delta_i * x_hat_i, beta_i = sum delta_i;
-* any other module with its own parameters: per-sample vector-Jacobian products with ``torch.func.vmap`` over that
-  module alone, from its recorded inputs and output gradients.
+* any other module with its own parameters, or with some of them frozen: per-sample vector-Jacobian products with
+  ``torch.func.vmap`` over that module alone, from its recorded inputs (split by sample where their first dimension is
+  the batch, keyword arguments such as padding masks included) and output gradients.
 
 A parameter used by several modules, or a module called more than once in a forward pass, makes per-use norms wrong
 (the per-sample gradient is the sum over uses): then the whole model falls back to ``torch.func`` per-sample gradients
@@ -70,7 +71,12 @@ def _per_sample_sq_norm(g: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(g.flatten(1), dim=1).square()  # a reduction: no squared copy of g
 
 
-_CHUNK_ELEMENTS = 2**25  # per-sample intermediates are built in sample chunks of at most this many numbers
+def _chunk_samples(per_sample: int, like: torch.Tensor) -> int:
+    """Samples per chunk of per-sample intermediates (``per_sample`` numbers each): at most 2^25 numbers on an
+    accelerator, 2^18 (1 MiB of float32) on CPU, where fresh multi-MiB buffers per layer cost more in page faults than
+    the arithmetic (demo ResNet, batch 128, fresh process: 140 ms with 2^25, 100 ms with 2^18; see benchmarks.md)."""
+    budget = 2**18 if like.device.type == "cpu" else 2**25
+    return max(1, budget // per_sample)
 
 
 def _sequence_norms(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -83,7 +89,7 @@ def _sequence_norms(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     dim_d = d.shape[2]
     ghost = t * (dim_a + dim_d) <= dim_a * dim_d
     per_sample = t * t if ghost else dim_a * dim_d
-    step = max(1, _CHUNK_ELEMENTS // per_sample)
+    step = _chunk_samples(per_sample, a)
     norms = []
     for s in range(0, n, step):
         a_s, d_s = a[s : s + step], d[s : s + step]
@@ -149,7 +155,7 @@ def _conv_weight_norms(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, delta: tor
     """Per-sample weight gradients by one convolution-weight backward with the samples folded into the groups."""
     weight_grad = torch.nn.grad.conv1d_weight if isinstance(layer, nn.Conv1d) else torch.nn.grad.conv2d_weight
     per_sample = layer.weight.numel()
-    step = max(1, _CHUNK_ELEMENTS // per_sample)
+    step = _chunk_samples(per_sample, x)
     norms = []
     for s in range(0, x.shape[0], step):
         x_s, d_s = x[s : s + step], delta[s : s + step]
@@ -289,6 +295,9 @@ class _NormRecorder:
         self.model = model
         self.chunk = chunk
         self.own = owned_parameters(model)
+        # modules with trainable parameters in their subtree: only these can own or adopt some, so only these keep
+        # their inputs and hook their output (not ReLU, pooling, dropout)
+        self._holders = {n for n, m in model.named_modules() if any(p.requires_grad for p in m.parameters())}
         self.calls: dict[str, int] = {}
         self.adopted: dict[str, dict[str, torch.Tensor]] = {}
         self.norms: dict[str, torch.Tensor] = {}
@@ -314,7 +323,7 @@ class _NormRecorder:
                 return
             self.calls[name] = self.calls.get(name, 0) + 1
             out = _first_tensor(output)
-            if out is None or not out.requires_grad:
+            if out is None or not out.requires_grad or name not in self._holders:
                 return
             self._inputs[name] = (tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), kwargs)
             out.register_hook(lambda delta: self._backward(name, module, delta))

@@ -231,8 +231,17 @@ def test_output_that_is_not_logits_is_refused():
         fisher_trace(Flat(), X_IMG)
 
 
+@pytest.fixture(params=[None, 2], ids=["one chunk", "chunks of 2"])
+def chunks(request, monkeypatch):
+    """Run the per-sample rules in one chunk, or in chunks of two samples."""
+    import lightning_startwell.fisher as fisher_module
+
+    if request.param:
+        monkeypatch.setattr(fisher_module, "_chunk_samples", lambda per_sample, like: request.param)
+
+
 @pytest.mark.parametrize(("t", "d", "p"), [(3, 20, 30), (50, 4, 6)])  # ghost norm, then materialised
-def test_sequence_rule_equals_explicit_per_sample_gradients(t, d, p):
+def test_sequence_rule_equals_explicit_per_sample_gradients(t, d, p, chunks):
     from lightning_startwell.fisher import _sequence_norms
 
     g = torch.Generator().manual_seed(7)
@@ -250,7 +259,7 @@ def test_sequence_rule_equals_explicit_per_sample_gradients(t, d, p):
         nn.Conv1d(4, 8, 5, stride=2, padding=2, groups=4),
     ],
 )
-def test_both_convolution_rules_equal_explicit_per_sample_gradients(monkeypatch, path, layer):
+def test_both_convolution_rules_equal_explicit_per_sample_gradients(monkeypatch, path, layer, chunks):
     import lightning_startwell.fisher as fisher_module
 
     layer = layer.double()
