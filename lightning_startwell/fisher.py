@@ -302,7 +302,9 @@ class _NormRecorder:
         self.adopted: dict[str, dict[str, torch.Tensor]] = {}
         self.norms: dict[str, torch.Tensor] = {}
         self.weight: Optional[torch.Tensor] = None  # per-sample weights of the current backward (exact Fisher)
+        self.last_pass = True  # the last backward drops each layer's inputs once used, as autograd frees its own
         self._inputs: dict[str, tuple[tuple, dict]] = {}
+        self._hooked: set[str] = set()
         self._enabled = True
 
     @contextmanager
@@ -326,6 +328,7 @@ class _NormRecorder:
             if out is None or not out.requires_grad or name not in self._holders:
                 return
             self._inputs[name] = (tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), kwargs)
+            self._hooked.add(name)
             out.register_hook(lambda delta: self._backward(name, module, delta))
 
         return hook
@@ -346,10 +349,10 @@ class _NormRecorder:
         return True
 
     def _backward(self, name: str, module: nn.Module, delta: torch.Tensor) -> None:
+        args, kwargs = self._inputs.pop(name) if self.last_pass else self._inputs[name]
         params = {k: p.detach() for k, p in {**self.own.get(name, {}), **self.adopted.get(name, {})}.items()}
         if not params:
             return
-        args, kwargs = self._inputs[name]
         rule = _closed_form(module) if name not in self.adopted else None
         if rule is not None and args and isinstance(args[0], torch.Tensor):
             self._add(name, rule(module, args[0], delta))
@@ -370,7 +373,7 @@ class _NormRecorder:
 
     def all_reached(self) -> bool:
         """Whether every module owning parameters that produced a differentiable output received its gradient."""
-        expected = [n for n in self._inputs if n in self.own or n in self.adopted]
+        expected = [n for n in self._hooked if n in self.own or n in self.adopted]
         return all(n in self.norms or any(k.startswith(f"{n}.") for k in self.norms) for n in expected)
 
     def shared(self) -> bool:
@@ -456,7 +459,7 @@ def _auto_sums(
             return None
         passes = cotangents(output)
         for index, (v, weight) in enumerate(passes):
-            recorder.weight = weight
+            recorder.weight, recorder.last_pass = weight, index + 1 == len(passes)
             torch.autograd.grad((output * v).sum(), wrt, retain_graph=index + 1 < len(passes), allow_unused=True)
     if not recorder.all_reached():
         return None
