@@ -305,6 +305,8 @@ class _NormRecorder:
         self.last_pass = True  # the last backward drops each layer's inputs once used, as autograd frees its own
         self._inputs: dict[str, tuple[tuple, dict]] = {}
         self._hooked: set[str] = set()
+        self._entries: dict[str, torch.Tensor] = {}
+        self.token_input: Optional[torch.Tensor] = None  # the model's input when it is not differentiable (ids)
         self._enabled = True
 
     @contextmanager
@@ -329,6 +331,8 @@ class _NormRecorder:
                 return
             self._inputs[name] = (tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), kwargs)
             self._hooked.add(name)
+            if self.token_input is not None and any(a is self.token_input for a in (*args, *kwargs.values())):
+                self._entries[name] = out  # the model's differentiable path starts here (an embedding of the ids)
             out.register_hook(lambda delta: self._backward(name, module, delta))
 
         return hook
@@ -370,6 +374,13 @@ class _NormRecorder:
         if self.weight is not None:
             norms = norms * self.weight
         self.norms[name] = self.norms[name] + norms if name in self.norms else norms
+
+    def entry_outputs(self) -> list[torch.Tensor]:
+        """Outputs of the innermost modules called with the model's non-differentiable input itself (an embedding of
+        the token ids), the whole model left out. Their outputs are per sample; an embedding of anything else (of
+        positions, shared by all samples) is not an entry: its per-sample gradients are not in its output gradient."""
+        innermost = [n for n in self._entries if n and not any(o.startswith(f"{n}.") for o in self._entries)]
+        return [self._entries[n] for n in innermost]
 
     def all_reached(self) -> bool:
         """Whether every module owning parameters that produced a differentiable output received its gradient."""
@@ -446,17 +457,19 @@ def _auto_sums(
     """Per-module sums over the batch of per-sample squared norms (weighted and summed over the backward passes), or
     None when the hooks cannot be exact (shared parameters, a layer off the input's path): the caller uses vmap."""
     recorder = _NormRecorder(model, chunk)
-    # The backward pass only has to reach the hooked outputs: differentiate with respect to a float input (no weight
-    # gradient kernels run), or to the parameters when the input is not differentiable (token ids).
     if x.is_floating_point():
         x = x.detach().requires_grad_(True)
-        wrt = [x]
     else:
-        wrt = [p for p in model.parameters() if p.requires_grad]
+        recorder.token_input = x
     with recorder.attached():
         output = check_output(model(x), len(x), likelihood).float()
         if recorder.shared() or not recorder.adopt_silent_parameters():
             return None
+        # The backward only has to reach the hooked outputs: differentiate with respect to a float input, or to the
+        # outputs of the modules that embed integer inputs (no weight-gradient kernels run); with neither, with
+        # respect to the parameters.
+        wrt = [x] if x.requires_grad else recorder.entry_outputs()
+        wrt = wrt or [p for p in model.parameters() if p.requires_grad]
         passes = cotangents(output)
         for index, (v, weight) in enumerate(passes):
             recorder.weight, recorder.last_pass = weight, index + 1 == len(passes)

@@ -295,18 +295,65 @@ def test_layers_off_the_path_to_the_input_are_still_counted():
     _compare(OffPath(), x, "exact")
 
 
-def test_integer_inputs_go_through_the_parameters():
-    class Tokens(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Embedding(11, 6)
-            self.head = nn.Linear(6, 4)
+@pytest.fixture
+def no_whole_model_vmap(monkeypatch):
+    """Fail if the measurement falls back to whole-model per-sample gradients."""
+    import lightning_startwell.fisher as fisher_module
 
-        def forward(self, tokens):
-            return self.head(self.embed(tokens).mean(1))
+    def refuse(*args, **kwargs):
+        raise AssertionError("fell back to whole-model vmap")
 
+    monkeypatch.setattr(fisher_module, "_vmap_sums", refuse)
+
+
+class Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, tokens):
+        return self.head(self.embed(tokens).mean(1))
+
+
+def test_integer_inputs_start_the_backward_at_the_embedding(no_whole_model_vmap, monkeypatch):
     tokens = torch.randint(0, 11, (5, 3), generator=torch.Generator().manual_seed(11))
-    _compare(Tokens(), tokens, "exact")
+    model = Tokens()
+    _compare(model, tokens, "exact")
+    differentiated = []
+    grad = torch.autograd.grad
+
+    def spy(outputs, inputs, *args, **kwargs):
+        differentiated.append(inputs)
+        return grad(outputs, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    fisher_trace(model, tokens, fisher="exact")
+    # the backward passes stop at the embedding's output: no weight gradients are computed
+    assert not any(w is p for wrt in differentiated for w in wrt for p in model.parameters())
+    assert sum(len(wrt) == 1 and wrt[0].shape == (5, 3, 6) for wrt in differentiated) >= 4  # one per class
+
+
+class LearnedPositions(nn.Module):
+    """A position embedding shared by all samples: its output gradient sums over them, so its per-sample norms need
+    per-sample gradients (the whole-model fallback), not its output's hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 6)
+        self.positions = nn.Embedding(5, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.embed(x) + self.positions(torch.arange(x.shape[1]))
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("batch", [6, 5])  # 5: as many samples as positions, the shapes cannot tell them apart
+def test_a_position_embedding_shared_by_the_samples(batch):
+    x = torch.randn(batch, 5, 4, generator=torch.Generator().manual_seed(14))
+    ours = _compare(LearnedPositions(), x, "exact")
+    assert ours.per_layer["positions"] > 0
 
 
 def naive_gaussian(model, x, fisher, sigma, targets=None, eps=None):
