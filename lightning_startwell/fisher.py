@@ -36,6 +36,7 @@ are normalised together), in float32 with autocast off, never writes ``.grad``, 
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -221,6 +222,61 @@ def _closed_form(layer: nn.Module) -> Optional[Callable[[Any, torch.Tensor, torc
     return None
 
 
+def _plain_attention(layer: nn.Module) -> bool:
+    """An ``nn.MultiheadAttention`` with one packed input projection, no extra key/value biases, all trainable."""
+    return (
+        isinstance(layer, nn.MultiheadAttention)
+        and layer._qkv_same_embed_dim
+        and layer.bias_k is None
+        and not layer.add_zero_attn
+        and all(p.requires_grad for p in layer.parameters())
+    )
+
+
+def _attention_norms(
+    layer: nn.MultiheadAttention, args: tuple, kwargs: dict, delta: torch.Tensor
+) -> Optional[dict[str, torch.Tensor]]:
+    """Per-sample norms of a multi-head attention's input projection ("") and output projection ("out_proj").
+
+    Both projections are Linear layers on sequences: W_in maps query, key and value to Q, K, V (three row blocks of
+    W_in) and out_proj maps the attention context C to the output. The context and the gradients dL/dQ, dL/dK, dL/dV
+    come from re-running the module itself with identity projections on (Q, K, V), so masks and heads are the
+    module's own; then the sequence rule of :func:`_sequence_norms` applies to each block. None for unbatched inputs.
+    """
+    call = inspect.signature(layer.forward).bind(*args, **kwargs).arguments
+    inputs = [call["query"], call["key"], call["value"]]
+    if any(t.ndim != 3 for t in inputs):
+        return None
+    in_bias = layer.in_proj_bias.detach().chunk(3) if layer.in_proj_bias is not None else (None,) * 3
+    projected = [
+        F.linear(t, w, b).detach().requires_grad_() for t, w, b in zip(inputs, layer.in_proj_weight.detach().chunk(3), in_bias)
+    ]
+    eye = torch.eye(layer.embed_dim, dtype=delta.dtype, device=delta.device)
+    identity = {"in_proj_weight": eye.repeat(3, 1), "out_proj.weight": eye}
+    if layer.in_proj_bias is not None:
+        identity["in_proj_bias"] = torch.zeros_like(layer.in_proj_bias)
+    if layer.out_proj.bias is not None:
+        identity["out_proj.bias"] = torch.zeros_like(layer.out_proj.bias)
+    call.update(query=projected[0], key=projected[1], value=projected[2], need_weights=False)
+    with torch.enable_grad():  # backward hooks run with grad mode off
+        context = functional_call(layer, identity, (), call)[0]
+        grads = torch.autograd.grad(context, projected, delta @ layer.out_proj.weight.detach())
+
+    def batch_first(t: torch.Tensor) -> torch.Tensor:
+        return t if layer.batch_first else t.transpose(0, 1)
+
+    def linear(a: torch.Tensor, d: torch.Tensor, bias: bool) -> torch.Tensor:
+        a, d = batch_first(a), batch_first(d)
+        norms = _sequence_norms(a, d)
+        return norms + _per_sample_sq_norm(d.sum(1)) if bias else norms
+
+    has_in_bias = layer.in_proj_bias is not None
+    return {
+        "": sum(linear(a, g, has_in_bias) for a, g in zip(inputs, grads)),
+        "out_proj": linear(context.detach(), delta, layer.out_proj.bias is not None),
+    }
+
+
 def _first_tensor(output: Any) -> Optional[torch.Tensor]:
     if isinstance(output, torch.Tensor):
         return output
@@ -361,13 +417,16 @@ class _NormRecorder:
         if rule is not None and args and isinstance(args[0], torch.Tensor):
             self._add(name, rule(module, args[0], delta))
             return
-        self._enabled = False  # the fallback re-runs the module: its submodules must not record
+        self._enabled = False  # the attention rule and the fallback re-run the module: its submodules must not record
         try:
-            norms = _vjp_norms(module, params, args, kwargs, delta.detach(), self.chunk)
+            split = _attention_norms(module, args, kwargs, delta.detach()) if _plain_attention(module) else None
+            if split is None:
+                norms = _vjp_norms(module, params, args, kwargs, delta.detach(), self.chunk)
+                split = {owner: norms[:, column] for column, owner in enumerate(_owners(params))}
         finally:
             self._enabled = True
-        for column, owner in enumerate(_owners(params)):
-            self._add(f"{name}.{owner}" if name and owner else name or owner, norms[:, column])
+        for owner, norms in split.items():
+            self._add(f"{name}.{owner}" if name and owner else name or owner, norms)
 
     def _add(self, name: str, norms: torch.Tensor) -> None:
         norms = norms.detach().double()

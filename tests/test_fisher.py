@@ -146,6 +146,46 @@ def test_attention_with_a_per_sample_padding_mask():
     _compare(MaskedTokens(), tokens, "exact")
 
 
+class AttentionVariants(nn.Module):
+    """Cross-attention (5 queries over 7 keys, a boolean mask) or causal self-attention, either layout, with or
+    without biases: the configurations of nn.MultiheadAttention the attention rule re-runs with identity projections."""
+
+    def __init__(self, cross, batch_first, bias):
+        super().__init__()
+        self.cross, self.batch_first = cross, batch_first
+        self.q = nn.Linear(4, 8)
+        self.kv = nn.Linear(4, 8)
+        self.attn = nn.MultiheadAttention(8, 2, bias=bias, batch_first=batch_first)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        layout = (lambda t: t) if self.batch_first else (lambda t: t.transpose(0, 1))
+        if self.cross:
+            q, kv = layout(self.q(x[:, :5])), layout(self.kv(x))
+            mask = torch.triu(torch.ones(5, 7, dtype=torch.bool), diagonal=4)
+            out = self.attn(q, key=kv, value=kv, attn_mask=mask, need_weights=False)[0]
+        else:
+            h = layout(self.q(x) + self.kv(x))
+            causal = nn.Transformer.generate_square_subsequent_mask(7)
+            out = self.attn(h, h, h, attn_mask=causal, is_causal=True, need_weights=False)[0]
+        return self.head(layout(out).mean(1))
+
+
+@pytest.mark.parametrize("cross", [True, False], ids=["cross", "causal self"])
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_attention_rule_without_per_sample_vmap(cross, batch_first, bias, monkeypatch):
+    import lightning_startwell.fisher as fisher_module
+
+    vmapped = []
+    vjp_norms = fisher_module._vjp_norms
+    monkeypatch.setattr(fisher_module, "_vjp_norms", lambda layer, *a: vmapped.append(layer) or vjp_norms(layer, *a))
+    x = torch.randn(6, 7, 4, generator=torch.Generator().manual_seed(15))
+    ours = _compare(AttentionVariants(cross, batch_first, bias), x, "exact")
+    assert vmapped == []
+    assert ours.per_layer["attn"] > 0 and ours.per_layer["attn.out_proj"] > 0
+
+
 def test_partly_frozen_layers_count_only_their_trainable_parameters():
     x = torch.randn(10, 1, 8, 8, generator=torch.Generator().manual_seed(13))
     model = _trained_bn(ConvNet(input_shape=(1, 8, 8), channels=[4, 8]), x)
