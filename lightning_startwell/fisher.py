@@ -206,6 +206,24 @@ def _affine_norms(layer: nn.Module, gamma: torch.Tensor, beta: torch.Tensor) -> 
     return norms + _per_sample_sq_norm(beta) if layer.bias is not None else norms
 
 
+def _embedding_norms(layer: nn.Embedding, tokens: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Per-sample norms of an embedding table's gradient: row v of g_i is the sum of delta_i[t] over the positions t
+    holding token v (none for ``padding_idx``), so ||g_i||^2 = sum_{t, t'} [token_t = token_t'] <delta_i[t],
+    delta_i[t']>: the ghost norm with one-hot inputs, T^2 per sample, never a (vocabulary x width) gradient."""
+    n = len(tokens)
+    tokens = tokens.reshape(n, -1)
+    d = delta.reshape(n, tokens.shape[1], -1)
+    if layer.padding_idx is not None:
+        d = d * (tokens != layer.padding_idx).unsqueeze(-1)
+    step = _chunk_samples(tokens.shape[1] ** 2, d)
+    norms = []
+    for s in range(0, n, step):
+        t_s, d_s = tokens[s : s + step], d[s : s + step]
+        same = t_s.unsqueeze(2) == t_s.unsqueeze(1)
+        norms.append((same * (d_s @ d_s.transpose(1, 2))).flatten(1).sum(1))
+    return torch.cat(norms)
+
+
 def _closed_form(layer: nn.Module) -> Optional[Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]]:
     """The closed-form per-sample norm rule for ``layer``, or None for the vmap fallback (also for a layer with some
     parameters frozen: the closed forms count all of them)."""
@@ -219,6 +237,8 @@ def _closed_form(layer: nn.Module) -> Optional[Callable[[Any, torch.Tensor, torc
         return _batch_norm_norms
     if isinstance(layer, nn.LayerNorm):
         return _layer_norm_norms
+    if isinstance(layer, nn.Embedding) and not layer.scale_grad_by_freq:  # that scaling depends on the whole batch
+        return _embedding_norms
     return None
 
 
