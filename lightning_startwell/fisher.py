@@ -22,6 +22,9 @@ module full-backward hooks, survive torchvision's in-place ReLU and ``out += ide
   ||D_i^T A_i||_F^2, either materialised (T p d operations) or as <A_i A_i^T, D_i D_i^T>_F ("ghost norm", T^2 (d + p)
   operations), whichever is cheaper; bias ||sum_t D_i[t]||^2;
 * BatchNorm (eval mode, running statistics) and LayerNorm: gamma_i = sum delta_i * x_hat_i, beta_i = sum delta_i;
+* Embedding: the ghost norm with one-hot inputs, sum_{t,t'} [token_t = token_t'] <delta_i[t], delta_i[t']>;
+* MultiheadAttention: the module re-run on its projected Q, K, V with identity projections gives the context and
+  dL/dQ, dL/dK, dL/dV; both projections are then Linear layers on sequences;
 * any other module with its own parameters, or with some of them frozen: per-sample vector-Jacobian products with
   ``torch.func.vmap`` over that module alone, from its recorded inputs (split by sample where their first dimension is
   the batch, keyword arguments such as padding masks included) and output gradients.
