@@ -593,6 +593,16 @@ def _vmap_sums(
     return sums
 
 
+def _whole_model_pass_is_cheaper(model: nn.Module, chunk: int) -> bool:
+    """Whether the model's own forward uses a parameter directly (a learned position or class token) while the
+    per-sample gradients of a chunk of samples for the whole model are small (at most 2^25 numbers). Such a parameter's
+    per-sample gradients need a per-sample pass over the whole model anyway; then one such pass (``method="vmap"``)
+    gives every layer at once, cheaper than the hooks' pass plus it. For a larger model the hooks keep memory low."""
+    if "" not in owned_parameters(model) or _closed_form(model) is not None or _plain_attention(model):
+        return False
+    return chunk * sum(p.numel() for p in model.parameters() if p.requires_grad) <= 2**25
+
+
 @contextmanager
 def _measurement_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode and autocast off for the measurement; every module's mode restored afterwards."""
@@ -650,7 +660,8 @@ def fisher_trace_sums(
             def cotangents(output: torch.Tensor, y: Optional[torch.Tensor] = y) -> list:
                 return _cotangents(output, fisher, likelihood, y, generator, noise_std)
 
-            sums = _auto_sums(model, x, cotangents, likelihood, chunk_size) if method == "auto" else None
+            hooks = method == "auto" and not _whole_model_pass_is_cheaper(model, chunk_size)
+            sums = _auto_sums(model, x, cotangents, likelihood, chunk_size) if hooks else None
             if sums is None:
                 sums = _vmap_sums(model, x, cotangents, likelihood, chunk_size)
             for name, value in sums.items():

@@ -335,6 +335,34 @@ def test_layers_off_the_path_to_the_input_are_still_counted():
     _compare(OffPath(), x, "exact")
 
 
+class PositionParameter(nn.Module):
+    """A learned position parameter added in the model's own forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 6)
+        self.position = nn.Parameter(torch.randn(1, 5, 6))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.embed(x) + self.position).mean(1))
+
+
+@pytest.mark.parametrize("chunk_size", [32, 2**25])  # whole-model per-sample gradients small, then too large
+def test_a_parameter_used_by_the_model_itself(chunk_size, monkeypatch):
+    import lightning_startwell.fisher as fisher_module
+
+    x = torch.randn(7, 5, 4, generator=torch.Generator().manual_seed(10))
+    model = PositionParameter()
+    whole_model = []
+    vmap_sums = fisher_module._vmap_sums
+    monkeypatch.setattr(fisher_module, "_vmap_sums", lambda *a: whole_model.append(True) or vmap_sums(*a))
+    reference = naive_fisher(model, x, "exact")
+    ours = fisher_trace(model, x, fisher="exact", chunk_size=chunk_size)
+    assert ours.per_layer == pytest.approx(reference, rel=1e-5)
+    assert bool(whole_model) == (chunk_size == 32)  # one pass over the whole model when it is cheap, the hooks otherwise
+
+
 @pytest.fixture
 def no_whole_model_vmap(monkeypatch):
     """Fail if the measurement falls back to whole-model per-sample gradients."""
