@@ -31,7 +31,8 @@ module full-backward hooks, survive torchvision's in-place ReLU and ``out += ide
 
 A parameter used by several modules, or a module called more than once in a forward pass, makes per-use norms wrong
 (the per-sample gradient is the sum over uses): then the whole model falls back to ``torch.func`` per-sample gradients
-(``method="vmap"``), in chunks.
+(``method="vmap"``), in chunks. So does a model whose own forward uses a parameter directly (a learned position),
+when a chunk of its per-sample gradients is small: that parameter needs a per-sample pass over the whole model anyway.
 
 The measurement runs in eval mode (BatchNorm with running statistics: per-sample gradients are undefined when samples
 are normalised together), in float32 with autocast off, never writes ``.grad``, and restores the mode of every module.
@@ -649,6 +650,7 @@ def fisher_trace_sums(
         raise ValueError("fisher='empirical' needs `targets`, one per input.")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     step = batch_size or len(inputs)
+    hooks = method == "auto" and not _whole_model_pass_is_cheaper(model, chunk_size)
     totals: dict[str, torch.Tensor] = {}
     with _measurement_mode(model):
         for start in range(0, len(inputs), step):
@@ -660,7 +662,6 @@ def fisher_trace_sums(
             def cotangents(output: torch.Tensor, y: Optional[torch.Tensor] = y) -> list:
                 return _cotangents(output, fisher, likelihood, y, generator, noise_std)
 
-            hooks = method == "auto" and not _whole_model_pass_is_cheaper(model, chunk_size)
             sums = _auto_sums(model, x, cotangents, likelihood, chunk_size) if hooks else None
             if sums is None:
                 sums = _vmap_sums(model, x, cotangents, likelihood, chunk_size)
