@@ -604,6 +604,40 @@ def _whole_model_pass_is_cheaper(model: nn.Module, chunk: int) -> bool:
     return chunk * sum(p.numel() for p in model.parameters() if p.requires_grad) <= 2**25
 
 
+def _samples_along_dim_0(model: nn.Module, sample: torch.Tensor) -> bool:
+    """Whether every module with parameters in its subtree is called with and returns tensors that hold the samples
+    along dim 0 and nowhere else, as the closed forms and the per-module fallback assume. Seen by running 1 then 2
+    copies of ``sample``: a tensor that depends on the batch must go from (1, ...) to (2, ...). A sequence-first layer
+    (``nn.TransformerEncoderLayer``'s default layout) or samples folded into dim 0 with something else fail it; a
+    sequence-first ``nn.MultiheadAttention`` passes, its rule reads dim 1."""
+    holders = {n for n, m in model.named_modules() if any(p.requires_grad for p in m.parameters())}
+    shapes: dict[int, dict[str, list]] = {1: {}, 2: {}}
+
+    def record(size: int, name: str):  # noqa: ANN202
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            first_arg = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            shapes[size].setdefault(name, []).extend(t.shape for t in (first_arg, _first_tensor(output)) if t is not None)
+
+        return hook
+
+    for size in (1, 2):
+        handles = [m.register_forward_hook(record(size, n)) for n, m in model.named_modules() if n in holders]
+        try:
+            with torch.no_grad():
+                model(sample.repeat(size, *[1] * (sample.ndim - 1)))  # contiguous copies: a model may .view() them
+        finally:
+            for h in handles:
+                h.remove()
+    modules = dict(model.named_modules())
+    for name, one in shapes[1].items():
+        layer = modules[name]
+        dim = 1 if _plain_attention(layer) and not layer.batch_first else 0  # the attention rule reads either layout
+        for s1, s2 in zip(one, shapes[2].get(name, [])):
+            if s1 != s2 and (s1[dim] != 1 or s2[dim] != 2 or s1[:dim] + s1[dim + 1 :] != s2[:dim] + s2[dim + 1 :]):
+                return False
+    return shapes[1].keys() == shapes[2].keys()
+
+
 @contextmanager
 def _measurement_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode and autocast off for the measurement; every module's mode restored afterwards."""
@@ -653,6 +687,9 @@ def fisher_trace_sums(
     hooks = method == "auto" and not _whole_model_pass_is_cheaper(model, chunk_size)
     totals: dict[str, torch.Tensor] = {}
     with _measurement_mode(model):
+        if hooks and len(inputs):
+            first = inputs[:1].to(device)
+            hooks = _samples_along_dim_0(model, first.float() if first.is_floating_point() else first)
         for start in range(0, len(inputs), step):
             x = inputs[start : start + step].to(device)
             if x.is_floating_point():

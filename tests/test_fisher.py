@@ -174,7 +174,7 @@ class AttentionVariants(nn.Module):
 @pytest.mark.parametrize("cross", [True, False], ids=["cross", "causal self"])
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
-def test_attention_rule_without_per_sample_vmap(cross, batch_first, bias, monkeypatch):
+def test_attention_rule_without_per_sample_vmap(cross, batch_first, bias, monkeypatch, no_whole_model_vmap):
     import lightning_startwell.fisher as fisher_module
 
     vmapped = []
@@ -184,6 +184,27 @@ def test_attention_rule_without_per_sample_vmap(cross, batch_first, bias, monkey
     ours = _compare(AttentionVariants(cross, batch_first, bias), x, "exact")
     assert vmapped == []
     assert ours.per_layer["attn"] > 0 and ours.per_layer["attn.out_proj"] > 0
+
+
+class SequenceFirst(nn.Module):
+    """nn.TransformerEncoderLayer in its default (sequence, batch, features) layout: its Linear and LayerNorm layers
+    see the samples along dim 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x).transpose(0, 1)).mean(0))
+
+
+@pytest.mark.parametrize("batch", [6, 5])  # 5: as many samples as positions, the shapes alone cannot tell
+@pytest.mark.parametrize("fisher", ["empirical", "exact"])
+def test_sequence_first_layers_take_the_whole_model_path(batch, fisher):
+    x = torch.randn(batch, 5, 4, generator=torch.Generator().manual_seed(16))
+    _compare(SequenceFirst(), x, fisher, torch.randint(0, 3, (batch,), generator=torch.Generator().manual_seed(17)))
 
 
 def test_partly_frozen_layers_count_only_their_trainable_parameters():
