@@ -301,6 +301,15 @@ def _attention_norms(
     }
 
 
+def _tensors(output: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a module's output (tuples and lists, nested: an LSTM's (out, (h, c)))."""
+    if isinstance(output, torch.Tensor):
+        yield output
+    elif isinstance(output, (tuple, list)):
+        for item in output:
+            yield from _tensors(item)
+
+
 def _first_tensor(output: Any) -> Optional[torch.Tensor]:
     if isinstance(output, torch.Tensor):
         return output
@@ -386,6 +395,7 @@ class _NormRecorder:
         self._inputs: dict[str, tuple[tuple, dict]] = {}
         self._hooked: set[str] = set()
         self._entries: dict[str, torch.Tensor] = {}
+        self.partial: set[str] = set()  # modules whose other outputs got gradients: their first one is not all
         self.token_input: Optional[torch.Tensor] = None  # the model's input when it is not differentiable (ids)
         self._enabled = True
 
@@ -414,6 +424,9 @@ class _NormRecorder:
             if self.token_input is not None and any(a is self.token_input for a in (*args, *kwargs.values())):
                 self._entries[name] = out  # the model's differentiable path starts here (an embedding of the ids)
             out.register_hook(lambda delta: self._backward(name, module, delta))
+            for other in _tensors(output):
+                if other is not out and other.requires_grad:  # a second output (attention weights, an RNN's state)
+                    other.register_hook(lambda _: self.partial.add(name))
 
         return hook
 
@@ -466,9 +479,11 @@ class _NormRecorder:
         return [self._entries[n] for n in innermost]
 
     def all_reached(self) -> bool:
-        """Whether every module owning parameters that produced a differentiable output received its gradient."""
+        """Whether every module owning parameters that produced a differentiable output received its gradient, and
+        all of it through that output (none through a second one)."""
         expected = [n for n in self._hooked if n in self.own or n in self.adopted]
-        return all(n in self.norms or any(k.startswith(f"{n}.") for k in self.norms) for n in expected)
+        reached = all(n in self.norms or any(k.startswith(f"{n}.") for k in self.norms) for n in expected)
+        return reached and not self.partial.intersection(expected)
 
     def shared(self) -> bool:
         """Whether a parameter belongs to several modules or a module owning parameters ran more than once: per-use

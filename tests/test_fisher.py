@@ -186,6 +186,27 @@ def test_attention_rule_without_per_sample_vmap(cross, batch_first, bias, monkey
     assert ours.per_layer["attn"] > 0 and ours.per_layer["attn.out_proj"] > 0
 
 
+class UsesAttentionWeights(nn.Module):
+    """The attention weights, the second output of nn.MultiheadAttention, feed the head too: a hook on the first
+    output alone would miss that path."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(4, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(13, 3)
+
+    def forward(self, x):
+        h = self.q(x)
+        out, weights = self.attn(h, h, h)
+        return self.head(torch.cat([out.mean(1), weights.mean(1)], dim=1))
+
+
+def test_a_second_output_used_downstream_takes_the_whole_model_path():
+    x = torch.randn(6, 5, 4, generator=torch.Generator().manual_seed(18))
+    _compare(UsesAttentionWeights(), x, "exact")
+
+
 class SequenceFirst(nn.Module):
     """nn.TransformerEncoderLayer in its default (sequence, batch, features) layout: its Linear and LayerNorm layers
     see the samples along dim 1."""
