@@ -349,8 +349,25 @@ def _vjp_norms(
     chunks = []
     for s in range(0, n, chunk):
         sample = {group: {k: v[s : s + chunk] for k, v in values.items()} for group, values in batched.items()}
-        chunks.append(vmap(one)(sample, delta[s : s + chunk]))
+        chunks.append(_vmap_or_loop(one, sample, delta[s : s + chunk]))
     return torch.cat(chunks)
+
+
+def _vmap_or_loop(fn: Callable, *args: Any) -> Any:
+    """``vmap(fn)(*args)`` over dim 0 of every tensor in ``args`` (tensors, or dicts of dicts or of tensors); where
+    torch.func cannot batch a kernel (recurrent layers), one call per sample, the results stacked."""
+    try:
+        return vmap(fn)(*args)
+    except RuntimeError:
+        n = len(args[-1])
+
+        def pick(value: Any, i: int) -> Any:
+            return {k: pick(v, i) for k, v in value.items()} if isinstance(value, dict) else value[i]
+
+        rows = [fn(*(pick(a, i) for a in args)) for i in range(n)]
+        if isinstance(rows[0], dict):
+            return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        return torch.stack(rows)
 
 
 def owned_parameters(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
@@ -593,7 +610,9 @@ def _vmap_sums(
         out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
         return (out.float().reshape(-1) * vi).sum()
 
-    per_sample_grads = vmap(grad(projected_output), in_dims=(None, 0, 0))
+    def per_sample_grads(p: dict[str, torch.Tensor], xs: torch.Tensor, vs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return _vmap_or_loop(lambda xi, vi: grad(projected_output)(p, xi, vi), xs, vs)
+
     with torch.no_grad():
         output = check_output(model(x), len(x), likelihood)
     sums: dict[str, torch.Tensor] = {}

@@ -207,6 +207,27 @@ def test_a_second_output_used_downstream_takes_the_whole_model_path():
     _compare(UsesAttentionWeights(), x, "exact")
 
 
+class Recurrent(nn.Module):
+    """A GRU (torch.func cannot vmap its kernel), its final state feeding the head beside its outputs or not."""
+
+    def __init__(self, batch_first, use_state):
+        super().__init__()
+        self.batch_first, self.use_state = batch_first, use_state
+        self.rnn = nn.GRU(4, 6, batch_first=batch_first)
+        self.head = nn.Linear(12 if use_state else 6, 3)
+
+    def forward(self, x):
+        out, state = self.rnn(x if self.batch_first else x.transpose(0, 1))
+        features = out.mean(1 if self.batch_first else 0)
+        return self.head(torch.cat([features, state[-1]], dim=1) if self.use_state else features)
+
+
+@pytest.mark.parametrize(("batch_first", "use_state"), [(True, False), (True, True), (False, True)])
+def test_recurrent_layers_per_sample_when_vmap_cannot(batch_first, use_state):
+    x = torch.randn(5, 7, 4, generator=torch.Generator().manual_seed(19))
+    _compare(Recurrent(batch_first, use_state), x, "exact")
+
+
 class SequenceFirst(nn.Module):
     """nn.TransformerEncoderLayer in its default (sequence, batch, features) layout: its Linear and LayerNorm layers
     see the samples along dim 1."""
