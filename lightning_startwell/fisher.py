@@ -79,7 +79,7 @@ def _per_sample_sq_norm(g: torch.Tensor) -> torch.Tensor:
 def _chunk_samples(per_sample: int, like: torch.Tensor) -> int:
     """Samples per chunk of per-sample intermediates (``per_sample`` numbers each): at most 2^25 numbers on an
     accelerator, 2^18 (1 MiB of float32) on CPU, where fresh multi-MiB buffers per layer cost more in page faults than
-    the arithmetic (demo ResNet, batch 128: 110 ms with 2^25, 76 ms with 2^18; docs/benchmarks.md)."""
+    the arithmetic (demo ResNet, batch 128: 112 vs 90 ms and 110 vs 76 ms in two runs; docs/benchmarks.md)."""
     budget = 2**18 if like.device.type == "cpu" else 2**25
     return max(1, budget // per_sample)
 
