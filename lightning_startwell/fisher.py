@@ -381,6 +381,12 @@ def owned_parameters(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     return owned
 
 
+def _parameter_holders(model: nn.Module) -> set[str]:
+    """Names of the modules with trainable parameters in their subtree: only these can own or adopt parameters (not
+    ReLU, pooling, dropout)."""
+    return {n for n, m in model.named_modules() if any(p.requires_grad for p in m.parameters())}
+
+
 def _owners(params: dict[str, torch.Tensor]) -> dict[str, list[str]]:
     """Parameter names grouped by the (relative) name of the module that owns them."""
     groups: dict[str, list[str]] = {}
@@ -401,9 +407,7 @@ class _NormRecorder:
         self.model = model
         self.chunk = chunk
         self.own = owned_parameters(model)
-        # modules with trainable parameters in their subtree: only these can own or adopt some, so only these keep
-        # their inputs and hook their output (not ReLU, pooling, dropout)
-        self._holders = {n for n, m in model.named_modules() if any(p.requires_grad for p in m.parameters())}
+        self._holders = _parameter_holders(model)  # only these keep their inputs and hook their output
         self.calls: dict[str, int] = {}
         self.adopted: dict[str, dict[str, torch.Tensor]] = {}
         self.norms: dict[str, torch.Tensor] = {}
@@ -644,7 +648,7 @@ def _samples_along_dim_0(model: nn.Module, sample: torch.Tensor) -> bool:
     copies of ``sample``: a tensor that depends on the batch must go from (1, ...) to (2, ...). A sequence-first layer
     (``nn.TransformerEncoderLayer``'s default layout) or samples folded into dim 0 with something else fail it; a
     sequence-first ``nn.MultiheadAttention`` passes, its rule reads dim 1."""
-    holders = {n for n, m in model.named_modules() if any(p.requires_grad for p in m.parameters())}
+    holders = _parameter_holders(model)
     shapes: dict[int, dict[str, list]] = {1: {}, 2: {}}
 
     def record(size: int, name: str):  # noqa: ANN202
