@@ -109,9 +109,14 @@ def _linear_norms(layer: nn.Linear, x: torch.Tensor, delta: torch.Tensor) -> tor
     if x.ndim == 2:
         norms = _per_sample_sq_norm(x) * _per_sample_sq_norm(delta)
         return norms + _per_sample_sq_norm(delta) if layer.bias is not None else norms
-    a, d = x.flatten(1, -2), delta.flatten(1, -2)
+    return _sequence_linear_norms(x.flatten(1, -2), delta.flatten(1, -2), layer.bias is not None)
+
+
+def _sequence_linear_norms(a: torch.Tensor, d: torch.Tensor, bias: bool) -> torch.Tensor:
+    """A Linear map on sequences, A (N, T, d) to D (N, T, p): the weight by :func:`_sequence_norms`, the bias (if
+    any) ||sum_t D_i[t]||^2."""
     norms = _sequence_norms(a, d)
-    return norms + _per_sample_sq_norm(d.sum(1)) if layer.bias is not None else norms
+    return norms + _per_sample_sq_norm(d.sum(1)) if bias else norms
 
 
 def _conv_supported(layer: nn.Module) -> bool:
@@ -290,9 +295,7 @@ def _attention_norms(
         return t if layer.batch_first else t.transpose(0, 1)
 
     def linear(a: torch.Tensor, d: torch.Tensor, bias: bool) -> torch.Tensor:
-        a, d = batch_first(a), batch_first(d)
-        norms = _sequence_norms(a, d)
-        return norms + _per_sample_sq_norm(d.sum(1)) if bias else norms
+        return _sequence_linear_norms(batch_first(a), batch_first(d), bias)
 
     has_in_bias = layer.in_proj_bias is not None
     return {
@@ -699,6 +702,12 @@ def check_fisher_arguments(fisher: str, likelihood: str, method: str, noise_std:
         raise ValueError(f"`noise_std` must be > 0, got {noise_std!r}.")
 
 
+def _model_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Inputs on the model's device, floats in float32 (the measurement runs in fp32); integer ids as they are."""
+    x = x.to(device)
+    return x.float() if x.is_floating_point() else x
+
+
 def fisher_trace_sums(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -726,12 +735,9 @@ def fisher_trace_sums(
     totals: dict[str, torch.Tensor] = {}
     with _measurement_mode(model):
         if hooks and len(inputs):
-            first = inputs[:1].to(device)
-            hooks = _samples_along_dim_0(model, first.float() if first.is_floating_point() else first)
+            hooks = _samples_along_dim_0(model, _model_input(inputs[:1], device))
         for start in range(0, len(inputs), step):
-            x = inputs[start : start + step].to(device)
-            if x.is_floating_point():
-                x = x.float()
+            x = _model_input(inputs[start : start + step], device)
             y = targets[start : start + step] if targets is not None else None
 
             def cotangents(output: torch.Tensor, y: Optional[torch.Tensor] = y) -> list:
