@@ -1,4 +1,5 @@
-"""What the callbacks share: finding the input tensor in a batch, one batch from the train loader, writing scalars."""
+"""What the callbacks share: whether the module can be run, finding the input tensor in a batch, one batch from the
+train loader, writing scalars."""
 
 from __future__ import annotations
 
@@ -7,8 +8,25 @@ from typing import Any, Union
 
 import lightning.pytorch as pl
 import torch
+from torch import nn
 
 BatchKey = Union[int, str]
+
+
+def has_forward(module: nn.Module) -> bool:
+    """Whether ``module`` defines its own ``forward`` (a LightningModule whose ``training_step`` calls ``self.net(x)``
+    often does not: calling it raises inside torch)."""
+    forward = type(module).forward
+    return forward is not nn.Module.forward and forward is not pl.LightningModule.forward
+
+
+def require_forward(module: nn.Module, who: str) -> None:
+    """Raise a ValueError saying that ``who`` runs the model and how to give the module a forward."""
+    if not has_forward(module):
+        raise ValueError(
+            f"{who} runs the model on a batch, but {type(module).__name__} defines no `forward`: define"
+            " `forward(self, x)` on the LightningModule."
+        )
 
 
 def batch_tensor(batch: Any, key: BatchKey, argument: str = "input_key") -> torch.Tensor:

@@ -126,20 +126,36 @@ class DeficitInjector(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         batch = first_train_batch(trainer)
-        x = batch_tensor(batch, self.input_key, "input_key")
+        batch_tensor(batch, self.input_key, "input_key")
+        key, argument = self._key
+        value = batch_tensor(batch, key, argument)
+        self._check_applies(value)
         if self.deficit == "label_permutation":
-            batch_tensor(batch, self.target_key, "target_key")
             num_classes = self.num_classes or getattr(pl_module, "num_classes", None)
             if not isinstance(num_classes, int):
                 raise ValueError("`num_classes` is needed for 'label_permutation' (the model has no `num_classes`).")
             self._permutation = class_permutation(num_classes, self.seed)
-        elif self.deficit in ("blur", "vertical_flip"):
-            if x.ndim not in (3, 4):
-                raise ValueError(
-                    f"deficit {self.deficit!r} needs inputs (N, C, H, W) or (N, C, L), got shape {tuple(x.shape)}."
-                )
-            if self.deficit == "blur":
-                check_blur_size(x.shape, self.size)
+        elif self.deficit == "blur":
+            check_blur_size(value.shape, self.size)
+
+    def _check_applies(self, value: torch.Tensor) -> None:
+        """Refuse, before training, a tensor the deficit cannot act on (token ids, a mask, float labels)."""
+        key, argument = self._key
+        if self.deficit == "label_permutation":
+            ok = not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+            needs = "integer class labels"
+        elif self.deficit == "noise":
+            ok, needs = value.is_floating_point(), "a float tensor"
+        else:
+            ok = value.is_floating_point() and value.ndim in (3, 4)
+            needs = "float images (N, C, H, W) or signals (N, C, L)"
+        if not ok:
+            raise ValueError(
+                f"`deficit`={self.deficit!r} needs {needs} at `{argument}`={key!r}, got a {value.dtype} tensor of shape"
+                f" {tuple(value.shape)}. blur and vertical_flip act on float images or signals, noise on any float"
+                " input, label_permutation on integer targets (whatever the inputs): choose another `deficit`, or"
+                f" point `{argument}` at a tensor it applies to."
+            )
 
     def _apply(self, batch: Any) -> None:
         key, argument = self._key

@@ -12,7 +12,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_startwell._validation import check_int
-from lightning_startwell.callbacks._common import BatchKey, batch_tensor, log_scalars, tensorboard_experiments
+from lightning_startwell.callbacks._common import (
+    BatchKey,
+    batch_tensor,
+    log_scalars,
+    require_forward,
+    tensorboard_experiments,
+)
 from lightning_startwell.fisher import FisherKind, Likelihood, Method, check_fisher_arguments, fisher_trace_sums, owned_parameters
 
 
@@ -96,6 +102,10 @@ class FisherTraceMonitor(Callback):
         self._targets: Optional[torch.Tensor] = None
         self._last_step = -1
         self._layout_written = False
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        require_forward(pl_module, "FisherTraceMonitor")
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -8,10 +8,18 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_startwell._validation import check_int
-from lightning_startwell.callbacks._common import BatchKey, batch_tensor, first_train_batch, log_scalars
+from lightning_startwell.callbacks._common import (
+    BatchKey,
+    batch_tensor,
+    first_train_batch,
+    has_forward,
+    log_scalars,
+    require_forward,
+)
 from lightning_startwell.init import (
     Mode,
     Nonlinearity,
@@ -54,7 +62,8 @@ class InitScheme(Callback):
         lsuv_max_iters: rescalings per layer at most for ``lsuv``.
         seed: seed of the draws; None draws one on rank 0 (reproducible under ``seed_everything``).
         input_key: where the inputs are in a batch (tuple index or dict key), for ``lsuv`` and the logged ratios.
-        log_forward_ratio: measure and log Var[z^l] / Var[z^1] on one training batch.
+        log_forward_ratio: measure and log Var[z^l] / Var[z^1] on one training batch (needs the module's
+            ``forward``; without one, the ratios are skipped with a warning, the weights still initialised).
 
     Example::
 
@@ -122,7 +131,16 @@ class InitScheme(Callback):
         seed = self.seed
         if seed is None:  # drawn on rank 0 and shared, so every rank gets the same weights
             seed = trainer.strategy.broadcast(int(torch.randint(2**62, (1,)).item()))
-        needs_batch = self.scheme == "lsuv" or self.log_forward_ratio
+        if self.scheme == "lsuv":
+            require_forward(pl_module, "InitScheme(scheme='lsuv')")  # before any weight changes
+        log_forward_ratio = self.log_forward_ratio and has_forward(pl_module)
+        if self.log_forward_ratio and not log_forward_ratio:
+            rank_zero_warn(
+                f"InitScheme: {type(pl_module).__name__} defines no `forward`, so the forward ratios are not measured"
+                " (the weights are initialised). Define `forward` on the LightningModule to get them, or pass"
+                " `log_forward_ratio=False` to silence this."
+            )
+        needs_batch = self.scheme == "lsuv" or log_forward_ratio
         inputs = batch_tensor(first_train_batch(trainer), self.input_key) if needs_batch else None
         self.report = init_weights(
             pl_module,
@@ -147,7 +165,7 @@ class InitScheme(Callback):
             metrics[f"startwell/init/std/{layer.name}"] = layer.std
             if not math.isnan(layer.target_std):
                 metrics[f"startwell/init/target_std/{layer.name}"] = layer.target_std
-        if self.log_forward_ratio and inputs is not None:
+        if log_forward_ratio:
             layers = weight_layers(pl_module, self.include, self.exclude)
             with calibration_mode(pl_module):
                 variances = forward_variances(pl_module, inputs, layers)
