@@ -5,7 +5,9 @@ caller decides where they go). Images are ``(N, C, H, W)``, signals ``(N, C, L)`
 
 * :func:`blur`: downsample to ``size`` with an antialiased resize, then upsample back (the paper: CIFAR-10 down to 8x8,
   back to 32x32). Detail finer than ``size`` is gone; coarse structure stays.
-* :func:`noise`: additive Gaussian noise of standard deviation ``std``.
+* :func:`noise`: additive Gaussian noise of standard deviation ``std`` (the input is still there, under the noise).
+* :func:`deprivation`: the input replaced by Gaussian noise with the data's mean and standard deviation (the paper's
+  sensory deprivation: nothing of the input is left, only its first two moments).
 * :func:`vertical_flip`: images upside down (rows reversed); for signals, the signal mirrored about zero (x -> -x),
   the 1-D analogue of flipping the picture vertically. The information is all there, in another form.
 * :func:`label_permutation`: classes relabelled by a fixed random permutation, drawn once from a seed.
@@ -18,7 +20,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-Deficit = Literal["blur", "noise", "vertical_flip", "label_permutation"]
+Deficit = Literal["blur", "noise", "deprivation", "vertical_flip", "label_permutation"]
 DEFICITS: tuple[str, ...] = Deficit.__args__  # type: ignore[attr-defined]
 
 
@@ -57,6 +59,22 @@ def noise(x: torch.Tensor, std: float, generator: Optional[torch.Generator] = No
     return x + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
+def deprivation(
+    x: torch.Tensor, mean: float, std: float, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """Gaussian noise of mean ``mean`` and standard deviation ``std`` in the shape, dtype and device of ``x``; the values
+    of ``x`` are not used (``generator`` on ``x``'s device, or the global stream)."""
+    if std < 0:
+        raise ValueError(f"the deprivation's `std` must be >= 0, got {std!r}.")
+    return mean + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def moments(x: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard deviation of all the values of ``x`` (computed in float64), the statistics a deprivation keeps."""
+    values = x.detach().double()
+    return values.mean().item(), values.std().item()
+
+
 def vertical_flip(x: torch.Tensor) -> torch.Tensor:
     """Images upside down (reverse dim -2); signals ``(N, C, L)`` mirrored about zero (``-x``)."""
     _check_batched(x, "vertical_flip")
@@ -73,4 +91,14 @@ def label_permutation(y: torch.Tensor, permutation: torch.Tensor) -> torch.Tenso
     return permutation.to(y.device)[y]
 
 
-__all__ = ["DEFICITS", "blur", "check_blur_size", "class_permutation", "label_permutation", "noise", "vertical_flip"]
+__all__ = [
+    "DEFICITS",
+    "blur",
+    "check_blur_size",
+    "class_permutation",
+    "deprivation",
+    "label_permutation",
+    "moments",
+    "noise",
+    "vertical_flip",
+]

@@ -88,6 +88,29 @@ def test_label_permutation_acts_on_the_targets(tmp_path):
     assert torch.equal(seen[4], TRAIN_Y[:16])  # epoch 1, clean
 
 
+def test_deprivation_replaces_the_inputs_by_noise_with_the_training_data_moments(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    x = 3.0 + 2.0 * torch.rand(64, 1, 8, 8, generator=g) ** 2  # skewed, mean and std far from 0 and 1
+    seen = []
+
+    class Record(MLP):
+        def training_step(self, batch, batch_idx):
+            seen.append((self.current_epoch, batch[0].clone()))
+            return super().training_step(batch, batch_idx)
+
+    injector = DeficitInjector("deprivation", start_epoch=0, end_epoch=1)
+    make_trainer(tmp_path, [injector], max_epochs=2).fit(
+        Record(), DataLoader(TensorDataset(x, TRAIN_Y), batch_size=16, shuffle=False)
+    )
+    values = x.double().numpy().ravel()
+    assert injector.state_dict()["moments"] == pytest.approx((values.mean(), values.std(ddof=1)), rel=1e-9)
+    deprived = torch.cat([b for e, b in seen if e == 0])
+    assert deprived.mean().item() == pytest.approx(values.mean(), abs=0.05)  # 4,096 draws: the mean within 4 sigma
+    assert deprived.std().item() == pytest.approx(values.std(), rel=0.05)
+    assert abs(torch.corrcoef(torch.stack([deprived.flatten(), x.flatten()]))[0, 1].item()) < 0.1
+    assert torch.equal(torch.cat([b for e, b in seen if e == 1]), x)  # epoch 1: clean again
+
+
 def test_mid_epoch_resume_applies_the_deficit_on_the_same_epochs(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1)
     make_trainer(tmp_path, [DeficitInjector("blur", 1, 3, size=4), checkpoint], max_epochs=2).fit(Witness(), loaders()[0])
@@ -115,6 +138,7 @@ def test_warns_once_when_the_lr_has_decayed_at_removal(tmp_path):
         ({"start_epoch": [0, 2], "end_epoch": [3, 5]}, "overlap"),
         ({"size": 0}, "size"),
         ({"noise_std": -0.1}, "noise_std"),
+        ({"deficit": "deprived"}, "deprivation"),
     ],
 )
 def test_bad_arguments_at_construction(kwargs, named):

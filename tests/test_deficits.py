@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 
-from lightning_startwell.deficits import blur, class_permutation, label_permutation, noise, vertical_flip
+from lightning_startwell.deficits import (
+    blur,
+    class_permutation,
+    deprivation,
+    label_permutation,
+    moments,
+    noise,
+    vertical_flip,
+)
 
 
 @pytest.mark.parametrize("shape", [(3, 2, 32, 32), (5, 1, 40)])
@@ -79,3 +87,23 @@ def test_blur_size_outside_the_input_is_refused(size):
 def test_deficits_need_batched_images_or_signals():
     with pytest.raises(ValueError, match="shape"):
         blur(torch.zeros(4, 40), 4)
+
+
+def test_deprivation_keeps_nothing_of_the_input_but_its_shape_and_the_given_moments():
+    x = torch.randn(50_000, 1, 40, generator=torch.Generator().manual_seed(0))
+    out = deprivation(x, 1.5, 0.25, generator=torch.Generator().manual_seed(1))
+    same_draw = deprivation(torch.zeros_like(x), 1.5, 0.25, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out, same_draw)  # the values of x play no part
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert out.mean().item() == pytest.approx(1.5, abs=0.002) and out.std().item() == pytest.approx(0.25, rel=0.01)
+    assert abs(torch.corrcoef(torch.stack([out.flatten(), x.flatten()]))[0, 1].item()) < 0.01
+    with pytest.raises(ValueError, match="std"):
+        deprivation(x, 0.0, -1.0)
+
+
+def test_moments_against_numpy_float64():
+    x = torch.randn(3, 2, 40, generator=torch.Generator().manual_seed(2)) * 3 + 7
+    values = x.numpy().astype("float64").ravel()
+    mean, std = moments(x)
+    assert mean == pytest.approx(values.mean(), rel=1e-12)
+    assert std == pytest.approx(values.std(ddof=1), rel=1e-12)

@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import ddp_spawn_flake, make_trainer, read_scalars
-from lightning_startwell.callbacks import FisherTraceMonitor
+from lightning_startwell.callbacks import DeficitInjector, FisherTraceMonitor
+from lightning_startwell.deficits import blur
 from lightning_startwell.fisher import fisher_trace
 from lightning_startwell.models import MLP, ConvNet
 from test_fisher import naive_fisher
@@ -42,6 +43,33 @@ def test_logged_trace_at_initialisation_equals_the_naive_loop_on_the_probe(tmp_p
         assert scalars[f"startwell/fisher/layer/{name}"][0][1] == pytest.approx(value, rel=1e-4, abs=1e-9)
     per_layer_sum = sum(v[0][1] for k, v in scalars.items() if k.startswith("startwell/fisher/layer/"))
     assert per_layer_sum == pytest.approx(scalars["startwell/fisher/trace"][0][1], rel=1e-5)
+
+
+def test_training_probe_goes_through_the_active_deficit_and_the_clean_probe_does_not(tmp_path):
+    model = ConvNet(channels=[4, 8], optimizer=frozen_sgd)  # learning rate 0: the same weights at every measurement
+    initial = copy.deepcopy(model)
+    x, y = _probe(40)
+    blurred = naive_fisher(initial, blur(x, 2), "empirical", y)
+    clean = naive_fisher(initial, x, "empirical", y)
+    assert sum(blurred.values()) != pytest.approx(sum(clean.values()), rel=0.05)  # the deficit changes the trace
+
+    def run(root, probe):
+        monitor = FisherTraceMonitor(num_samples=40, batch_size=16, every_n_epochs=1, fisher="empirical", probe=probe)
+        injector = DeficitInjector("blur", start_epoch=0, end_epoch=1, size=2)
+        make_trainer(root, [injector, monitor], max_epochs=2).fit(copy.deepcopy(model).eval(), loader())
+        return [v for _, v in read_scalars(root / "lightning_logs")["startwell/fisher/trace"]]
+
+    # Measured at the initialisation and after epochs 0 (blurred) and 1 (clean); eval-mode BatchNorm, frozen weights.
+    training = run(tmp_path / "training", "training")
+    assert training == pytest.approx([sum(blurred.values())] * 2 + [sum(clean.values())], rel=1e-4)
+    assert run(tmp_path / "clean", "clean") == pytest.approx([sum(clean.values())] * 3, rel=1e-4)
+
+
+def test_training_probe_without_a_deficit_warns(tmp_path):
+    with pytest.warns(UserWarning, match="no DeficitInjector"):
+        make_trainer(tmp_path, [FisherTraceMonitor(num_samples=8, every_n_steps=1, probe="training")], max_steps=1).fit(
+            MLP(), loader()
+        )
 
 
 def test_epoch_cadence_and_custom_scalar_layout(tmp_path):
@@ -88,6 +116,7 @@ def test_non_finite_trace_is_logged_and_warned_and_training_goes_on(tmp_path):
         ({"every_n_epochs": 1, "num_samples": 0}, "num_samples"),
         ({"every_n_epochs": 1, "fisher": "observed"}, "fisher"),
         ({"every_n_epochs": 1, "method": "backpack"}, "method"),
+        ({"every_n_epochs": 1, "probe": "deficit"}, "probe"),
     ],
 )
 def test_bad_arguments(kwargs, named):

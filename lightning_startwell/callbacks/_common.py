@@ -68,3 +68,16 @@ def tensorboard_experiments(trainer: pl.Trainer) -> list[Any]:
     if not trainer.is_global_zero:
         return []
     return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+
+
+def first_train_inputs(trainer: pl.Trainer, key: BatchKey, max_items: int, argument: str = "input_key") -> torch.Tensor:
+    """The inputs (``batch[key]``) of the first training batches, ``max_items`` of them or the whole epoch if fewer,
+    without touching the global random streams."""
+    chunks, count = [], 0
+    with torch.random.fork_rng(devices=[]):
+        for batch in trainer.fit_loop._data_source.dataloader():
+            chunks.append(batch_tensor(batch, key, argument))
+            count += len(chunks[-1])
+            if count >= max_items:
+                break
+    return torch.cat(chunks)[:max_items]

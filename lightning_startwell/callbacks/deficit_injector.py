@@ -12,17 +12,28 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_startwell._validation import check_choice, check_int
-from lightning_startwell.callbacks._common import BatchKey, batch_tensor, first_train_batch, log_scalars
+from lightning_startwell.callbacks._common import (
+    BatchKey,
+    batch_tensor,
+    first_train_batch,
+    first_train_inputs,
+    log_scalars,
+)
 from lightning_startwell.deficits import (
     DEFICITS,
     Deficit,
     blur,
     check_blur_size,
     class_permutation,
+    deprivation,
     label_permutation,
+    moments,
     noise,
     vertical_flip,
 )
+
+# Examples the deprivation's mean and standard deviation are measured on (the first training batches).
+DEPRIVATION_STATISTICS_ITEMS = 4096
 
 
 def _windows(start_epoch: Union[int, list[int]], end_epoch: Union[int, list[int]]) -> list[tuple[int, int]]:
@@ -53,18 +64,21 @@ class DeficitInjector(Callback):
     deficit depends only on ``trainer.current_epoch``, so a resumed run applies it on the same epochs.
 
     Deficits (see :mod:`lightning_startwell.deficits`): ``blur`` (down to ``size``, antialiased, and back),
-    ``noise`` (additive Gaussian, ``noise_std``), ``vertical_flip``, ``label_permutation`` (a fixed random permutation of
-    the classes drawn from ``seed``; acts on the targets).
+    ``noise`` (additive Gaussian, ``noise_std``), ``deprivation`` (the input replaced by Gaussian noise with the mean and
+    standard deviation of the training inputs, measured at the start of fit on the first 4,096 training examples of
+    this process), ``vertical_flip``, ``label_permutation`` (a fixed random permutation of the classes drawn from
+    ``seed``; acts on the targets).
 
     Logs ``startwell/deficit/active`` (1 or 0) every ``log_every_n_steps`` optimizer steps. Warns once if, when a
     deficit is removed, the learning rate is below ``lr_warning_ratio`` times its value when the deficit began: the
     clean epochs then train at a lower learning rate, a confound of the protocol.
 
     Args:
-        deficit: ``blur``, ``noise``, ``vertical_flip`` or ``label_permutation``.
+        deficit: ``blur``, ``noise``, ``deprivation``, ``vertical_flip`` or ``label_permutation``.
         start_epoch: first epoch with the deficit, or a list of them for several windows.
         end_epoch: first epoch without it again (exclusive), or a list matching ``start_epoch``.
-        size: blur resolution (``size x size`` for images, ``size`` samples for signals).
+        size: blur resolution (``size x size`` for images, ``size`` samples for signals). The paper keeps 8 of 32 pixels
+            per axis (1/4); on MNIST-1D's 40 samples that is ``size=10``.
         noise_std: standard deviation of the noise deficit.
         num_classes: number of classes for ``label_permutation`` (default: the model's ``num_classes``).
         seed: seed of the label permutation.
@@ -108,6 +122,7 @@ class DeficitInjector(Callback):
         self.target_key = target_key
         self.lr_warning_ratio = lr_warning_ratio
         self._permutation: Optional[torch.Tensor] = None
+        self._moments: Optional[tuple[float, float]] = None  # mean and std of the training inputs, for deprivation
         self._onset_lr: dict[int, float] = {}
         self._warned = False
         self._last_logged_step = -1
@@ -119,7 +134,7 @@ class DeficitInjector(Callback):
     @property
     def _key(self) -> tuple[BatchKey, str]:
         """Where the deficit acts in a batch, and the argument that says so."""
-        if self.deficit == "label_permutation":
+        if self.acts_on_targets:
             return self.target_key, "target_key"
         return self.input_key, "input_key"
 
@@ -137,6 +152,8 @@ class DeficitInjector(Callback):
             self._permutation = class_permutation(num_classes, self.seed)
         elif self.deficit == "blur":
             check_blur_size(value.shape, self.size)
+        elif self.deficit == "deprivation" and self._moments is None:  # a resumed run keeps the statistics it had
+            self._moments = moments(first_train_inputs(trainer, self.input_key, DEPRIVATION_STATISTICS_ITEMS))
 
     def _check_applies(self, value: torch.Tensor) -> None:
         """Refuse, before training, a tensor the deficit cannot act on (token ids, a mask, float labels)."""
@@ -144,7 +161,7 @@ class DeficitInjector(Callback):
         if self.deficit == "label_permutation":
             ok = not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
             needs = "integer class labels"
-        elif self.deficit == "noise":
+        elif self.deficit in ("noise", "deprivation"):
             ok, needs = value.is_floating_point(), "a float tensor"
         else:
             ok = value.is_floating_point() and value.ndim in (3, 4)
@@ -152,23 +169,36 @@ class DeficitInjector(Callback):
         if not ok:
             raise ValueError(
                 f"`deficit`={self.deficit!r} needs {needs} at `{argument}`={key!r}, got a {value.dtype} tensor of shape"
-                f" {tuple(value.shape)}. blur and vertical_flip act on float images or signals, noise on any float"
-                " input, label_permutation on integer targets (whatever the inputs): choose another `deficit`, or"
-                f" point `{argument}` at a tensor it applies to."
+                f" {tuple(value.shape)}. blur and vertical_flip act on float images or signals, noise and deprivation"
+                " on any float input, label_permutation on integer targets (whatever the inputs): choose another"
+                f" `deficit`, or point `{argument}` at a tensor it applies to."
             )
+
+    def transform(self, value: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The deficit applied to ``value`` — the inputs, or the targets for ``label_permutation`` — whatever the epoch;
+        ``generator`` drives the noise of ``noise`` and ``deprivation`` (default: the global stream). Needs the
+        statistics and permutation drawn at the start of fit."""
+        if self.deficit == "blur":
+            return blur(value, self.size)
+        if self.deficit == "noise":
+            return noise(value, self.noise_std, generator)
+        if self.deficit == "deprivation":
+            assert self._moments is not None, "the deprivation's statistics are measured in on_fit_start"
+            return deprivation(value, *self._moments, generator=generator)
+        if self.deficit == "vertical_flip":
+            return vertical_flip(value)
+        assert self._permutation is not None
+        return label_permutation(value, self._permutation)
+
+    @property
+    def acts_on_targets(self) -> bool:
+        """Whether the deficit changes the targets (``label_permutation``) rather than the inputs."""
+        return self.deficit == "label_permutation"
 
     def _apply(self, batch: Any) -> None:
         key, argument = self._key
         value = batch_tensor(batch, key, argument)
-        if self.deficit == "blur":
-            changed = blur(value, self.size)
-        elif self.deficit == "noise":
-            changed = noise(value, self.noise_std)
-        elif self.deficit == "vertical_flip":
-            changed = vertical_flip(value)
-        else:
-            assert self._permutation is not None
-            changed = label_permutation(value, self._permutation)
+        changed = self.transform(value)
         if isinstance(batch, (list, MutableMapping)):
             batch[key] = changed
         else:  # a tuple: overwrite the collated tensor, never a dataset's storage (collation copies)
@@ -204,9 +234,11 @@ class DeficitInjector(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"onset_lr": self._onset_lr, "warned": self._warned}
+        return {"onset_lr": self._onset_lr, "warned": self._warned, "moments": self._moments}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._onset_lr = dict(state_dict["onset_lr"])
         self._warned = state_dict["warned"]
+        saved = state_dict.get("moments")  # absent from checkpoints written before deprivation existed
+        self._moments = tuple(saved) if saved is not None else None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lightning_startwell._validation import check_int
+from lightning_startwell._validation import check_choice, check_int
 from lightning_startwell.callbacks._common import (
     BatchKey,
     batch_tensor,
@@ -19,6 +19,7 @@ from lightning_startwell.callbacks._common import (
     require_forward,
     tensorboard_experiments,
 )
+from lightning_startwell.callbacks.deficit_injector import DeficitInjector
 from lightning_startwell.fisher import FisherKind, Likelihood, Method, check_fisher_arguments, fisher_trace_sums, owned_parameters
 
 
@@ -35,6 +36,15 @@ class FisherTraceMonitor(Callback):
     takes its share of the probe set (the same draw on every rank, split by rank) and the per-layer sums and counts are
     all-reduced, so the number equals a single process's on the same samples. The ``true`` Fisher's label draws use a
     generator seeded from ``seed`` and the step, so a measurement is reproducible.
+
+    ``probe="clean"`` (the default) measures every time on the same clean examples: the curve follows the network
+    alone, on the distribution it is finally judged on. ``probe="training"`` passes the probe through the
+    :class:`DeficitInjector` callbacks active in the epoch of the measurement (the epoch just trained, or epoch 0 at the
+    initialisation), so the trace is measured on the distribution the network is trained on at that moment — blurred
+    inputs during a blur — as in Achille et al. (2017), whose Fisher is an expectation over the training data. The
+    noise of ``noise`` and ``deprivation`` is drawn from ``seed`` and the step; ``label_permutation`` changes only the
+    ``empirical`` Fisher (the other kinds draw their labels from the model). Without an injector in the trainer the two
+    settings agree, and ``training`` warns once.
 
     Logs ``startwell/fisher/trace`` and ``startwell/fisher/layer/<module>`` (the part of the trace carried by that
     module's parameters; they add up to the total), and, in TensorBoard, a custom-scalars chart ("startwell" tab,
@@ -54,6 +64,7 @@ class FisherTraceMonitor(Callback):
         input_key: where the inputs are in a dataset item or batch (tuple index or dict key).
         target_key: where the labels are (for ``empirical``).
         log_per_layer: also log the per-layer split.
+        probe: ``clean`` (the probe as drawn) or ``training`` (through the deficits active at the measurement).
 
     Example::
 
@@ -74,6 +85,7 @@ class FisherTraceMonitor(Callback):
         input_key: BatchKey = 0,
         target_key: BatchKey = 1,
         log_per_layer: bool = True,
+        probe: Literal["clean", "training"] = "clean",
     ) -> None:
         check_int("num_samples", num_samples)
         check_int("batch_size", batch_size)
@@ -86,6 +98,7 @@ class FisherTraceMonitor(Callback):
             if value is not None:
                 check_int(name, value)
         check_fisher_arguments(fisher, likelihood, method, noise_std)
+        check_choice("probe", probe, ("clean", "training"))
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.every_n_steps = every_n_steps
@@ -98,6 +111,7 @@ class FisherTraceMonitor(Callback):
         self.input_key = input_key
         self.target_key = target_key
         self.log_per_layer = log_per_layer
+        self.probe = probe
         self._inputs: Optional[torch.Tensor] = None
         self._targets: Optional[torch.Tensor] = None
         self._last_step = -1
@@ -110,6 +124,8 @@ class FisherTraceMonitor(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._inputs, self._targets = self._draw_probe(trainer)
+        if self.probe == "training" and not _injectors(trainer):
+            rank_zero_warn("FisherTraceMonitor(probe='training') found no DeficitInjector: the probe stays clean.")
         if trainer.global_step == 0:  # the curve starts at the initialisation; a resumed run has that point already
             self._measure(trainer, pl_module)
 
@@ -145,7 +161,7 @@ class FisherTraceMonitor(Callback):
         assert self._inputs is not None
         step = trainer.global_step
         self._last_step = step
-        sums, count = self._local_sums(pl_module, step)
+        sums, count = self._local_sums(trainer, pl_module, step)
         names = sorted(owned_parameters(pl_module))  # the same layers, in the same order, on every rank
         device = pl_module.device
         local = torch.stack([sums.get(n, torch.zeros((), dtype=torch.float64, device=device)).to(device) for n in names])
@@ -162,21 +178,41 @@ class FisherTraceMonitor(Callback):
         log_scalars(trainer, metrics, step=step)
         self._write_layout(trainer)
 
-    def _local_sums(self, pl_module: pl.LightningModule, step: int) -> tuple[dict[str, torch.Tensor], int]:
+    def _local_sums(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
+    ) -> tuple[dict[str, torch.Tensor], int]:
         if self._inputs is None or len(self._inputs) == 0:
             return {}, 0
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        inputs, targets = self._probe_now(trainer, step)
         return fisher_trace_sums(
             pl_module,
-            self._inputs,
+            inputs,
             fisher=self.fisher,
-            targets=self._targets,
+            targets=targets,
             likelihood=self.likelihood,
             noise_std=self.noise_std,
             method=self.method,
             generator=generator,
             batch_size=self.batch_size,
         )
+
+    def _probe_now(self, trainer: pl.Trainer, step: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The probe as drawn, or (``probe="training"``) through the deficits active in the current epoch."""
+        assert self._inputs is not None
+        inputs, targets = self._inputs, self._targets
+        if self.probe == "clean":
+            return inputs, targets
+        # Seeded apart from the label draws of the same step.
+        noise_generator = torch.Generator(inputs.device).manual_seed(self.seed * 1_000_003 + step + 2**31)
+        for injector in _injectors(trainer):
+            if not injector.active(trainer.current_epoch):
+                continue
+            if not injector.acts_on_targets:
+                inputs = injector.transform(inputs, noise_generator)
+            elif targets is not None:
+                targets = injector.transform(targets)
+        return inputs, targets
 
     def _write_layout(self, trainer: pl.Trainer) -> None:
         if self._layout_written or not self.log_per_layer:
@@ -200,3 +236,7 @@ class FisherTraceMonitor(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = state_dict["last_step"]
 
+
+
+def _injectors(trainer: pl.Trainer) -> list[DeficitInjector]:
+    return [callback for callback in trainer.callbacks if isinstance(callback, DeficitInjector)]
