@@ -53,6 +53,18 @@ from torch import nn
 from torch.func import functional_call, grad, vjp, vmap
 
 from lightning_startwell._validation import check_choice, check_int
+from lightning_startwell.model_call import (
+    Forward,
+    call_arguments,
+    logits,
+    map_tensors,
+    num_samples,
+    routed,
+    run,
+    select,
+    tensor_leaves,
+    with_leaves,
+)
 
 FisherKind = Literal["true", "empirical", "exact"]
 Method = Literal["auto", "vmap"]
@@ -362,10 +374,12 @@ def _vmap_or_loop(fn: Callable, *args: Any) -> Any:
     try:
         return vmap(fn)(*args)
     except RuntimeError:
-        n = len(args[-1])
+        n = len(args[-1])  # the last argument is a tensor of samples
 
         def pick(value: Any, i: int) -> Any:
-            return {k: pick(v, i) for k, v in value.items()} if isinstance(value, dict) else value[i]
+            if isinstance(value, dict):
+                return {k: pick(v, i) for k, v in value.items()}
+            return [pick(v, i) for v in value] if isinstance(value, list) else value[i]
 
         rows = [fn(*(pick(a, i) for a in args)) for i in range(n)]
         if isinstance(rows[0], dict):
@@ -420,7 +434,7 @@ class _NormRecorder:
         self._hooked: set[str] = set()
         self._entries: dict[str, torch.Tensor] = {}
         self.partial: set[str] = set()  # modules whose other outputs got gradients: their first one is not all
-        self.token_input: Optional[torch.Tensor] = None  # the model's input when it is not differentiable (ids)
+        self.token_inputs: set[int] = set()  # ids of the model's inputs that are not differentiable (token ids, masks)
         self._enabled = True
 
     @contextmanager
@@ -445,7 +459,10 @@ class _NormRecorder:
                 return
             self._inputs[name] = (tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), kwargs)
             self._hooked.add(name)
-            if self.token_input is not None and any(a is self.token_input for a in (*args, *kwargs.values())):
+            called_with = (*args, *kwargs.values())
+            if any(id(a) in self.token_inputs for a in called_with) and not any(
+                isinstance(a, torch.Tensor) and a.requires_grad for a in called_with
+            ):
                 self._entries[name] = out  # the model's differentiable path starts here (an embedding of the ids)
             out.register_hook(lambda delta: self._backward(name, module, delta))
             for other in _tensors(output):
@@ -571,26 +588,26 @@ def _cotangents(
 
 def _auto_sums(
     model: nn.Module,
-    x: torch.Tensor,
+    x: Any,
     cotangents: Callable[[torch.Tensor], list[tuple[torch.Tensor, Optional[torch.Tensor]]]],
     likelihood: str,
     chunk: int,
+    forward: Optional[Forward],
 ) -> Optional[dict[str, torch.Tensor]]:
     """Per-module sums over the batch of per-sample squared norms (weighted and summed over the backward passes), or
     None when the hooks cannot be exact (shared parameters, a layer off the input's path): the caller uses vmap."""
     recorder = _NormRecorder(model, chunk)
-    if x.is_floating_point():
-        x = x.detach().requires_grad_(True)
-    else:
-        recorder.token_input = x
+    x = map_tensors(lambda t: t.detach().requires_grad_(True) if t.is_floating_point() else t, x)
+    leaves = tensor_leaves(x)
+    recorder.token_inputs = {id(t) for t in leaves if not t.requires_grad}
     with recorder.attached():
-        output = check_output(model(x), len(x), likelihood).float()
+        output = check_output(run(model, x, forward), num_samples(x), likelihood).float()
         if recorder.shared() or not recorder.adopt_silent_parameters():
             return None
-        # The backward only has to reach the hooked outputs: differentiate with respect to a float input, or to the
+        # The backward only has to reach the hooked outputs: differentiate with respect to the float inputs and to the
         # outputs of the modules that embed integer inputs (no weight-gradient kernels run); with neither, with
         # respect to the parameters.
-        wrt = [x] if x.requires_grad else recorder.entry_outputs()
+        wrt = [t for t in leaves if t.requires_grad] + recorder.entry_outputs()
         wrt = wrt or [p for p in model.parameters() if p.requires_grad]
         passes = cotangents(output)
         for index, (v, weight) in enumerate(passes):
@@ -603,29 +620,34 @@ def _auto_sums(
 
 def _vmap_sums(
     model: nn.Module,
-    x: torch.Tensor,
+    x: Any,
     cotangents: Callable[[torch.Tensor], list[tuple[torch.Tensor, Optional[torch.Tensor]]]],
     likelihood: str,
     chunk: int,
+    forward: Optional[Forward],
 ) -> dict[str, torch.Tensor]:
-    """Per-module sums of per-sample squared norms from ``torch.func`` per-sample gradients, in chunks of samples."""
+    """Per-module sums of per-sample squared norms from ``torch.func`` per-sample gradients, in chunks of samples
+    (every input tensor split by sample: masks too)."""
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     buffers = dict(model.named_buffers())
     owner = {n: n.rpartition(".")[0] for n in params}
 
-    def projected_output(p: dict[str, torch.Tensor], xi: torch.Tensor, vi: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
-        return (out.float().reshape(-1) * vi).sum()
+    def projected_output(p: dict[str, torch.Tensor], leaves: list[torch.Tensor], vi: torch.Tensor) -> torch.Tensor:
+        args, kwargs = call_arguments(with_leaves(x, [t.unsqueeze(0) for t in leaves]), forward)
+        out = logits(functional_call(model, (p, buffers), args, kwargs))
+        return (out.float().reshape(-1) * vi.reshape(-1)).sum()
 
-    def per_sample_grads(p: dict[str, torch.Tensor], xs: torch.Tensor, vs: torch.Tensor) -> dict[str, torch.Tensor]:
-        return _vmap_or_loop(lambda xi, vi: grad(projected_output)(p, xi, vi), xs, vs)
+    def per_sample_grads(p: dict[str, torch.Tensor], leaves: list, vs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return _vmap_or_loop(lambda li, vi: grad(projected_output)(p, li, vi), leaves, vs)
 
     with torch.no_grad():
-        output = check_output(model(x), len(x), likelihood)
+        n = num_samples(x)
+        output = check_output(run(model, x, forward), n, likelihood)
+    leaves = tensor_leaves(x)
     sums: dict[str, torch.Tensor] = {}
     for v, weight in cotangents(output):
-        for start in range(0, len(x), chunk):
-            grads = per_sample_grads(params, x[start : start + chunk], v[start : start + chunk])
+        for start in range(0, n, chunk):
+            grads = per_sample_grads(params, [t[start : start + chunk] for t in leaves], v[start : start + chunk])
             for name, g in grads.items():
                 norms = _per_sample_sq_norm(g).double()
                 if weight is not None:
@@ -645,7 +667,7 @@ def _whole_model_pass_is_cheaper(model: nn.Module, chunk: int) -> bool:
     return chunk * sum(p.numel() for p in model.parameters() if p.requires_grad) <= 2**25
 
 
-def _samples_along_dim_0(model: nn.Module, sample: torch.Tensor) -> bool:
+def _samples_along_dim_0(model: nn.Module, sample: Any, forward: Optional[Forward]) -> bool:
     """Whether every module with parameters in its subtree is called with and returns tensors that hold the samples
     along dim 0 and nowhere else, as the closed forms and the per-module fallback assume. Seen by running 1 then 2
     copies of ``sample``: a tensor that depends on the batch must go from (1, ...) to (2, ...). A sequence-first layer
@@ -665,7 +687,8 @@ def _samples_along_dim_0(model: nn.Module, sample: torch.Tensor) -> bool:
         handles = [m.register_forward_hook(record(size, n)) for n, m in model.named_modules() if n in holders]
         try:
             with torch.no_grad():
-                model(sample.repeat(size, *[1] * (sample.ndim - 1)))  # contiguous copies: a model may .view() them
+                copies = map_tensors(lambda t: t.repeat(size, *[1] * (t.ndim - 1)), sample)
+                run(model, copies, forward)  # contiguous copies: a model may .view() them
         finally:
             for h in handles:
                 h.remove()
@@ -702,21 +725,21 @@ def check_fisher_arguments(fisher: str, likelihood: str, method: str, noise_std:
         raise ValueError(f"`noise_std` must be > 0, got {noise_std!r}.")
 
 
-def _model_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _model_input(x: Any, device: torch.device) -> Any:
     """Inputs on the model's device, floats in float32 (the measurement runs in fp32); integer ids as they are."""
-    x = x.to(device)
-    return x.float() if x.is_floating_point() else x
+    return map_tensors(lambda t: t.to(device).float() if t.is_floating_point() else t.to(device), x)
 
 
 def fisher_trace_sums(
     model: nn.Module,
-    inputs: torch.Tensor,
+    inputs: Any,
     *,
     fisher: str = "true",
     targets: Optional[torch.Tensor] = None,
     likelihood: str = "categorical",
     noise_std: float = 1.0,
     method: str = "auto",
+    forward: Optional[Forward] = None,
     generator: Optional[torch.Generator] = None,
     batch_size: Optional[int] = None,
     chunk_size: int = 32,
@@ -727,33 +750,34 @@ def fisher_trace_sums(
     check_int("chunk_size", chunk_size)
     if batch_size is not None:
         check_int("batch_size", batch_size)
-    if fisher == "empirical" and (targets is None or len(targets) != len(inputs)):
+    count = num_samples(inputs)
+    if fisher == "empirical" and (targets is None or len(targets) != count):
         raise ValueError("fisher='empirical' needs `targets`, one per input.")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    step = batch_size or len(inputs)
+    step = batch_size or count
     hooks = method == "auto" and not _whole_model_pass_is_cheaper(model, chunk_size)
     totals: dict[str, torch.Tensor] = {}
-    with _measurement_mode(model):
-        if hooks and len(inputs):
-            hooks = _samples_along_dim_0(model, _model_input(inputs[:1], device))
-        for start in range(0, len(inputs), step):
-            x = _model_input(inputs[start : start + step], device)
+    with _measurement_mode(model), routed(model, forward):
+        if hooks and count:
+            hooks = _samples_along_dim_0(model, _model_input(select(inputs, slice(0, 1)), device), forward)
+        for start in range(0, count, step):
+            x = _model_input(select(inputs, slice(start, start + step)), device)
             y = targets[start : start + step] if targets is not None else None
 
             def cotangents(output: torch.Tensor, y: Optional[torch.Tensor] = y) -> list:
                 return _cotangents(output, fisher, likelihood, y, generator, noise_std)
 
-            sums = _auto_sums(model, x, cotangents, likelihood, chunk_size) if hooks else None
+            sums = _auto_sums(model, x, cotangents, likelihood, chunk_size, forward) if hooks else None
             if sums is None:
-                sums = _vmap_sums(model, x, cotangents, likelihood, chunk_size)
+                sums = _vmap_sums(model, x, cotangents, likelihood, chunk_size, forward)
             for name, value in sums.items():
                 totals[name] = totals[name] + value if name in totals else value
-    return totals, len(inputs)
+    return totals, count
 
 
 def fisher_trace(
     model: nn.Module,
-    inputs: torch.Tensor,
+    inputs: Any,
     *,
     fisher: str = "true",
     targets: Optional[torch.Tensor] = None,
@@ -761,6 +785,7 @@ def fisher_trace(
     noise_std: float = 1.0,
     per_layer: bool = True,
     method: str = "auto",
+    forward: Optional[Forward] = None,
     generator: Optional[torch.Generator] = None,
     batch_size: Optional[int] = None,
     chunk_size: int = 32,
@@ -771,8 +796,11 @@ def fisher_trace(
     ``generator``), the ``targets`` (``empirical``) or the expectation over y in closed form (``exact``).
 
     Args:
-        model: returns (N, C) logits (``categorical``) or (N, D) / (N,) means (``gaussian``).
-        inputs: the inputs, a tensor of N examples.
+        model: returns (N, C) logits (``categorical``) or (N, D) / (N,) means (``gaussian``); an output with
+            ``.logits`` (a Hugging Face ``ModelOutput``) or a dict with ``"logits"`` is read through.
+        inputs: N examples: a tensor (``model(x)``), a tuple of tensors (``model(*inputs)``) or a dict of tensors
+            (``model(**inputs)``, e.g. ``input_ids`` and ``attention_mask``), every tensor with the samples along dim
+            0 (all are split by sample, masks included).
         fisher: ``true``, ``empirical`` or ``exact``.
         targets: dataset labels (or regression targets), for ``empirical``.
         likelihood: ``categorical`` (softmax of logits) or ``gaussian`` (N(output, noise_std^2 I), for regression).
@@ -780,6 +808,8 @@ def fisher_trace(
         per_layer: also return the split per module (module name -> its share); otherwise ``per_layer`` is empty.
         method: ``auto`` (closed forms and per-module vmap, see the module doc) or ``vmap`` (whole-model ``torch.func``
             per-sample gradients).
+        forward: a function of ``inputs`` returning the model's output, called instead of the model (e.g. a
+            LightningModule's ``startwell_forward``); it gets each chunk of ``inputs`` whole.
         generator: CPU generator for the ``true`` Fisher's draws.
         batch_size: inputs per forward pass (default: all at once).
         chunk_size: samples per vmap call in the fallbacks.
@@ -794,7 +824,7 @@ def fisher_trace(
     """
     sums, count = fisher_trace_sums(
         model, inputs, fisher=fisher, targets=targets, likelihood=likelihood, noise_std=noise_std, method=method,
-        generator=generator, batch_size=batch_size, chunk_size=chunk_size,
+        forward=forward, generator=generator, batch_size=batch_size, chunk_size=chunk_size,
     )
     per = {name: value.item() / count for name, value in sums.items()}
     return FisherTrace(total=math.fsum(per.values()), per_layer=per if per_layer else {}, num_samples=count)

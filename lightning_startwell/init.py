@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lightning_startwell._validation import check_choice, check_rate
+from lightning_startwell.model_call import Forward, Inputs, run
 
 Scheme = Literal[
     "glorot_normal", "glorot_uniform", "he_normal", "he_uniform", "lecun_normal", "orthogonal", "fixup", "lsuv"
@@ -221,10 +222,11 @@ def init_weights(
     keep_bias: bool = False,
     zero_init_residual: bool = False,
     residual_branches: Optional[Sequence[str]] = None,
-    lsuv_inputs: Optional[torch.Tensor] = None,
+    lsuv_inputs: Optional[Inputs] = None,
     lsuv_tol: float = 0.1,
     lsuv_max_iters: int = 10,
     generator: Optional[torch.Generator] = None,
+    forward: Optional[Forward] = None,
 ) -> list[LayerInit]:
     """Initialise the Linear and convolution layers of ``module`` in place and report, per layer, what was done.
 
@@ -248,10 +250,13 @@ def init_weights(
             starts as the identity (Goyal et al. 2017).
         residual_branches: glob patterns naming residual-branch modules for ``fixup`` / ``zero_init_residual``; default:
             found automatically (see :func:`find_residual_branches`).
-        lsuv_inputs: a batch of inputs for ``lsuv``.
+        lsuv_inputs: a batch of inputs for ``lsuv``: a tensor, a tuple (positional arguments) or a dict (keyword
+            arguments) of tensors (see :mod:`lightning_startwell.model_call`).
         lsuv_tol: tolerance on |Var - 1| for ``lsuv``.
         lsuv_max_iters: rescalings per layer at most, for ``lsuv``.
         generator: CPU generator of the draws (a fixed seed gives identical weights anywhere).
+        forward: for ``lsuv``, a function of ``lsuv_inputs`` returning the model's output, called instead of the
+            model (a LightningModule's ``startwell_forward``).
 
     Returns:
         One :class:`LayerInit` per initialised layer.
@@ -291,7 +296,7 @@ def init_weights(
         if layer.bias is not None and not keep_bias:
             layer.bias.zero_()
     _reset_norms(module, branches if zero_init_residual else [])
-    output_vars = lsuv_rescale(module, layers, lsuv_inputs, lsuv_tol, lsuv_max_iters) if scheme == "lsuv" else {}
+    output_vars = lsuv_rescale(module, layers, lsuv_inputs, lsuv_tol, lsuv_max_iters, forward) if scheme == "lsuv" else {}
     return [
         LayerInit(
             name,
@@ -360,7 +365,12 @@ def calibration_mode(module: nn.Module) -> Iterator[None]:
 
 
 def lsuv_rescale(
-    module: nn.Module, layers: dict[str, nn.Module], inputs: torch.Tensor, tol: float = 0.1, max_iters: int = 10
+    module: nn.Module,
+    layers: dict[str, nn.Module],
+    inputs: Inputs,
+    tol: float = 0.1,
+    max_iters: int = 10,
+    forward: Optional[Forward] = None,
 ) -> dict[str, float]:
     """Layer-sequential unit variance: in forward order, divide each layer's weight by the std of its output on
     ``inputs`` until |Var - 1| < ``tol`` (at most ``max_iters`` times). Returns the final output variance per layer.
@@ -369,22 +379,26 @@ def lsuv_rescale(
     module's mode and buffers afterwards.
     """
     with calibration_mode(module), torch.no_grad():
-        order = forward_variances(module, inputs, layers)  # keys in the order the layers run
+        order = forward_variances(module, inputs, layers, forward)  # keys in the order the layers run
         final: dict[str, float] = {}
         for name in order:
             layer = layers[name]
-            var = forward_variances(module, inputs, {name: layer})[name]
+            var = forward_variances(module, inputs, {name: layer}, forward)[name]
             for _ in range(max_iters):
                 if abs(var - 1.0) < tol or var == 0.0:
                     break
                 layer.weight.div_(math.sqrt(var))
-                var = forward_variances(module, inputs, {name: layer})[name]
+                var = forward_variances(module, inputs, {name: layer}, forward)[name]
             final[name] = var
     return final
 
 
-def forward_variances(module: nn.Module, inputs: torch.Tensor, layers: dict[str, nn.Module]) -> dict[str, float]:
-    """Var[z^l] of each layer's output on ``inputs``, in forward order, without gradients and without mode change."""
+def forward_variances(
+    module: nn.Module, inputs: Inputs, layers: dict[str, nn.Module], forward: Optional[Forward] = None
+) -> dict[str, float]:
+    """Var[z^l] of each layer's output on ``inputs`` (a tensor, tuple or dict of tensors; ``forward`` called instead of
+    the module when given, see :mod:`lightning_startwell.model_call`), in forward order, without gradients and without
+    mode change."""
     seen: dict[str, float] = {}
     names = {m: n for n, m in layers.items()}
 
@@ -394,7 +408,7 @@ def forward_variances(module: nn.Module, inputs: torch.Tensor, layers: dict[str,
     handles = [m.register_forward_hook(record) for m in layers.values()]
     try:
         with torch.no_grad():
-            module(inputs)
+            run(module, inputs, forward)
     finally:
         for h in handles:
             h.remove()

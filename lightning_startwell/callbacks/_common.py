@@ -1,23 +1,35 @@
-"""What the callbacks share: whether the module can be run, finding the input tensor in a batch, one batch from the
-train loader, writing scalars."""
+"""What the callbacks share: how a batch becomes a model call (``input_key``, ``startwell_forward``), finding a tensor in
+a batch, one batch from the train loader, writing scalars."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any, Callable, Optional, Union
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 
 BatchKey = Union[int, str]
+InputKey = Union[int, str, list[Union[int, str]]]
+
+#: The LightningModule method that maps a batch to the model's output; the callbacks that run the model use it when
+#: the module defines it (``input_key`` is then not used to call the model).
+FORWARD_METHOD = "startwell_forward"
+
+
+def batch_forward(module: nn.Module) -> Optional[Callable[[Any], Any]]:
+    """The module's ``startwell_forward``, if it defines one."""
+    method = getattr(module, FORWARD_METHOD, None)
+    return method if callable(method) else None
 
 
 def has_forward(module: nn.Module) -> bool:
-    """Whether ``module`` defines its own ``forward`` (a LightningModule whose ``training_step`` calls ``self.net(x)``
-    often does not: calling it raises inside torch)."""
+    """Whether the callbacks can run ``module`` on a batch: it defines ``startwell_forward`` or its own ``forward`` (a
+    LightningModule whose ``training_step`` calls ``self.net(x)`` often has neither: calling it raises inside torch)."""
     forward = type(module).forward
-    return forward is not nn.Module.forward and forward is not pl.LightningModule.forward
+    own = forward is not nn.Module.forward and forward is not pl.LightningModule.forward
+    return own or batch_forward(module) is not None
 
 
 def require_forward(module: nn.Module, who: str) -> None:
@@ -25,8 +37,36 @@ def require_forward(module: nn.Module, who: str) -> None:
     if not has_forward(module):
         raise ValueError(
             f"{who} runs the model on a batch, but {type(module).__name__} defines no `forward`: define"
-            " `forward(self, x)` on the LightningModule."
+            f" `{FORWARD_METHOD}(self, batch)` returning the model's output for a batch (or `forward`) on the"
+            " LightningModule."
         )
+
+
+def check_input_key(value: Any) -> None:
+    """``input_key`` must be an index, a key, or a non-empty list of indices (positional arguments) or of keys
+    (keyword arguments)."""
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+        return
+    ok = isinstance(value, list) and value and (all(isinstance(k, str) for k in value) or all(
+        isinstance(k, int) and not isinstance(k, bool) for k in value
+    ))
+    if not ok:
+        raise ValueError(
+            "`input_key` must be an int (tuple index), a str (dict key), or a non-empty list of ints (positional"
+            f" arguments) or of strs (keyword arguments), got {value!r}."
+        )
+
+
+def model_inputs(batch: Any, key: InputKey, module: nn.Module) -> Any:
+    """What the model is called with for ``batch``: the whole batch when the module defines ``startwell_forward``;
+    for a list ``key``, a dict (keyword arguments) of the named tensors or a tuple (positional arguments) of the
+    indexed ones; else the one tensor at ``key``."""
+    if batch_forward(module) is not None:
+        return batch
+    if isinstance(key, list):
+        tensors = [batch_tensor(batch, k) for k in key]
+        return dict(zip(key, tensors)) if isinstance(key[0], str) else tuple(tensors)
+    return batch_tensor(batch, key)
 
 
 def batch_tensor(batch: Any, key: BatchKey, argument: str = "input_key") -> torch.Tensor:
@@ -43,6 +83,15 @@ def batch_tensor(batch: Any, key: BatchKey, argument: str = "input_key") -> torc
             layout = f"{type(batch).__name__} of {len(batch)}"
         raise ValueError(f"`{argument}`={key!r} does not name a tensor in the batch ({layout}).")
     return value
+
+
+def replace_tensor(batch: Any, key: BatchKey, value: torch.Tensor) -> Any:
+    """A shallow copy of ``batch`` with ``value`` at ``key`` (the batch itself left as it was)."""
+    if isinstance(batch, torch.Tensor):
+        return value
+    if isinstance(batch, Mapping):
+        return {**batch, key: value}
+    return type(batch)(value if i == key else item for i, item in enumerate(batch))
 
 
 def first_train_batch(trainer: pl.Trainer) -> Any:

@@ -14,8 +14,13 @@ from typing_extensions import override
 from lightning_startwell._validation import check_choice, check_int
 from lightning_startwell.callbacks._common import (
     BatchKey,
+    InputKey,
+    batch_forward,
     batch_tensor,
+    check_input_key,
     log_scalars,
+    model_inputs,
+    replace_tensor,
     require_forward,
     tensorboard_experiments,
 )
@@ -61,7 +66,10 @@ class FisherTraceMonitor(Callback):
         noise_std: standard deviation of the Gaussian likelihood.
         method: ``auto`` (closed forms) or ``vmap``.
         seed: seed of the probe draw and of the ``true`` Fisher's labels.
-        input_key: where the inputs are in a dataset item or batch (tuple index or dict key).
+        input_key: what the model is called with: a tuple index or dict key of a batch (one tensor), or a list of
+            them (dict keys: keyword arguments, e.g. ``[input_ids, attention_mask]``; indices: positional arguments).
+            Not used when the LightningModule defines ``startwell_forward(batch)``, which is then called on the
+            collated probe batches instead.
         target_key: where the labels are (for ``empirical``).
         log_per_layer: also log the per-layer split.
         probe: ``clean`` (the probe as drawn) or ``training`` (through the deficits active at the measurement).
@@ -82,7 +90,7 @@ class FisherTraceMonitor(Callback):
         noise_std: float = 1.0,
         method: Method = "auto",
         seed: int = 0,
-        input_key: BatchKey = 0,
+        input_key: InputKey = 0,
         target_key: BatchKey = 1,
         log_per_layer: bool = True,
         probe: Literal["clean", "training"] = "clean",
@@ -99,6 +107,7 @@ class FisherTraceMonitor(Callback):
                 check_int(name, value)
         check_fisher_arguments(fisher, likelihood, method, noise_std)
         check_choice("probe", probe, ("clean", "training"))
+        check_input_key(input_key)
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.every_n_steps = every_n_steps
@@ -112,8 +121,7 @@ class FisherTraceMonitor(Callback):
         self.target_key = target_key
         self.log_per_layer = log_per_layer
         self.probe = probe
-        self._inputs: Optional[torch.Tensor] = None
-        self._targets: Optional[torch.Tensor] = None
+        self._batch: Any = None  # this rank's share of the probe set, collated
         self._last_step = -1
         self._layout_written = False
 
@@ -123,13 +131,13 @@ class FisherTraceMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._inputs, self._targets = self._draw_probe(trainer)
+        self._batch = self._draw_probe(trainer)
         if self.probe == "training" and not _injectors(trainer):
             rank_zero_warn("FisherTraceMonitor(probe='training') found no DeficitInjector: the probe stays clean.")
         if trainer.global_step == 0:  # the curve starts at the initialisation; a resumed run has that point already
             self._measure(trainer, pl_module)
 
-    def _draw_probe(self, trainer: pl.Trainer) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _draw_probe(self, trainer: pl.Trainer) -> Any:
         """This rank's share of ``num_samples`` training items drawn with ``seed`` (the same draw on every rank)."""
         loader = trainer.train_dataloader
         dataset = getattr(loader, "dataset", None)
@@ -137,12 +145,10 @@ class FisherTraceMonitor(Callback):
             raise ValueError("FisherTraceMonitor needs a map-style training dataset (with __len__ and __getitem__).")
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))
         chosen = order[: self.num_samples][trainer.global_rank :: trainer.world_size]
-        items = loader.collate_fn([dataset[int(i)] for i in chosen]) if len(chosen) else None
-        if items is None:
-            return torch.empty(0), None
-        inputs = batch_tensor(items, self.input_key, "input_key")
-        targets = batch_tensor(items, self.target_key, "target_key") if self.fisher == "empirical" else None
-        return inputs, targets
+        batch = loader.collate_fn([dataset[int(i)] for i in chosen]) if len(chosen) else None
+        if batch is not None and self.fisher == "empirical":
+            batch_tensor(batch, self.target_key, "target_key")  # fails now, naming the argument, not at a measurement
+        return batch
 
     @override
     def on_train_batch_end(
@@ -158,7 +164,6 @@ class FisherTraceMonitor(Callback):
             self._measure(trainer, pl_module)
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert self._inputs is not None
         step = trainer.global_step
         self._last_step = step
         sums, count = self._local_sums(trainer, pl_module, step)
@@ -181,38 +186,41 @@ class FisherTraceMonitor(Callback):
     def _local_sums(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
     ) -> tuple[dict[str, torch.Tensor], int]:
-        if self._inputs is None or len(self._inputs) == 0:
+        if self._batch is None:
             return {}, 0
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        inputs, targets = self._probe_now(trainer, step)
+        batch = self._probe_now(trainer, step)
+        targets = batch_tensor(batch, self.target_key, "target_key") if self.fisher == "empirical" else None
         return fisher_trace_sums(
             pl_module,
-            inputs,
+            model_inputs(batch, self.input_key, pl_module),
             fisher=self.fisher,
             targets=targets,
             likelihood=self.likelihood,
             noise_std=self.noise_std,
             method=self.method,
+            forward=batch_forward(pl_module),
             generator=generator,
             batch_size=self.batch_size,
         )
 
-    def _probe_now(self, trainer: pl.Trainer, step: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The probe as drawn, or (``probe="training"``) through the deficits active in the current epoch."""
-        assert self._inputs is not None
-        inputs, targets = self._inputs, self._targets
+    def _probe_now(self, trainer: pl.Trainer, step: int) -> Any:
+        """The probe batch as drawn, or (``probe="training"``) through the deficits active in the current epoch,
+        each at its own key (a new container: the drawn probe is kept clean)."""
+        batch = self._batch
         if self.probe == "clean":
-            return inputs, targets
+            return batch
         # Seeded apart from the label draws of the same step.
-        noise_generator = torch.Generator(inputs.device).manual_seed(self.seed * 1_000_003 + step + 2**31)
+        noise_generator = None
         for injector in _injectors(trainer):
             if not injector.active(trainer.current_epoch):
                 continue
-            if not injector.acts_on_targets:
-                inputs = injector.transform(inputs, noise_generator)
-            elif targets is not None:
-                targets = injector.transform(targets)
-        return inputs, targets
+            key = injector.target_key if injector.acts_on_targets else injector.input_key
+            value = batch_tensor(batch, key)
+            if noise_generator is None:
+                noise_generator = torch.Generator(value.device).manual_seed(self.seed * 1_000_003 + step + 2**31)
+            batch = replace_tensor(batch, key, injector.transform(value, noise_generator))
+        return batch
 
     def _write_layout(self, trainer: pl.Trainer) -> None:
         if self._layout_written or not self.log_per_layer:

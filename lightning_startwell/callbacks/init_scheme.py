@@ -13,11 +13,13 @@ from typing_extensions import override
 
 from lightning_startwell._validation import check_int
 from lightning_startwell.callbacks._common import (
-    BatchKey,
-    batch_tensor,
+    InputKey,
+    batch_forward,
+    check_input_key,
     first_train_batch,
     has_forward,
     log_scalars,
+    model_inputs,
     require_forward,
 )
 from lightning_startwell.init import (
@@ -61,7 +63,9 @@ class InitScheme(Callback):
         lsuv_tol: tolerance on |Var - 1| for ``lsuv``.
         lsuv_max_iters: rescalings per layer at most for ``lsuv``.
         seed: seed of the draws; None draws one on rank 0 (reproducible under ``seed_everything``).
-        input_key: where the inputs are in a batch (tuple index or dict key), for ``lsuv`` and the logged ratios.
+        input_key: what the model is called with, for ``lsuv`` and the logged ratios: a tuple index or dict key (one
+            tensor), or a list of them (dict keys: keyword arguments; indices: positional arguments). Not used when
+            the LightningModule defines ``startwell_forward(batch)``, which is then called instead.
         log_forward_ratio: measure and log Var[z^l] / Var[z^1] on one training batch (needs the module's
             ``forward``; without one, the ratios are skipped with a warning, the weights still initialised).
 
@@ -91,13 +95,14 @@ class InitScheme(Callback):
         lsuv_tol: float = 0.1,
         lsuv_max_iters: int = 10,
         seed: Optional[int] = None,
-        input_key: BatchKey = 0,
+        input_key: InputKey = 0,
         log_forward_ratio: bool = True,
     ) -> None:
         check_init_arguments(scheme, mode, nonlinearity, negative_slope)
         if not 0.0 < lsuv_tol < 1.0:
             raise ValueError(f"`lsuv_tol` must be in (0, 1), got {lsuv_tol!r}.")
         check_int("lsuv_max_iters", lsuv_max_iters)
+        check_input_key(input_key)
         self.scheme = scheme
         self.mode = mode
         self.nonlinearity = nonlinearity
@@ -137,11 +142,12 @@ class InitScheme(Callback):
         if self.log_forward_ratio and not log_forward_ratio:
             rank_zero_warn(
                 f"InitScheme: {type(pl_module).__name__} defines no `forward`, so the forward ratios are not measured"
-                " (the weights are initialised). Define `forward` on the LightningModule to get them, or pass"
-                " `log_forward_ratio=False` to silence this."
+                " (the weights are initialised). Define `startwell_forward(self, batch)` (or `forward`) on the"
+                " LightningModule to get them, or pass `log_forward_ratio=False` to silence this."
             )
         needs_batch = self.scheme == "lsuv" or log_forward_ratio
-        inputs = batch_tensor(first_train_batch(trainer), self.input_key) if needs_batch else None
+        inputs = model_inputs(first_train_batch(trainer), self.input_key, pl_module) if needs_batch else None
+        forward = batch_forward(pl_module)
         self.report = init_weights(
             pl_module,
             self.scheme,
@@ -157,6 +163,7 @@ class InitScheme(Callback):
             lsuv_tol=self.lsuv_tol,
             lsuv_max_iters=self.lsuv_max_iters,
             generator=torch.Generator().manual_seed(seed),
+            forward=forward,
         )
         _share_rank_zero_weights(pl_module)
         self.applied = True
@@ -168,7 +175,7 @@ class InitScheme(Callback):
         if log_forward_ratio:
             layers = weight_layers(pl_module, self.include, self.exclude)
             with calibration_mode(pl_module):
-                variances = forward_variances(pl_module, inputs, layers)
+                variances = forward_variances(pl_module, inputs, layers, forward)
             first = next(iter(variances.values()))
             for name, var in variances.items():
                 metrics[f"startwell/init/forward_ratio/{name}"] = var / first if first > 0 else math.nan

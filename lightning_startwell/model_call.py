@@ -1,0 +1,133 @@
+"""How a batch of inputs becomes a call of the model, and its output a tensor (pure PyTorch, no Lightning).
+
+One convention for every function that runs a model (:func:`~lightning_startwell.fisher.fisher_trace`,
+:func:`~lightning_startwell.init.forward_variances`, LSUV) and every callback that does:
+
+* ``inputs`` is a tensor (``model(x)``), a tuple or list of tensors (``model(*inputs)``, positional, in order) or a dict
+  of tensors (``model(**inputs)``, keyword arguments by name: ``{"input_ids": ..., "attention_mask": ...}``). Every
+  tensor holds the samples along dim 0, so the inputs can be split into samples and chunks; non-tensor values are
+  passed as they are.
+* ``forward``, when given, is a function of the inputs that returns the model's output, used instead of calling the
+  model (a LightningModule's ``startwell_forward(batch)``); it gets the inputs whole.
+* The output is read through: an object with ``.logits`` (a Hugging Face ``ModelOutput``) or a dict with ``"logits"``
+  gives that tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import nn
+
+Inputs = Union[torch.Tensor, tuple, list, Mapping]
+Forward = Callable[[Any], Any]
+
+
+def map_tensors(fn: Callable[[torch.Tensor], Any], inputs: Any) -> Any:
+    """``inputs`` with ``fn`` applied to every tensor (in tuples, lists and dicts, nested); other values unchanged."""
+    if isinstance(inputs, torch.Tensor):
+        return fn(inputs)
+    if isinstance(inputs, Mapping):
+        return {k: map_tensors(fn, v) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(map_tensors(fn, v) for v in inputs)
+    return inputs
+
+
+def tensor_leaves(inputs: Any) -> list[torch.Tensor]:
+    """The tensors of ``inputs``, in the order :func:`map_tensors` visits them."""
+    leaves: list[torch.Tensor] = []
+    map_tensors(leaves.append, inputs)
+    return leaves
+
+
+def with_leaves(inputs: Any, leaves: list[torch.Tensor]) -> Any:
+    """``inputs`` with its tensors replaced, in order, by ``leaves`` (for torch.func, which batches tensors only)."""
+    remaining = iter(leaves)
+    return map_tensors(lambda _: next(remaining), inputs)
+
+
+def num_samples(inputs: Any) -> int:
+    """The number of samples N: dim 0 of every tensor in ``inputs``, or a ValueError naming ``inputs``."""
+    sizes = {t.shape[0] if t.ndim else None for t in tensor_leaves(inputs)}
+    if len(sizes) != 1 or None in sizes:
+        shapes = [tuple(t.shape) for t in tensor_leaves(inputs)]
+        raise ValueError(f"`inputs` must hold tensors with the samples along dim 0, all of the same size; got {shapes}.")
+    return sizes.pop()
+
+
+def select(inputs: Any, index: Union[slice, int, torch.Tensor]) -> Any:
+    """The samples ``index`` of ``inputs`` (every tensor indexed along dim 0)."""
+    return map_tensors(lambda t: t[index], inputs)
+
+
+def call_arguments(inputs: Any, forward: Optional[Forward] = None) -> tuple[tuple, dict]:
+    """Positional and keyword arguments of the model call for ``inputs`` (see the module doc)."""
+    if forward is not None or isinstance(inputs, torch.Tensor):
+        return (inputs,), {}
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    raise ValueError(f"`inputs` must be a tensor, a tuple/list or a dict of tensors, got {type(inputs).__name__}.")
+
+
+def logits(output: Any) -> Any:
+    """``output.logits`` or ``output["logits"]`` when there is one, else ``output``."""
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    found = getattr(output, "logits", None)
+    return found if isinstance(found, torch.Tensor) else output
+
+
+@contextmanager
+def routed(model: nn.Module, forward: Optional[Forward]) -> Iterator[None]:
+    """Inside, ``model(inputs)`` runs ``forward(inputs)``: an instance attribute shadows the class's ``forward``, so
+    module hooks and ``torch.func.functional_call`` see the same call as a plain one. A ``forward`` that calls the model
+    itself (``self(x)``) reaches the class's own ``forward``. Nothing changes when ``forward`` is None."""
+    if forward is None or getattr(vars(model).get("forward"), "startwell_routed", False):
+        yield
+        return
+    own_forward = type(model).forward
+    depth = [0]
+
+    def route(*args: Any, **kwargs: Any) -> Any:
+        if depth[0]:
+            return own_forward(model, *args, **kwargs)
+        depth[0] += 1
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            depth[0] -= 1
+
+    route.startwell_routed = True  # type: ignore[attr-defined]
+    model.forward = route  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del model.forward
+
+
+def run(model: nn.Module, inputs: Any, forward: Optional[Forward] = None) -> Any:
+    """The model's output on ``inputs`` (read through ``.logits``), by the convention of the module doc."""
+    args, kwargs = call_arguments(inputs, forward)
+    with routed(model, forward):
+        return logits(model(*args, **kwargs))
+
+
+__all__ = [
+    "Forward",
+    "Inputs",
+    "call_arguments",
+    "logits",
+    "map_tensors",
+    "num_samples",
+    "routed",
+    "run",
+    "select",
+    "tensor_leaves",
+    "with_leaves",
+]
