@@ -1,0 +1,3 @@
+from lightning_startwell.study.cli import main
+
+main()

@@ -1,0 +1,307 @@
+"""A study: its YAML, the runs its experiments ask for, and the plain ``startwell fit`` config of each run (a cell).
+
+A study YAML has four parts (see ``profiles/quick.yaml``)::
+
+    seeds: [0, 1, 2]
+    defaults: {deficit: blur, size: 4, clean_epochs: 20, weight_decay: 5.0e-4, depth: 3, ...}   # every run's parameters
+    base: {trainer: {...}, model: {...}, data: {...}}       # the LightningCLI config every cell extends
+    fisher: {num_samples: 256, batch_size: 128, probe: clean}  # FisherTraceMonitor, every epoch
+    experiments:
+      - {name: length, title: ..., plot: curve, x: length, grid: {length: [0, 10, 20, 40]}, reference: {length: 0}}
+
+An experiment is the product of its ``grid`` over the seeds, on top of ``defaults`` and its ``fixed`` values; runs that
+two experiments share (the no-deficit baseline) are one run. Each cell of an experiment is compared with its
+``reference``: the same parameters with ``reference`` applied on top, seed by seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from lightning_startwell.deficits import DEFICITS
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+PROFILES = ("quick", "full")
+PLOTS = ("curve", "bars", "fisher", "fisher_layers")
+NO_DEFICIT = "none"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """The parameters of one training run.
+
+    The deficit acts on epochs ``[onset, onset + length)``; ``length`` 0 is no deficit. The run lasts ``epochs`` epochs,
+    or ``onset + length + clean_epochs`` when ``epochs`` is None. The learning rate is ``lr * lr_decay ** e`` at epoch e
+    (``lr_schedule: decay``, the paper's 0.97 per epoch) or ``lr`` throughout (``constant``); ``lr_offset`` starts the
+    decay as if that many epochs had passed (a fresh network at the learning rate a deficit arm has when its deficit
+    ends). ``depth`` is the number of stages (blocks, hidden layers) of the model family in ``base``.
+    """
+
+    deficit: str = "blur"
+    size: int = 4
+    onset: int = 0
+    length: int = 0
+    clean_epochs: int = 20
+    epochs: Optional[int] = None
+    weight_decay: float = 5e-4
+    depth: int = 3
+    lr: float = 0.05
+    lr_decay: float = 0.97
+    lr_schedule: str = "decay"
+    lr_offset: int = 0
+    seed: int = 0
+
+    def normalised(self) -> RunSpec:
+        """The same run written one way: no deficit is ``deficit: none`` with onset and length 0; the total epochs
+        resolved; the blur size kept only for blur."""
+        none = self.length == 0 or self.deficit == NO_DEFICIT
+        epochs = self.epochs if self.epochs is not None else self.onset + self.length + self.clean_epochs
+        return dataclasses.replace(
+            self,
+            deficit=NO_DEFICIT if none else self.deficit,
+            onset=0 if none else self.onset,
+            length=0 if none else self.length,
+            size=self.size if self.deficit == "blur" and not none else 0,
+            epochs=epochs,
+            clean_epochs=epochs - (0 if none else self.onset + self.length),
+        )
+
+    @property
+    def run_id(self) -> str:
+        """A readable name that tells runs apart (and names their directory)."""
+        deficit = f"blur{self.size}" if self.deficit == "blur" else self.deficit
+        lr = f"lr{self.lr:g}" + (f"x{self.lr_decay:g}+{self.lr_offset}" if self.lr_schedule == "decay" else "const")
+        return (
+            f"{deficit}_on{self.onset}_len{self.length}_ep{self.epochs}_wd{self.weight_decay:g}_d{self.depth}_{lr}"
+            f"_s{self.seed}"
+        )
+
+    def without_seed(self) -> RunSpec:
+        return dataclasses.replace(self, seed=-1)
+
+
+PARAMETERS = tuple(f.name for f in dataclasses.fields(RunSpec))
+
+
+@dataclass
+class Experiment:
+    """A slice of the study: a grid over some parameters, one figure and one table in the report."""
+
+    name: str
+    title: str
+    plot: str
+    x: str
+    grid: dict[str, list[Any]]
+    fixed: dict[str, Any]
+    reference: dict[str, Any]
+    series: Optional[str] = None
+    note: str = ""
+
+    def cells(self, defaults: dict[str, Any]) -> list[RunSpec]:
+        """The runs of one seed (seed -1) of every grid point, in grid order, normalised."""
+        keys = list(self.grid)
+        cells = []
+        for values in itertools.product(*(self.grid[k] for k in keys)):
+            params = {**defaults, **self.fixed, **dict(zip(keys, values)), "seed": -1}
+            cell = RunSpec(**params).normalised()
+            if cell not in cells:
+                cells.append(cell)
+        return cells
+
+    def reference_of(self, cell: RunSpec, defaults: dict[str, Any]) -> RunSpec:
+        """The run ``cell`` is compared with: its own parameters with ``reference`` on top (epochs re-derived from the
+        clean phase unless the experiment fixes them)."""
+        fields = {f: getattr(cell, f) for f in PARAMETERS}
+        if "epochs" not in self.fixed and defaults.get("epochs") is None:
+            fields["epochs"] = None
+            fields["clean_epochs"] = self.fixed.get("clean_epochs", defaults.get("clean_epochs", RunSpec.clean_epochs))
+        return RunSpec(**{**fields, **self.reference}).normalised()
+
+
+@dataclass
+class Study:
+    """A parsed study YAML."""
+
+    seeds: list[int]
+    defaults: dict[str, Any]
+    base: dict[str, Any]
+    fisher: dict[str, Any]
+    experiments: list[Experiment]
+    name: str = "study"
+
+    def cells(self) -> list[RunSpec]:
+        """Every cell (seed -1) of the study, each once: the experiments' grids and the references they compare with."""
+        cells: list[RunSpec] = []
+        for experiment in self.experiments:
+            for cell in experiment.cells(self.defaults):
+                for needed in (experiment.reference_of(cell, self.defaults), cell):
+                    if needed not in cells:
+                        cells.append(needed)
+        return cells
+
+    def runs(self) -> list[RunSpec]:
+        """Every run of the study, each once, cell by cell and seed by seed within a cell."""
+        return [dataclasses.replace(cell, seed=seed) for cell in self.cells() for seed in self.seeds]
+
+    def total_epochs(self) -> int:
+        return sum(run.epochs or 0 for run in self.runs())
+
+
+def _check_parameters(where: str, values: dict[str, Any]) -> None:
+    unknown = sorted(set(values) - set(PARAMETERS))
+    if unknown:
+        raise ValueError(f"{where}: unknown run parameter(s) {unknown}; accepted: {list(PARAMETERS)}.")
+    deficits = values.get("deficit", [])
+    for deficit in deficits if isinstance(deficits, list) else [deficits]:
+        if deficit not in (NO_DEFICIT, *DEFICITS):
+            raise ValueError(f"{where}: `deficit` must be one of {(NO_DEFICIT, *DEFICITS)}, got {deficit!r}.")
+    schedules = values.get("lr_schedule", [])
+    for schedule in schedules if isinstance(schedules, list) else [schedules]:
+        if schedule not in ("decay", "constant"):
+            raise ValueError(f"{where}: `lr_schedule` must be 'decay' or 'constant', got {schedule!r}.")
+
+
+def _experiment(raw: dict[str, Any]) -> Experiment:
+    name = raw.get("name", "?")
+    missing = [k for k in ("name", "plot", "x", "grid") if k not in raw]
+    if missing:
+        raise ValueError(f"experiment {name!r}: missing {missing}.")
+    if raw["plot"] not in PLOTS:
+        raise ValueError(f"experiment {name!r}: `plot` must be one of {PLOTS}, got {raw['plot']!r}.")
+    grid = {k: v if isinstance(v, list) else [v] for k, v in raw["grid"].items()}
+    for part in ("grid", "fixed", "reference"):
+        _check_parameters(f"experiment {name!r}, `{part}`", grid if part == "grid" else raw.get(part, {}))
+    return Experiment(
+        name=name,
+        title=raw.get("title", name),
+        plot=raw["plot"],
+        x=raw["x"],
+        grid=grid,
+        fixed=dict(raw.get("fixed", {})),
+        reference=dict(raw.get("reference", {"length": 0})),
+        series=raw.get("series"),
+        note=raw.get("note", ""),
+    )
+
+
+def parse_study(raw: dict[str, Any]) -> Study:
+    """A :class:`Study` from the loaded YAML, every part checked (errors name the part and the accepted values)."""
+    seeds = raw.get("seeds", [0, 1, 2])
+    if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"`seeds` must be a list of distinct seeds, got {seeds!r}.")
+    defaults = dict(raw.get("defaults", {}))
+    _check_parameters("`defaults`", defaults)
+    experiments = [_experiment(e) for e in raw.get("experiments", [])]
+    if not experiments:
+        raise ValueError("a study needs at least one entry under `experiments`.")
+    return Study(
+        seeds=seeds,
+        defaults=defaults,
+        base=copy.deepcopy(raw.get("base", {})),
+        fisher=dict(raw.get("fisher", {})),
+        experiments=experiments,
+        name=raw.get("name", "study"),
+    )
+
+
+def load_study(path: Optional[Path] = None, profile: str = "quick") -> Study:
+    """The study in ``path``, or the built-in ``profile`` (``quick`` or ``full``) when ``path`` is None."""
+    if path is None:
+        if profile not in PROFILES:
+            raise ValueError(f"`profile` must be one of {PROFILES}, got {profile!r}.")
+        path = PROFILES_DIR / f"{profile}.yaml"
+    with open(path) as f:
+        return parse_study(yaml.safe_load(f))
+
+
+# The model argument that sets the depth of each family of the demo models, and how.
+def _depth_arguments(class_path: str, depth: int, init_args: dict[str, Any]) -> dict[str, Any]:
+    family = class_path.rsplit(".", 1)[-1]
+    if family == "ConvNet":
+        width = init_args.get("channels", [64])[-1]
+        return {"channels": [width] * depth}
+    if family == "ResNet":
+        return {"num_blocks": depth}
+    if family == "MLP":
+        return {"depth": depth}
+    raise ValueError(f"`depth` is defined for ConvNet, ResNet and MLP, not for model {class_path!r}.")
+
+
+def cell_config(study: Study, run: RunSpec, run_dir: Path) -> dict[str, Any]:
+    """The plain LightningCLI config of ``run``: ``startwell fit --config`` of it trains the run and writes its results
+    (``result.json``, ``metrics.csv``) into ``run_dir``."""
+    config = copy.deepcopy(study.base)
+    trainer = config.setdefault("trainer", {})
+    model = config.setdefault("model", {"class_path": "lightning_startwell.ConvNet"})
+    data = config.setdefault("data", {"class_path": "lightning_startwell.MNIST1DDataModule"})
+    config["seed_everything"] = run.seed
+    init_args = model.setdefault("init_args", {})
+    init_args.update(_depth_arguments(model["class_path"], run.depth, init_args))
+    init_args["optimizer"] = {
+        "class_path": "torch.optim.SGD",
+        "init_args": {"lr": _initial_lr(run), "momentum": 0.9, "weight_decay": run.weight_decay},
+    }
+    init_args["lr_scheduler"] = (
+        {"class_path": "torch.optim.lr_scheduler.ExponentialLR", "init_args": {"gamma": run.lr_decay}}
+        if run.lr_schedule == "decay"
+        else None
+    )
+    data.setdefault("init_args", {})["seed"] = run.seed
+    trainer.update(
+        max_epochs=run.epochs,
+        default_root_dir=str(run_dir),
+        enable_checkpointing=False,
+        logger={
+            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": str(run_dir), "name": "", "version": "", "flush_logs_every_n_steps": 10**9},
+        },
+    )
+    callbacks = list(trainer.get("callbacks", []))
+    if run.deficit != NO_DEFICIT:
+        callbacks.append(
+            {
+                "class_path": "lightning_startwell.callbacks.DeficitInjector",
+                "init_args": {
+                    "deficit": run.deficit,
+                    "start_epoch": run.onset,
+                    "end_epoch": run.onset + run.length,
+                    "size": max(run.size, 1),
+                    "seed": run.seed,
+                    "lr_warning_ratio": 0.0,  # the study's own controls address the learning-rate confound
+                },
+            }
+        )
+    callbacks.append(
+        {
+            "class_path": "lightning_startwell.callbacks.FisherTraceMonitor",
+            "init_args": {"every_n_epochs": 1, "seed": run.seed, **study.fisher},
+        }
+    )
+    callbacks.append(
+        {"class_path": "lightning_startwell.study.record.StudyRecord", "init_args": {"path": str(run_dir / "result.json")}}
+    )
+    trainer["callbacks"] = callbacks
+    return config
+
+
+def _initial_lr(run: RunSpec) -> float:
+    return run.lr * run.lr_decay**run.lr_offset if run.lr_schedule == "decay" else run.lr
+
+
+def write_cell(study: Study, run: RunSpec, run_dir: Path) -> Path:
+    """Write the cell config of ``run`` to ``run_dir/cell.yaml`` (with a header saying how to run it)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "cell.yaml"
+    header = f"# Run {run.run_id} of study {study.name!r}: startwell fit --config {path}\n"
+    params = "# parameters: " + ", ".join(f"{k}={getattr(run, k)}" for k in PARAMETERS) + "\n"
+    with open(path, "w") as f:
+        f.write(header + params)
+        yaml.safe_dump(cell_config(study, run, run_dir), f, sort_keys=False)
+    return path

@@ -1,0 +1,279 @@
+"""The study's report: per experiment a figure (PNG, matplotlib's Agg backend) and a table of mean ± std per cell with
+the paired test against the cell's reference, in ``report.md``."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Optional
+
+from lightning_startwell.study.config import NO_DEFICIT, Experiment, RunSpec, Study
+from lightning_startwell.study.results import read_fisher, read_results
+from lightning_startwell.study.stats import ALPHA, Comparison, holm, paired_comparison
+
+TEST_STATEMENT = (
+    f"Each cell is compared with its reference seed by seed (same seed: same initialisation, split and data order) by a"
+    f" two-sided paired t-test (scipy.stats.ttest_rel) on the final test accuracy; a difference is called significant"
+    f" when its p-value, Holm–Bonferroni adjusted over the comparisons of its experiment, is below {ALPHA}. With 3"
+    f" seeds the test has 2 degrees of freedom: only large, consistent differences reach significance, and 'not"
+    f" significant' does not mean 'no effect'."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class CellResult:
+    """A cell of an experiment, its comparison with its reference and the Holm-adjusted p-value."""
+
+    cell: RunSpec
+    reference: RunSpec
+    comparison: Comparison
+    p_holm: float
+
+
+def _by_seed(rows: list[dict[str, Any]]) -> dict[RunSpec, dict[int, dict[str, Any]]]:
+    cells: dict[RunSpec, dict[int, dict[str, Any]]] = {}
+    fields = [f.name for f in dataclasses.fields(RunSpec)]
+    for row in rows:
+        run = RunSpec(**{f: row[f] for f in fields})
+        cells.setdefault(run.without_seed(), {})[run.seed] = row
+    return cells
+
+
+def experiment_results(study: Study, experiment: Experiment, rows: list[dict[str, Any]]) -> list[CellResult]:
+    """Every cell of ``experiment`` with at least one finished run, compared with its reference."""
+    by_cell = _by_seed(rows)
+    pairs = []
+    for cell in experiment.cells(study.defaults):
+        reference = experiment.reference_of(cell, study.defaults)
+        runs, reference_runs = by_cell.get(cell, {}), by_cell.get(reference, {})
+        if runs:
+            accuracy = {seed: row["test_acc"] for seed, row in runs.items()}
+            reference_accuracy = {seed: row["test_acc"] for seed, row in reference_runs.items()}
+            pairs.append((cell, reference, paired_comparison(accuracy, reference_accuracy)))
+    adjusted = holm([c.p if cell != reference else math.nan for cell, reference, c in pairs])
+    return [CellResult(cell, reference, c, p) for (cell, reference, c), p in zip(pairs, adjusted)]
+
+
+def _pct(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "–"
+    return f"{100 * mean:.2f} ± {100 * std:.2f}" if not math.isnan(std) else f"{100 * mean:.2f}"
+
+
+def _label(experiment: Experiment, cell: RunSpec) -> str:
+    parts = [f"{experiment.x} = {getattr(cell, experiment.x)}"]
+    if experiment.series:
+        parts.append(f"{experiment.series} = {getattr(cell, experiment.series)}")
+    if cell.deficit != NO_DEFICIT and experiment.x != "deficit":
+        parts.append(cell.deficit)
+    return ", ".join(parts)
+
+
+def _describe(cell: RunSpec) -> str:
+    deficit = "no deficit" if cell.deficit == NO_DEFICIT else f"{cell.deficit} on epochs [{cell.onset}, {cell.onset + cell.length})"
+    lr = f"lr {cell.lr:g} x {cell.lr_decay:g}/epoch" if cell.lr_schedule == "decay" else f"constant lr {cell.lr:g}"
+    if cell.lr_offset:
+        lr += f" from epoch {cell.lr_offset} of the decay"
+    return f"{deficit}, {cell.epochs} epochs, wd {cell.weight_decay:g}, depth {cell.depth}, {lr}"
+
+
+def table(experiment: Experiment, results: list[CellResult]) -> str:
+    """The markdown table of an experiment."""
+    lines = [
+        "| cell | seeds | test accuracy (%) | reference | reference accuracy (%) | difference (points) | p (paired t) |"
+        " p (Holm) | significant |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        c = r.comparison
+        same = r.cell == r.reference
+        significant = "–" if same or math.isnan(r.p_holm) else ("yes" if r.p_holm < ALPHA else "no")
+        difference = "–" if same else _pct(c.difference_mean, c.difference_std)
+        lines.append(
+            f"| {_label(experiment, r.cell)} | {c.seeds} | {_pct(c.mean, c.std)} |"
+            f" {'itself' if same else _describe(r.reference)} | {_pct(c.reference_mean, c.reference_std)} |"
+            f" {difference} | {'–' if same else f'{c.p:.3g}'} | {'–' if same else f'{r.p_holm:.3g}'} | {significant} |"
+        )
+    return "\n".join(lines)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_accuracy(experiment: Experiment, results: list[CellResult], rows: list[dict[str, Any]], path: Path) -> None:
+    """``curve``: test accuracy against the x parameter, a line per series; ``bars``: a bar per cell. Seeds as dots,
+    references not among the cells as dashed lines (mean) over a band (± std)."""
+    plt = _pyplot()
+    by_cell = _by_seed(rows)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    series_values = sorted({getattr(r.cell, experiment.series) for r in results}) if experiment.series else [None]
+    shown_references = set()
+    for i, value in enumerate(series_values):
+        chosen = [r for r in results if value is None or getattr(r.cell, experiment.series) == value]
+        if experiment.plot == "bars":
+            xs = list(range(len(chosen)))
+            ax.set_xticks(xs, [str(getattr(r.cell, experiment.x)) for r in chosen], rotation=20)
+        else:
+            xs = [getattr(r.cell, experiment.x) for r in chosen]
+        means = [100 * r.comparison.mean for r in chosen]
+        stds = [100 * (r.comparison.std if not math.isnan(r.comparison.std) else 0) for r in chosen]
+        label = f"{experiment.series} = {value}" if value is not None else "mean ± std over seeds"
+        color = f"C{i}"
+        if experiment.plot == "bars":
+            ax.bar(xs, means, yerr=stds, capsize=3, color=color, alpha=0.6, label=label)
+        else:
+            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, color=color, label=label)
+        for x, r in zip(xs, chosen):
+            seeds = by_cell.get(r.cell, {})
+            ax.scatter([x] * len(seeds), [100 * row["test_acc"] for row in seeds.values()], s=10, color=color, alpha=0.5)
+        for r in chosen:
+            if r.reference in {c.cell for c in results} or r.reference in shown_references:
+                continue
+            shown_references.add(r.reference)
+            c = r.comparison
+            ax.axhline(100 * c.reference_mean, color=color, linestyle="--", linewidth=1,
+                       label=f"reference: {_describe(r.reference)}")
+            if not math.isnan(c.reference_std):
+                ax.axhspan(100 * (c.reference_mean - c.reference_std), 100 * (c.reference_mean + c.reference_std),
+                           color=color, alpha=0.1)
+    ax.set_xlabel(experiment.x)
+    ax.set_ylabel("final test accuracy (%)")
+    _finish(fig, ax, experiment, path)
+
+
+def _finish(fig: Any, ax: Any, experiment: Experiment, path: Path) -> None:
+    ax.set_title(experiment.title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+
+
+def _mean_curves(cell: RunSpec, seeds: list[int], fisher: dict[str, dict[str, list[float]]]) -> dict[str, list[float]]:
+    """Per layer (and ``total``), the mean over the seeds that have it of the Fisher curve of ``cell``."""
+    curves: dict[str, list[list[float]]] = {}
+    for seed in seeds:
+        for layer, values in fisher.get(dataclasses.replace(cell, seed=seed).run_id, {}).items():
+            curves.setdefault(layer, []).append(values)
+    return {layer: [statistics.mean(v) for v in zip(*runs)] for layer, runs in curves.items()}
+
+
+def _shade_deficit(ax: Any, cell: RunSpec) -> None:
+    if cell.deficit != NO_DEFICIT:
+        ax.axvspan(cell.onset, cell.onset + cell.length, color="grey", alpha=0.15)
+
+
+def _plot_fisher(study: Study, experiment: Experiment, fisher: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for i, cell in enumerate(experiment.cells(study.defaults)):
+        total = _mean_curves(cell, study.seeds, fisher).get("total")
+        if total:
+            ax.plot(range(len(total)), total, color=f"C{i}", label=_describe(cell))
+            _shade_deficit(ax, cell)
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch (0: initialisation; shaded: deficit)")
+    ax.set_ylabel("trace of the Fisher information")
+    _finish(fig, ax, experiment, path)
+
+
+def _plot_fisher_layers(study: Study, experiment: Experiment, fisher: dict[str, Any], path: Path) -> None:
+    """A heatmap per cell, layer x epoch, each layer divided by its largest value over all the cells shown (so a
+    layer's colours compare across the panels, and every layer uses the whole scale)."""
+    plt = _pyplot()
+    cells = experiment.cells(study.defaults)
+    curves = [_mean_curves(cell, study.seeds, fisher) for cell in cells]
+    layers = sorted({layer for c in curves for layer in c if layer != "total"}, key=_layer_order)
+    if not layers:
+        return
+    peak = {layer: max(max(c.get(layer, [0.0])) for c in curves) or 1.0 for layer in layers}
+    fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 0.35 * len(layers) + 1.8), squeeze=False)
+    for ax, cell, curve in zip(axes[0], cells, curves):
+        width = max(len(v) for v in curve.values()) if curve else 1
+        grid = [[v / peak[layer] for v in curve.get(layer, [math.nan] * width)] for layer in layers]
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_yticks(range(len(layers)), layers, fontsize=7)
+        ax.set_xlabel("epoch (0: initialisation)")
+        ax.set_title(_describe(cell), fontsize=7)
+        if cell.deficit != NO_DEFICIT:
+            ax.axvline(cell.onset + cell.length, color="white", linestyle="--", linewidth=1)
+    fig.colorbar(image, ax=axes[0].tolist(), label="Fisher trace of the layer / its peak over the panels")
+    fig.suptitle(experiment.title, fontsize=10)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _layer_order(name: str) -> tuple[Any, ...]:
+    """Layers in network order: numeric parts of the module path compared as numbers."""
+    return tuple(int(p) if p.isdigit() else p for p in name.split("."))
+
+
+def seconds_per_epoch(rows: list[dict[str, Any]]) -> dict[int, float]:
+    """Measured wall seconds per training epoch (fit time / epochs, Fisher measurements included), mean by depth."""
+    by_depth: dict[int, list[float]] = {}
+    for row in rows:
+        by_depth.setdefault(row["depth"], []).append(row["seconds"] / row["epochs"])
+    return {depth: statistics.mean(v) for depth, v in sorted(by_depth.items())}
+
+
+def estimate_seconds(study: Study, per_epoch: dict[int, float]) -> Optional[float]:
+    """Training time of every run of ``study`` at the measured ``per_epoch`` seconds (the nearest depth measured)."""
+    if not per_epoch:
+        return None
+    total = 0.0
+    for run in study.runs():
+        nearest = min(per_epoch, key=lambda depth: abs(depth - run.depth))
+        total += (run.epochs or 0) * per_epoch[nearest] * run.depth / nearest
+    return total
+
+
+def write_report(study: Study, out: Path, command: str = "") -> Path:
+    """Write ``out/report.md`` and its figures ``out/<experiment>.png`` from the tables in ``out``."""
+    rows = read_results(out)
+    fisher = read_fisher(out)
+    runs = study.runs()
+    done = {row["run_id"] for row in rows}
+    per_epoch = seconds_per_epoch(rows)
+    lines = [
+        f"# Critical-period study `{study.name}`",
+        "",
+        f"{len(done & {r.run_id for r in runs})} of {len(runs)} runs finished ({len(study.seeds)} seeds:"
+        f" {study.seeds}). " + (f"Command: `{command}`." if command else ""),
+        "",
+        "Measured training time per epoch (fit wall time / epochs, Fisher measurement every epoch included), by depth: "
+        + ", ".join(f"depth {d}: {s:.2f} s" for d, s in per_epoch.items())
+        + f"; {sum(r['seconds'] for r in rows) / 60:.1f} min of training in all.",
+        "",
+        "Defaults of every run: " + ", ".join(f"{k} = {v}" for k, v in study.defaults.items()) + ".",
+        "",
+        "**Statistics.** " + TEST_STATEMENT,
+        "",
+    ]
+    for experiment in study.experiments:
+        results = experiment_results(study, experiment, rows)
+        figure = out / f"{experiment.name}.png"
+        if experiment.plot in ("curve", "bars") and results:
+            _plot_accuracy(experiment, results, rows, figure)
+        elif experiment.plot == "fisher":
+            _plot_fisher(study, experiment, fisher, figure)
+        elif experiment.plot == "fisher_layers":
+            _plot_fisher_layers(study, experiment, fisher, figure)
+        lines += [f"## {experiment.title}", ""]
+        if experiment.note:
+            lines += [experiment.note.strip(), ""]
+        if figure.exists():
+            lines += [f"![{experiment.title}]({figure.name})", ""]
+        if results:
+            lines += [table(experiment, results), ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

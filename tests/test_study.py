@@ -1,0 +1,244 @@
+"""The critical-period study runner on a tiny grid (digits, a 4-channel ConvNet, 2 batches an epoch): the grid, the
+cells as plain ``startwell fit`` configs, resuming after an interruption and after a kill, merging runs trained
+elsewhere, the paired statistics and the report."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO
+from lightning_startwell.cli import main as startwell
+from lightning_startwell.study import config as study_config
+from lightning_startwell.study.config import RunSpec, load_study, parse_study
+from lightning_startwell.study.record import accuracy
+from lightning_startwell.study.report import write_report
+from lightning_startwell.study.results import merge, read_fisher, read_results
+from lightning_startwell.study.runner import fit_cell, run_study, write_cells
+from lightning_startwell.study.stats import holm, paired_comparison
+
+TINY = {
+    "name": "tiny",
+    "seeds": [0, 1, 2],
+    "defaults": {"deficit": "blur", "size": 2, "clean_epochs": 1, "depth": 1},
+    "base": {
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "deterministic": True, "enable_progress_bar": False,
+            "enable_model_summary": False, "log_every_n_steps": 1, "limit_train_batches": 2, "limit_val_batches": 1,
+        },
+        "model": {"class_path": "lightning_startwell.ConvNet", "init_args": {"channels": [4]}},
+        "data": {"class_path": "lightning_startwell.DigitsDataModule", "init_args": {"batch_size": 32}},
+    },
+    "fisher": {"num_samples": 16, "batch_size": 16},
+    "experiments": [
+        {"name": "length", "title": "length", "plot": "curve", "x": "length", "grid": {"length": [0, 1]}},
+        {"name": "layers", "title": "per layer", "plot": "fisher_layers", "x": "length", "grid": {"length": [0, 1]}},
+    ],
+}
+
+
+def tiny(**changes):
+    raw = yaml.safe_load(yaml.safe_dump(TINY))
+    raw.update(changes)
+    return parse_study(raw)
+
+
+def test_grid_runs_each_once_with_the_references_they_need():
+    study = tiny(experiments=[
+        {"name": "length", "plot": "curve", "x": "length", "grid": {"length": [0, 2]}},
+        {"name": "onset", "plot": "curve", "x": "onset", "grid": {"onset": [1, 3]},
+         "fixed": {"length": 2, "epochs": 8}},
+        {"name": "fresh", "plot": "bars", "x": "lr_offset", "grid": {"lr_offset": [5]}, "reference": {"lr_offset": 0}},
+    ])
+    cells = [(c.deficit, c.onset, c.length, c.epochs, c.lr_offset) for c in study.cells()]
+    assert cells == [
+        ("none", 0, 0, 1, 0),  # length 0: the reference of the length experiment and of `fresh`
+        ("blur", 0, 2, 3, 0),
+        ("none", 0, 0, 8, 0),  # the onset experiment's reference: no deficit, the same 8 epochs
+        ("blur", 1, 2, 8, 0),
+        ("blur", 3, 2, 8, 0),
+        ("none", 0, 0, 1, 5),
+    ]
+    runs = study.runs()
+    assert len(runs) == 6 * 3 and len({r.run_id for r in runs}) == 18
+    assert {r.seed for r in runs} == {0, 1, 2}
+
+
+def test_cell_config_is_the_run():
+    study = tiny()
+    run = RunSpec(deficit="deprivation", onset=1, length=2, clean_epochs=3, weight_decay=1e-3, depth=2, lr=0.1,
+                  lr_decay=0.9, lr_offset=2, seed=7).normalised()
+    config = study_config.cell_config(study, run, study_config.Path("runs/x"))
+    assert config["seed_everything"] == 7 and config["data"]["init_args"]["seed"] == 7
+    assert config["trainer"]["max_epochs"] == 6
+    assert config["model"]["init_args"]["channels"] == [4, 4]
+    assert config["model"]["init_args"]["optimizer"]["init_args"] == pytest.approx(
+        {"lr": 0.1 * 0.9**2, "momentum": 0.9, "weight_decay": 1e-3})
+    injector = config["trainer"]["callbacks"][0]["init_args"]
+    assert (injector["deficit"], injector["start_epoch"], injector["end_epoch"]) == ("deprivation", 1, 3)
+    constant = study_config.cell_config(study, RunSpec(lr_schedule="constant").normalised(), study_config.Path("y"))
+    assert constant["model"]["init_args"]["lr_scheduler"] is None
+    assert [c["class_path"].rsplit(".", 1)[-1] for c in constant["trainer"]["callbacks"]] == [
+        "FisherTraceMonitor", "StudyRecord"]
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"defaults": {"depht": 3}}, "depht"),
+        ({"experiments": [{"name": "a", "plot": "curve", "x": "length", "grid": {"deficit": ["blurr"]}}]}, "deficit"),
+        ({"experiments": [{"name": "a", "plot": "pie", "x": "length", "grid": {"length": [1]}}]}, "plot"),
+        ({"experiments": []}, "experiments"),
+        ({"seeds": [0, 0]}, "seeds"),
+    ],
+)
+def test_bad_study_yaml_names_the_part(change, named):
+    with pytest.raises(ValueError, match=named):
+        tiny(**change)
+
+
+def test_profiles_load_and_cover_the_five_figures_and_the_controls():
+    for profile in ("quick", "full"):
+        study = load_study(profile=profile)
+        plots = {e.plot for e in study.experiments}
+        assert plots == {"curve", "bars", "fisher", "fisher_layers"} and len(study.seeds) >= 3
+        grids = {k for e in study.experiments for k in (*e.grid, *e.fixed)}
+        assert {"length", "onset", "weight_decay", "depth", "deficit", "lr_schedule", "lr_offset"} <= grids
+
+
+def test_accuracy_against_a_count():
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.one_hot(x[:, 0].long(), 3).float()
+
+    x = torch.tensor([[0.0], [1.0], [2.0], [1.0], [0.0]])
+    y = torch.tensor([0, 1, 1, 1, 2])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=2)
+    assert accuracy(Fixed(), loader, torch.device("cpu")) == 3 / 5
+
+
+def test_paired_t_test_against_the_formula():
+    a, b = {0: 1.0, 1: 2.0, 2: 3.0, 3: 9.0}, {0: 0.5, 1: 1.0, 2: 2.9}
+    result = paired_comparison(a, b)  # seed 3 has no partner: left out
+    d = [0.5, 1.0, 0.1]
+    mean, sd = sum(d) / 3, math.sqrt(sum((x - sum(d) / 3) ** 2 for x in d) / 2)
+    t = mean / (sd / math.sqrt(3))
+    from scipy.stats import t as student
+
+    assert result.seeds == 3 and result.difference_mean == pytest.approx(mean) and result.t == pytest.approx(t)
+    assert result.p == pytest.approx(2 * student.sf(t, df=2))
+    assert result.std == pytest.approx(1.0) and result.reference_std == pytest.approx(statistics.stdev([0.5, 1, 2.9]))
+    assert paired_comparison({0: 1.0, 1: 2.0}, {0: 0.5, 1: 1.5}).p == 0.0  # the same difference every seed
+    assert math.isnan(paired_comparison({0: 1.0}, {0: 0.5}).p)
+
+
+def test_holm_against_a_hand_computed_example():
+    assert holm([0.01, 0.04, 0.03, math.nan]) == pytest.approx([0.03, 0.06, 0.06, math.nan], nan_ok=True)
+
+
+class Counting:
+    """Trains cells like the runner does; counts them; raises KeyboardInterrupt at the ``stop_at``-th call."""
+
+    def __init__(self, stop_at=None):
+        self.calls = []
+        self.stop_at = stop_at
+
+    def __call__(self, cell):
+        self.calls.append(cell.parent.name)
+        if len(self.calls) == self.stop_at:
+            raise KeyboardInterrupt
+        fit_cell(cell)
+
+
+def _rows(out):
+    with open(out / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def interrupted_study(tmp_path_factory):
+    """The tiny study stopped by a KeyboardInterrupt in its 3rd run, then run again to the end."""
+    out = tmp_path_factory.mktemp("study")
+    study = tiny()
+    first = Counting(stop_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(study, out, fit=first)
+    finished = _rows(out)
+    second = Counting()
+    trained = run_study(study, out, fit=second)
+    return study, out, first, finished, second, trained
+
+
+def test_interrupted_study_resumes_without_redoing_finished_runs(interrupted_study):
+    study, out, first, finished, second, trained = interrupted_study
+    assert [r["run_id"] for r in finished] == first.calls[:2]
+    assert trained == 4 and second.calls == [r.run_id for r in study.runs()][2:]  # the stopped run afresh, then the rest
+    rows = _rows(out)
+    assert rows[:2] == finished and sorted(r["run_id"] for r in rows) == sorted(r.run_id for r in study.runs())
+    assert run_study(study, out, fit=Counting()) == 0
+
+
+@pytest.mark.slow
+def test_killed_study_resumes(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "seeds": [0, 1], "experiments": TINY["experiments"][:1]}))
+    command = [sys.executable, "-m", "lightning_startwell.study", "run", "--config", str(config), "--out", "out"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    results = tmp_path / "out" / "results.csv"
+    deadline = time.time() + 120
+    while not (results.exists() and len(results.read_text().splitlines()) >= 2) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = _rows(tmp_path / "out")
+    assert 1 <= len(before) < 4
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    assert f"{len(before)}/4 runs already done" in again.stdout
+    assert again.stdout.count("test acc") == 4 - len(before)
+    assert "[4/4]" in again.stdout and "ETA" in again.stdout
+    after = _rows(tmp_path / "out")
+    assert after[: len(before)] == before and len({r["run_id"] for r in after}) == len(after) == 4
+
+
+def test_cells_run_elsewhere_by_startwell_fit_are_merged(tmp_path):
+    study = tiny(seeds=[0, 1], experiments=[TINY["experiments"][0]])
+    remote = tmp_path / "cluster"
+    cells = write_cells(study, remote)
+    assert (remote / "cells.txt").read_text().split() == [str(c) for c in cells] and len(cells) == 4
+    for cell in cells[:3]:  # what each task of a scheduler's array does
+        startwell(["fit", "--config", str(cell)])
+    home = tmp_path / "home"
+    merged = merge(home, study.runs(), [remote])
+    assert merged == [r.run_id for r in study.runs()][:3]
+    assert merge(home, study.runs(), [remote]) == []  # nothing twice
+    fisher = read_fisher(home)
+    epochs = {r.run_id: r.epochs for r in study.runs()}
+    assert len(fisher) == 3 and all(len(c["total"]) == epochs[run] + 1 for run, c in fisher.items())  # init + epochs
+    for run_id, curves in fisher.items():
+        layers = [sum(v) for v in zip(*(c for name, c in curves.items() if name != "total"))]
+        assert layers == pytest.approx(curves["total"], rel=1e-6)
+    assert [r["run_id"] for r in read_results(home)] == merged
+
+
+def test_report_tables_and_figures(interrupted_study):
+    study, out = interrupted_study[:2]
+    report = write_report(study, out).read_text()
+    rows = read_results(out)
+    blurred = [r["test_acc"] for r in rows if r["deficit"] == "blur"]
+    clean = [r["test_acc"] for r in rows if r["deficit"] == "none"]
+    assert f"{100 * statistics.mean(blurred):.2f} ± {100 * statistics.stdev(blurred):.2f}" in report
+    assert f"{100 * statistics.mean(clean):.2f} ± {100 * statistics.stdev(clean):.2f}" in report
+    assert "paired t-test" in report and "Holm" in report
+    for name in ("length", "layers"):
+        assert f"]({name}.png)" in report and (out / f"{name}.png").stat().st_size > 5_000
