@@ -175,7 +175,7 @@ class AttentionVariants(nn.Module):
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
 def test_attention_rule_without_per_sample_vmap(cross, batch_first, bias, monkeypatch, no_whole_model_vmap):
-    import lightning_startwell.fisher as fisher_module
+    import lightning_startwell.fisher.hooks as fisher_module
 
     vmapped = []
     vjp_norms = fisher_module._vjp_norms
@@ -337,7 +337,7 @@ def test_output_that_is_not_logits_is_refused():
 @pytest.fixture(params=[None, 2], ids=["one chunk", "chunks of 2"])
 def chunks(request, monkeypatch):
     """Run the per-sample rules in one chunk, or in chunks of two samples."""
-    import lightning_startwell.fisher as fisher_module
+    import lightning_startwell.fisher.closed_forms as fisher_module
 
     if request.param:
         monkeypatch.setattr(fisher_module, "_chunk_samples", lambda per_sample, like: request.param)
@@ -345,7 +345,7 @@ def chunks(request, monkeypatch):
 
 @pytest.mark.parametrize(("t", "d", "p"), [(3, 20, 30), (50, 4, 6)])  # ghost norm, then materialised
 def test_sequence_rule_equals_explicit_per_sample_gradients(t, d, p, chunks):
-    from lightning_startwell.fisher import _sequence_norms
+    from lightning_startwell.fisher.closed_forms import _sequence_norms
 
     g = torch.Generator().manual_seed(7)
     a, delta = torch.randn(5, t, d, generator=g, dtype=torch.float64), torch.randn(5, t, p, generator=g, dtype=torch.float64)
@@ -363,7 +363,7 @@ def test_sequence_rule_equals_explicit_per_sample_gradients(t, d, p, chunks):
     ],
 )
 def test_both_convolution_rules_equal_explicit_per_sample_gradients(monkeypatch, path, layer, chunks):
-    import lightning_startwell.fisher as fisher_module
+    import lightning_startwell.fisher.closed_forms as fisher_module
 
     layer = layer.double()
     shape = (6, layer.in_channels, 9, 7) if isinstance(layer, nn.Conv2d) else (6, layer.in_channels, 11)
@@ -413,7 +413,7 @@ class PositionParameter(nn.Module):
 
 @pytest.mark.parametrize("chunk_size", [32, 2**25])  # whole-model per-sample gradients small, then too large
 def test_a_parameter_used_by_the_model_itself(chunk_size, monkeypatch):
-    import lightning_startwell.fisher as fisher_module
+    import lightning_startwell.fisher.trace as fisher_module
 
     x = torch.randn(7, 5, 4, generator=torch.Generator().manual_seed(10))
     model = PositionParameter()
@@ -429,7 +429,7 @@ def test_a_parameter_used_by_the_model_itself(chunk_size, monkeypatch):
 @pytest.fixture
 def no_whole_model_vmap(monkeypatch):
     """Fail if the measurement falls back to whole-model per-sample gradients."""
-    import lightning_startwell.fisher as fisher_module
+    import lightning_startwell.fisher.trace as fisher_module
 
     def refuse(*args, **kwargs):
         raise AssertionError("fell back to whole-model vmap")
@@ -448,7 +448,7 @@ class Tokens(nn.Module):
 
 
 def test_integer_inputs_start_the_backward_at_the_embedding(no_whole_model_vmap, monkeypatch):
-    import lightning_startwell.fisher as fisher_module
+    import lightning_startwell.fisher.hooks as fisher_module
 
     tokens = torch.randint(0, 11, (5, 3), generator=torch.Generator().manual_seed(11))
     tokens[0] = 4  # one sample repeats a token: its rows of the table gradient add up

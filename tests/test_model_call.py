@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-import lightning_startwell.fisher as fisher_module
+import lightning_startwell.fisher.hooks as fisher_hooks
 from lightning_startwell.fisher import fisher_trace
 from lightning_startwell.init import forward_variances, init_weights
 from lightning_startwell.model_call import num_samples, run, select
@@ -74,8 +74,8 @@ def _assert_equal_traces(ours, reference):
 @pytest.fixture
 def per_module_fallback(monkeypatch):
     """No closed form and no attention rule: every layer through the per-module vmap of its recorded inputs."""
-    monkeypatch.setattr(fisher_module, "_closed_form", lambda layer: None)
-    monkeypatch.setattr(fisher_module, "_plain_attention", lambda layer: False)
+    monkeypatch.setattr(fisher_hooks, "_closed_form", lambda layer: None)
+    monkeypatch.setattr(fisher_hooks, "_plain_attention", lambda layer: False)
 
 
 @pytest.mark.parametrize("path", ["auto", "per_module", "vmap"])

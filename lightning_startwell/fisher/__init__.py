@@ -1,0 +1,69 @@
+"""Trace of the Fisher information, total and per layer, from exact per-sample gradient norms (pure PyTorch).
+
+For a classifier p_w(y|x) (softmax of the logits; a Gaussian N(output, s^2 I) for regression), Achille et al. (2017)
+follow
+
+    tr F = E_x E_{y ~ p_w(.|x)} || grad_w log p_w(y|x) ||^2,
+
+per layer the same sum restricted to that layer's parameters. Three Fishers:
+
+* ``true``: y drawn once per input from the model's own predictive distribution (seeded);
+* ``empirical``: y = the dataset label (a different quantity: it measures the fit to the labels);
+* ``exact``: the expectation over y in closed form, sum_c p_c ||grad log p_c||^2 (C backward passes; for the Gaussian,
+  sum_k ||grad output_k||^2 / s^2, one pass per output dimension).
+
+The norms are *per sample* (squaring the gradient of a batch mean would be about N times too small). The default method
+never materialises per-sample gradients where a closed form exists. Forward hooks keep each layer's input and register a
+tensor hook on its output, which receives delta_i = d(sum_i log p(y_i|x_i))/d layer output (tensor hooks on outputs, unlike
+module full-backward hooks, survive torchvision's in-place ReLU and ``out += identity``); then, per sample i:
+
+* Linear on (N, d) inputs: ||g_i||^2 = ||a_i||^2 ||delta_i||^2 (+ ||delta_i||^2 for the bias);
+* Linear on sequences and Conv1d/Conv2d (inputs unfolded to A_i, T x d; output gradients D_i, T x p):
+  ||D_i^T A_i||_F^2, either materialised (T p d operations) or as <A_i A_i^T, D_i D_i^T>_F ("ghost norm", T^2 (d + p)
+  operations), whichever is cheaper; bias ||sum_t D_i[t]||^2;
+* BatchNorm (eval mode, running statistics) and LayerNorm: gamma_i = sum delta_i * x_hat_i, beta_i = sum delta_i;
+* Embedding: the ghost norm with one-hot inputs, sum_{t,t'} [token_t = token_t'] <delta_i[t], delta_i[t']>;
+* MultiheadAttention: the module re-run on its projected Q, K, V with identity projections gives the context and
+  dL/dQ, dL/dK, dL/dV; both projections are then Linear layers on sequences;
+* any other module with its own parameters, or with some of them frozen: per-sample vector-Jacobian products with
+  ``torch.func.vmap`` over that module alone, from its recorded inputs (split by sample where their first dimension is
+  the batch, keyword arguments such as padding masks included) and output gradients.
+
+A parameter used by several modules, or a module called more than once in a forward pass, makes per-use norms wrong
+(the per-sample gradient is the sum over uses): then the whole model falls back to ``torch.func`` per-sample gradients
+(``method="vmap"``), in chunks. So does a model whose own forward uses a parameter directly (a learned position),
+when a chunk of its per-sample gradients is small: that parameter needs a per-sample pass over the whole model anyway.
+
+The measurement runs in eval mode (BatchNorm with running statistics: per-sample gradients are undefined when samples
+are normalised together), in float32 with autocast off, never writes ``.grad``, and restores the mode of every module.
+"""
+
+from __future__ import annotations
+
+from lightning_startwell.fisher.checks import (
+    FISHERS,
+    LIKELIHOODS,
+    METHODS,
+    FisherKind,
+    Likelihood,
+    Method,
+    check_fisher_arguments,
+)
+from lightning_startwell.fisher.likelihoods import check_output
+from lightning_startwell.fisher.ownership import owned_parameters
+from lightning_startwell.fisher.trace import FisherTrace, fisher_trace, fisher_trace_sums
+
+__all__ = [
+    "FISHERS",
+    "FisherKind",
+    "LIKELIHOODS",
+    "METHODS",
+    "Likelihood",
+    "Method",
+    "FisherTrace",
+    "check_fisher_arguments",
+    "check_output",
+    "fisher_trace",
+    "fisher_trace_sums",
+    "owned_parameters",
+]

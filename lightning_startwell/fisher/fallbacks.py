@@ -1,0 +1,117 @@
+"""Per-sample norms where no closed form applies: ``torch.func`` vector-Jacobian products of one module from its
+recorded inputs, or per-sample gradients of the whole model; one sample at a time where vmap cannot batch a kernel."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vjp, vmap
+
+from lightning_startwell.fisher.closed_forms import _closed_form, _per_sample_sq_norm, _plain_attention
+from lightning_startwell.fisher.likelihoods import check_output
+from lightning_startwell.fisher.ownership import _first_tensor, _owners, owned_parameters
+from lightning_startwell.model_call import Forward, call_arguments, logits, num_samples, run, tensor_leaves, with_leaves
+
+
+def _vjp_norms(
+    layer: nn.Module, params: dict[str, torch.Tensor], args: tuple, kwargs: dict, delta: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """Per-sample ||J_params(layer)^T delta_i||^2, by vmap over samples of a vector-Jacobian product of the layer
+    alone (``params``: names relative to the layer). Positional and keyword tensors whose first dimension is the
+    batch (inputs, per-sample masks) are split by sample; the others are passed whole. Returns (N, owners): one column
+    per module owning parameters, in the order of :func:`_owners`."""
+    n = delta.shape[0]
+
+    def is_batched(value: Any) -> bool:
+        return isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == n
+
+    batched = {
+        "args": {i: a for i, a in enumerate(args) if is_batched(a)},
+        "kwargs": {k: v for k, v in kwargs.items() if is_batched(v)},
+    }
+    owners = _owners(params)
+
+    def one(sample: dict[str, dict], d: torch.Tensor) -> torch.Tensor:
+        def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            call_args = tuple(sample["args"][i][None] if i in sample["args"] else a for i, a in enumerate(args))
+            call_kwargs = {k: sample["kwargs"][k][None] if k in sample["kwargs"] else v for k, v in kwargs.items()}
+            return _first_tensor(functional_call(layer, p, call_args, call_kwargs))[0]
+
+        _, pullback = vjp(f, params)
+        (grads,) = pullback(d)
+        return torch.stack([sum(grads[k].square().sum() for k in keys) for keys in owners.values()])
+
+    chunks = []
+    for s in range(0, n, chunk):
+        sample = {group: {k: v[s : s + chunk] for k, v in values.items()} for group, values in batched.items()}
+        chunks.append(_vmap_or_loop(one, sample, delta[s : s + chunk]))
+    return torch.cat(chunks)
+
+
+def _vmap_or_loop(fn: Callable, *args: Any) -> Any:
+    """``vmap(fn)(*args)`` over dim 0 of every tensor in ``args`` (tensors, or dicts of dicts or of tensors); where
+    torch.func cannot batch a kernel (recurrent layers), one call per sample, the results stacked."""
+    try:
+        return vmap(fn)(*args)
+    except RuntimeError:
+        n = len(args[-1])  # the last argument is a tensor of samples
+
+        def pick(value: Any, i: int) -> Any:
+            if isinstance(value, dict):
+                return {k: pick(v, i) for k, v in value.items()}
+            return [pick(v, i) for v in value] if isinstance(value, list) else value[i]
+
+        rows = [fn(*(pick(a, i) for a in args)) for i in range(n)]
+        if isinstance(rows[0], dict):
+            return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        return torch.stack(rows)
+
+def _vmap_sums(
+    model: nn.Module,
+    x: Any,
+    cotangents: Callable[[torch.Tensor], list[tuple[torch.Tensor, Optional[torch.Tensor]]]],
+    likelihood: str,
+    chunk: int,
+    forward: Optional[Forward],
+) -> dict[str, torch.Tensor]:
+    """Per-module sums of per-sample squared norms from ``torch.func`` per-sample gradients, in chunks of samples
+    (every input tensor split by sample: masks too)."""
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    buffers = dict(model.named_buffers())
+    owner = {n: n.rpartition(".")[0] for n in params}
+
+    def projected_output(p: dict[str, torch.Tensor], leaves: list[torch.Tensor], vi: torch.Tensor) -> torch.Tensor:
+        args, kwargs = call_arguments(with_leaves(x, [t.unsqueeze(0) for t in leaves]), forward)
+        out = logits(functional_call(model, (p, buffers), args, kwargs))
+        return (out.float().reshape(-1) * vi.reshape(-1)).sum()
+
+    def per_sample_grads(p: dict[str, torch.Tensor], leaves: list, vs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return _vmap_or_loop(lambda li, vi: grad(projected_output)(p, li, vi), leaves, vs)
+
+    with torch.no_grad():
+        n = num_samples(x)
+        output = check_output(run(model, x, forward), n, likelihood)
+    leaves = tensor_leaves(x)
+    sums: dict[str, torch.Tensor] = {}
+    for v, weight in cotangents(output):
+        for start in range(0, n, chunk):
+            grads = per_sample_grads(params, [t[start : start + chunk] for t in leaves], v[start : start + chunk])
+            for name, g in grads.items():
+                norms = _per_sample_sq_norm(g).double()
+                if weight is not None:
+                    norms = norms * weight[start : start + chunk]
+                key = owner[name]
+                sums[key] = sums[key] + norms.sum() if key in sums else norms.sum()
+    return sums
+
+
+def _whole_model_pass_is_cheaper(model: nn.Module, chunk: int) -> bool:
+    """Whether the model's own forward uses a parameter directly (a learned position or class token) while the
+    per-sample gradients of a chunk of samples for the whole model are small (at most 2^25 numbers). Such a parameter's
+    per-sample gradients need a per-sample pass over the whole model anyway; then one such pass (``method="vmap"``)
+    gives every layer at once, cheaper than the hooks' pass plus it. For a larger model the hooks keep memory low."""
+    if "" not in owned_parameters(model) or _closed_form(model) is not None or _plain_attention(model):
+        return False
+    return chunk * sum(p.numel() for p in model.parameters() if p.requires_grad) <= 2**25

@@ -1,0 +1,147 @@
+"""The public functions: :func:`fisher_trace` and :func:`fisher_trace_sums`, which choose the path (hooks or
+whole-model vmap) and run it over batches of inputs in measurement mode."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from lightning_startwell._validation import check_int
+from lightning_startwell.fisher.checks import check_fisher_arguments
+from lightning_startwell.fisher.fallbacks import _vmap_sums, _whole_model_pass_is_cheaper
+from lightning_startwell.fisher.hooks import _auto_sums, _samples_along_dim_0
+from lightning_startwell.fisher.likelihoods import _cotangents
+from lightning_startwell.model_call import Forward, map_tensors, num_samples, routed, select
+
+
+@dataclass(frozen=True)
+class FisherTrace:
+    """Trace of the Fisher information averaged over ``num_samples`` inputs: ``total`` and its split ``per_layer``
+    (module name -> the part of the trace carried by that module's own parameters; they add up to ``total``)."""
+
+    total: float
+    per_layer: dict[str, float]
+    num_samples: int
+
+@contextmanager
+def _measurement_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and autocast off for the measurement; every module's mode restored afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        device_type = next((p.device.type for p in model.parameters()), "cpu")
+        with torch.autocast(device_type=device_type, enabled=False), torch.enable_grad():
+            yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+def _model_input(x: Any, device: torch.device) -> Any:
+    """Inputs on the model's device, floats in float32 (the measurement runs in fp32); integer ids as they are."""
+    return map_tensors(lambda t: t.to(device).float() if t.is_floating_point() else t.to(device), x)
+
+
+def fisher_trace_sums(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    fisher: str = "true",
+    targets: Optional[torch.Tensor] = None,
+    likelihood: str = "categorical",
+    noise_std: float = 1.0,
+    method: str = "auto",
+    forward: Optional[Forward] = None,
+    generator: Optional[torch.Generator] = None,
+    batch_size: Optional[int] = None,
+    chunk_size: int = 32,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Per-module sums over ``inputs`` of the per-sample squared gradient norms (float64 tensors), and the number of
+    samples: the quantities to add across processes before dividing. See :func:`fisher_trace`."""
+    check_fisher_arguments(fisher, likelihood, method, noise_std)
+    check_int("chunk_size", chunk_size)
+    if batch_size is not None:
+        check_int("batch_size", batch_size)
+    count = num_samples(inputs)
+    if fisher == "empirical" and (targets is None or len(targets) != count):
+        raise ValueError("fisher='empirical' needs `targets`, one per input.")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    step = batch_size or count
+    hooks = method == "auto" and not _whole_model_pass_is_cheaper(model, chunk_size)
+    totals: dict[str, torch.Tensor] = {}
+    with _measurement_mode(model), routed(model, forward):
+        if hooks and count:
+            hooks = _samples_along_dim_0(model, _model_input(select(inputs, slice(0, 1)), device), forward)
+        for start in range(0, count, step):
+            x = _model_input(select(inputs, slice(start, start + step)), device)
+            y = targets[start : start + step] if targets is not None else None
+
+            def cotangents(output: torch.Tensor, y: Optional[torch.Tensor] = y) -> list:
+                return _cotangents(output, fisher, likelihood, y, generator, noise_std)
+
+            sums = _auto_sums(model, x, cotangents, likelihood, chunk_size, forward) if hooks else None
+            if sums is None:
+                sums = _vmap_sums(model, x, cotangents, likelihood, chunk_size, forward)
+            for name, value in sums.items():
+                totals[name] = totals[name] + value if name in totals else value
+    return totals, count
+
+
+def fisher_trace(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    fisher: str = "true",
+    targets: Optional[torch.Tensor] = None,
+    likelihood: str = "categorical",
+    noise_std: float = 1.0,
+    per_layer: bool = True,
+    method: str = "auto",
+    forward: Optional[Forward] = None,
+    generator: Optional[torch.Generator] = None,
+    batch_size: Optional[int] = None,
+    chunk_size: int = 32,
+) -> FisherTrace:
+    """Trace of the Fisher information of ``model`` on ``inputs``: total, per layer, number of samples.
+
+    tr F = (1/N) sum_i E_y ||grad_w log p_w(y | x_i)||^2 with y from the model (``true``, one draw per input from
+    ``generator``), the ``targets`` (``empirical``) or the expectation over y in closed form (``exact``).
+
+    Args:
+        model: returns (N, C) logits (``categorical``) or (N, D) / (N,) means (``gaussian``); an output with
+            ``.logits`` (a Hugging Face ``ModelOutput``) or a dict with ``"logits"`` is read through.
+        inputs: N examples: a tensor (``model(x)``), a tuple of tensors (``model(*inputs)``) or a dict of tensors
+            (``model(**inputs)``, e.g. ``input_ids`` and ``attention_mask``), every tensor with the samples along dim
+            0 (all are split by sample, masks included).
+        fisher: ``true``, ``empirical`` or ``exact``.
+        targets: dataset labels (or regression targets), for ``empirical``.
+        likelihood: ``categorical`` (softmax of logits) or ``gaussian`` (N(output, noise_std^2 I), for regression).
+        noise_std: standard deviation of the Gaussian likelihood.
+        per_layer: also return the split per module (module name -> its share); otherwise ``per_layer`` is empty.
+        method: ``auto`` (closed forms and per-module vmap, see the module doc) or ``vmap`` (whole-model ``torch.func``
+            per-sample gradients).
+        forward: a function of ``inputs`` returning the model's output, called instead of the model (e.g. a
+            LightningModule's ``startwell_forward``); it gets each chunk of ``inputs`` whole.
+        generator: CPU generator for the ``true`` Fisher's draws.
+        batch_size: inputs per forward pass (default: all at once).
+        chunk_size: samples per vmap call in the fallbacks.
+
+    Returns:
+        A :class:`FisherTrace`.
+
+    Example::
+
+        trace = fisher_trace(model, x, fisher="exact")
+        print(trace.total, trace.per_layer)
+    """
+    sums, count = fisher_trace_sums(
+        model, inputs, fisher=fisher, targets=targets, likelihood=likelihood, noise_std=noise_std, method=method,
+        forward=forward, generator=generator, batch_size=batch_size, chunk_size=chunk_size,
+    )
+    per = {name: value.item() / count for name, value in sums.items()}
+    return FisherTrace(total=math.fsum(per.values()), per_layer=per if per_layer else {}, num_samples=count)
