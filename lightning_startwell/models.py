@@ -20,7 +20,7 @@ Convolutions follow the input: ``input_shape`` of length 2 gives 1-D layers, of 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -115,6 +115,12 @@ class Classifier(pl.LightningModule):
     @override
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "test")
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Class probabilities of the inputs (a batch ``(x, y)``, ``(x,)`` or ``x``)."""
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(x).softmax(dim=-1)
 
     @override
     def configure_optimizers(self) -> OptimizerLRScheduler:

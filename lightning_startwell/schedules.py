@@ -71,27 +71,29 @@ def resolve_cutoff(
     total_steps: Optional[int],
 ) -> int:
     """The cutoff in optimizer steps from one of epochs, steps or a fraction of ``total_steps`` (default
-    :data:`DEFAULT_CUTOFF_FRACTION`).
+    :data:`DEFAULT_CUTOFF_FRACTION`). A cutoff past ``total_steps`` is returned as it is (see
+    :func:`schedule_completes`): a short debug run of a long recipe is a valid run.
 
     Raises:
-        ValueError: naming the cutoff if it lies past the end of training, or needs a finite length that is unknown.
+        ValueError: naming the cutoff if it needs a length that is unknown (an iterable loader, endless training).
     """
     if cutoff_epochs is not None:
         if steps_per_epoch is None:
             raise ValueError("`cutoff_epochs` needs a train loader whose length is known; give `cutoff_steps` instead.")
-        cutoff, name, given = cutoff_epochs * steps_per_epoch, "cutoff_epochs", cutoff_epochs
-    elif cutoff_steps is not None:
-        cutoff, name, given = cutoff_steps, "cutoff_steps", cutoff_steps
-    else:
-        cutoff_fraction = DEFAULT_CUTOFF_FRACTION if cutoff_fraction is None else cutoff_fraction
-        if total_steps is None or not math.isfinite(total_steps):
-            raise ValueError("`cutoff_fraction` needs a finite training length: set `max_steps` or `max_epochs`.")
-        cutoff, name, given = round(cutoff_fraction * total_steps), "cutoff_fraction", cutoff_fraction
-    if total_steps is not None and math.isfinite(total_steps) and cutoff > total_steps:
-        raise ValueError(
-            f"`{name}`={given} puts the cutoff at optimizer step {cutoff}, past the end of training ({total_steps} steps)."
-        )
-    return int(cutoff)
+        return cutoff_epochs * steps_per_epoch
+    if cutoff_steps is not None:
+        return cutoff_steps
+    cutoff_fraction = DEFAULT_CUTOFF_FRACTION if cutoff_fraction is None else cutoff_fraction
+    if total_steps is None or not math.isfinite(total_steps):
+        raise ValueError("`cutoff_fraction` needs a finite training length: set `max_steps` or `max_epochs`.")
+    return round(cutoff_fraction * total_steps)
+
+
+def schedule_completes(rate: float, mode: str, shape: str, cutoff_steps: int, total_steps: int) -> bool:
+    """Whether a run of ``total_steps`` optimizer steps reaches the schedule's final rate (0 for ``early``, ``rate``
+    for ``late``) by its last step; ``standard`` always does. False means the run ends before the switch."""
+    final = rate if mode != "early" else 0.0
+    return total_steps > 0 and scheduled_rate(total_steps - 1, rate, mode, shape, cutoff_steps) == final
 
 
 def check_cutoff(
@@ -149,5 +151,6 @@ __all__ = [
     "expected_depth",
     "quantize",
     "resolve_cutoff",
+    "schedule_completes",
     "scheduled_rate",
 ]

@@ -111,7 +111,6 @@ def test_non_finite_trace_is_logged_and_warned_and_training_goes_on(tmp_path):
     ("kwargs", "named"),
     [
         ({"every_n_steps": 5, "every_n_epochs": 1}, "every_n_steps"),
-        ({}, "every_n_epochs"),
         ({"every_n_steps": 0}, "every_n_steps"),
         ({"every_n_epochs": 1, "num_samples": 0}, "num_samples"),
         ({"every_n_epochs": 1, "fisher": "observed"}, "fisher"),

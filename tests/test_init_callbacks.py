@@ -228,3 +228,15 @@ def test_monitor_histograms_are_written_when_asked(tmp_path):
     assert [e.step for e in acc.Histograms("startwell/signal/forward_hist/net.1")] == [0, 2]
     first = acc.Histograms("startwell/signal/forward_hist/net.1")[0].histogram_value
     assert first.num == 16 * 8  # one batch of 16 samples, 8 units
+
+
+def test_resume_from_a_run_without_init_scheme_keeps_its_weights(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    make_trainer(tmp_path, [checkpoint], max_epochs=1).fit(MLP(), gaussian_loader())
+    path = tmp_path / "ckpt" / "epoch=0-step=3.ckpt"
+    saved = torch.load(path, weights_only=False)["state_dict"]
+    init, snapshot = InitScheme(seed=5), Snapshot()
+    make_trainer(tmp_path, [init, snapshot], max_epochs=2).fit(MLP(), gaussian_loader(), ckpt_path=path)
+    assert not init.applied
+    for name, p in snapshot.params.items():
+        assert torch.equal(p, saved[name]), name

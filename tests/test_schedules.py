@@ -19,6 +19,7 @@ from lightning_startwell.schedules import (
     expected_depth,
     quantize,
     resolve_cutoff,
+    schedule_completes,
     scheduled_rate,
 )
 
@@ -70,10 +71,35 @@ def test_resolve_cutoff():
     assert resolve_cutoff(None, 9, None, 7, 70) == 9
     assert resolve_cutoff(None, None, 0.25, 7, 70) == round(17.5)
     assert resolve_cutoff(None, None, None, 7, 60) == 10  # the paper's 50/300
+    assert resolve_cutoff(11, None, None, 7, 70) == 77  # past the end: returned, the callback warns
     with pytest.raises(ValueError, match="cutoff_epochs"):
-        resolve_cutoff(11, None, None, 7, 70)
-    with pytest.raises(ValueError, match="cutoff_steps"):
-        resolve_cutoff(None, 71, None, 7, 70)
+        resolve_cutoff(2, None, None, steps_per_epoch=None, total_steps=None)
+    with pytest.raises(ValueError, match="cutoff_fraction"):
+        resolve_cutoff(None, None, 0.5, steps_per_epoch=None, total_steps=None)
+
+
+@pytest.mark.parametrize(
+    ("mode", "shape", "cutoff", "total", "completes"),
+    [
+        ("early", "constant", 9, 10, True),  # step 9 is the first at rate 0
+        ("early", "constant", 10, 10, False),
+        ("early", "linear", 10, 10, True),  # linspace(p, 0, 10) reaches 0 at its last step
+        ("early", "linear", 11, 10, False),
+        ("late", "constant", 9, 10, True),
+        ("late", "constant", 10, 10, False),
+        ("standard", "constant", 0, 10, True),
+    ],
+)
+def test_schedule_completes_iff_the_last_step_has_the_final_rate(mode, shape, cutoff, total, completes):
+    official = _official(0.3, max(total, cutoff), cutoff, mode, shape)
+    final = 0.0 if mode == "early" else 0.3
+    assert (official[total - 1] == final) == completes  # the official code's schedule, cut at this run's length
+    assert schedule_completes(0.3, mode, shape, cutoff, total) == completes
+
+
+def test_a_cosine_schedule_completes_at_its_cutoff():
+    assert schedule_completes(0.3, "early", "cosine", 10, 10)  # (1 + cos(pi)) / 2 = 0 at step 9
+    assert not schedule_completes(0.3, "early", "cosine", 11, 10)
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ a batch, one batch from the train loader, writing scalars."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, Union
 
@@ -130,3 +131,13 @@ def first_train_inputs(trainer: pl.Trainer, key: BatchKey, max_items: int, argum
             if count >= max_items:
                 break
     return torch.cat(chunks)[:max_items]
+
+
+def run_length(trainer: pl.Trainer) -> tuple[Optional[int], Optional[int]]:
+    """``(optimizer steps per epoch, optimizer steps of the whole run)`` of this fit, None where unknown (an iterable
+    loader, endless training). Sets up the train loader if needed (a no-op once done)."""
+    total = trainer.estimated_stepping_batches
+    trainer.fit_loop.setup_data()
+    batches = trainer.num_training_batches
+    per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else None
+    return per_epoch, int(total) if math.isfinite(total) else None

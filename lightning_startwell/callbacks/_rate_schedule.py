@@ -3,16 +3,24 @@ from ``trainer.global_step`` (right with gradient accumulation and mid-epoch res
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_startwell._validation import check_int
-from lightning_startwell.callbacks._common import log_scalars
-from lightning_startwell.schedules import check_cutoff, check_schedule, quantize, resolve_cutoff, scheduled_rate
+from lightning_startwell.callbacks._common import log_scalars, run_length
+from lightning_startwell.schedules import (
+    DEFAULT_CUTOFF_FRACTION,
+    check_cutoff,
+    check_schedule,
+    quantize,
+    resolve_cutoff,
+    schedule_completes,
+    scheduled_rate,
+)
 
 
 class RateScheduleCallback(Callback):
@@ -55,18 +63,26 @@ class RateScheduleCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._cutoff is None and self.mode != "standard":
-            total = trainer.estimated_stepping_batches
-            trainer.fit_loop.setup_data()  # a no-op once done; makes the train loader's length known
-            batches = trainer.num_training_batches
-            steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else None
-            self._cutoff = resolve_cutoff(
-                self.cutoff_epochs,
-                self.cutoff_steps,
-                self.cutoff_fraction,
-                steps_per_epoch,
-                int(total) if math.isfinite(total) else None,
+        if self._cutoff is not None or self.mode == "standard":
+            return
+        steps_per_epoch, total = run_length(trainer)
+        cutoffs = (self.cutoff_epochs, self.cutoff_steps, self.cutoff_fraction)
+        self._cutoff = resolve_cutoff(*cutoffs, steps_per_epoch, total)
+        if total is None or trainer.fast_dev_run:
+            return
+        if not schedule_completes(self.rate, self.mode, self.shape, self._cutoff, total):
+            rank_zero_warn(
+                f"{type(self).__name__}: {self._cutoff_argument()} puts the cutoff at optimizer step {self._cutoff},"
+                f" past the end of this run ({total} steps): the {self.mode} schedule never "
+                f"{'turns on' if self.mode == 'late' else 'reaches 0'} in this run."
             )
+
+    def _cutoff_argument(self) -> str:
+        """The cutoff argument as given, e.g. ``cutoff_epochs=50`` (the default fraction when none was given)."""
+        for name in ("cutoff_epochs", "cutoff_steps", "cutoff_fraction"):
+            if getattr(self, name) is not None:
+                return f"`{name}`={getattr(self, name)}"
+        return f"the default `cutoff_fraction`={DEFAULT_CUTOFF_FRACTION:.3g}"
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:

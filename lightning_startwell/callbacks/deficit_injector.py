@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import MutableMapping
 from typing import Any, Optional, Union
 
@@ -18,6 +19,7 @@ from lightning_startwell.callbacks._common import (
     first_train_batch,
     first_train_inputs,
     log_scalars,
+    run_length,
 )
 from lightning_startwell.deficits import (
     DEFICITS,
@@ -154,6 +156,19 @@ class DeficitInjector(Callback):
             check_blur_size(value.shape, self.size)
         elif self.deficit == "deprivation" and self._moments is None:  # a resumed run keeps the statistics it had
             self._moments = moments(first_train_inputs(trainer, self.input_key, DEPRIVATION_STATISTICS_ITEMS))
+        self._warn_windows_past_the_end(trainer)
+
+    def _warn_windows_past_the_end(self, trainer: pl.Trainer) -> None:
+        steps_per_epoch, total = run_length(trainer)
+        if not steps_per_epoch or total is None or trainer.fast_dev_run:
+            return
+        epochs = math.ceil(total / steps_per_epoch)
+        late = [(start, end) for start, end in self.windows if end > epochs]
+        if late:
+            rank_zero_warn(
+                f"DeficitInjector: this run trains for {epochs} epochs; the deficit windows {late} (epochs"
+                " [start, end)) reach past its end, so they are cut short or never applied."
+            )
 
     def _check_applies(self, value: torch.Tensor) -> None:
         """Refuse, before training, a tensor the deficit cannot act on (token ids, a mask, float labels)."""

@@ -22,6 +22,7 @@ from lightning_startwell.callbacks._common import (
     model_inputs,
     replace_tensor,
     require_forward,
+    run_length,
     tensorboard_experiments,
 )
 from lightning_startwell.callbacks.deficit_injector import DeficitInjector
@@ -60,7 +61,8 @@ class FisherTraceMonitor(Callback):
         num_samples: size of the probe set (capped at the training set's size).
         batch_size: probe examples per forward pass.
         every_n_steps: measure after every ``every_n_steps`` optimizer steps.
-        every_n_epochs: measure after every ``every_n_epochs`` training epochs (exactly one of the two cadences).
+        every_n_epochs: measure after every ``every_n_epochs`` training epochs (at most one of the two cadences; with
+            neither, every epoch).
         fisher: ``true``, ``empirical`` or ``exact`` (see :func:`~lightning_startwell.fisher.fisher_trace`).
         likelihood: ``categorical`` (classification logits) or ``gaussian`` (regression outputs).
         noise_std: standard deviation of the Gaussian likelihood.
@@ -97,11 +99,13 @@ class FisherTraceMonitor(Callback):
     ) -> None:
         check_int("num_samples", num_samples)
         check_int("batch_size", batch_size)
-        if (every_n_steps is None) == (every_n_epochs is None):
+        if every_n_steps is not None and every_n_epochs is not None:
             raise ValueError(
-                "Give exactly one of `every_n_steps` and `every_n_epochs`, got"
+                "Give at most one of `every_n_steps` and `every_n_epochs`, got"
                 f" every_n_steps={every_n_steps!r}, every_n_epochs={every_n_epochs!r}."
             )
+        if every_n_steps is None and every_n_epochs is None:
+            every_n_epochs = 1
         for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
             if value is not None:
                 check_int(name, value)
@@ -134,8 +138,26 @@ class FisherTraceMonitor(Callback):
         self._batch = self._draw_probe(trainer)
         if self.probe == "training" and not _injectors(trainer):
             rank_zero_warn("FisherTraceMonitor(probe='training') found no DeficitInjector: the probe stays clean.")
+        if not trainer.fast_dev_run:
+            self._warn_if_unusual_for_this_run(trainer)
         if trainer.global_step == 0:  # the curve starts at the initialisation; a resumed run has that point already
             self._measure(trainer, pl_module)
+
+    def _warn_if_unusual_for_this_run(self, trainer: pl.Trainer) -> None:
+        """Valid settings that this run cannot honour: a probe set larger than the data, a cadence past the end."""
+        size = len(trainer.train_dataloader.dataset)
+        if self.num_samples > size:
+            rank_zero_warn(f"FisherTraceMonitor: `num_samples`={self.num_samples} > {size} training items; all used.")
+        steps_per_epoch, total = run_length(trainer)
+        if total is None or not steps_per_epoch:
+            return
+        if (self.every_n_steps or 0) > total or (self.every_n_epochs or 0) > math.ceil(total / steps_per_epoch):
+            name = "every_n_steps" if self.every_n_steps else "every_n_epochs"
+            cadence = f"`{name}`={getattr(self, name)}"
+            rank_zero_warn(
+                f"FisherTraceMonitor: {cadence} is past the end of this run ({total} optimizer steps): the trace is"
+                " measured at the initialisation only."
+            )
 
     def _draw_probe(self, trainer: pl.Trainer) -> Any:
         """This rank's share of ``num_samples`` training items drawn with ``seed`` (the same draw on every rank)."""

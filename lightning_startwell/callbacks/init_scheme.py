@@ -41,10 +41,11 @@ class InitScheme(Callback):
     r"""Initialise the model with a variance-preserving scheme at the start of a fresh ``fit``.
 
     Runs in ``on_fit_start``: after ``configure_model`` (layers built there are covered) and after the DDP wrap, in place
-    under ``no_grad`` so the optimizer keeps its tensors. It never runs when resuming (``fit(ckpt_path=...)``), in
-    validate/test/predict, or on a second ``fit`` of the same trainer. Every DDP rank draws the same weights from one
-    seed (``seed``, or one drawn on rank 0 and broadcast), and rank 0's result is then broadcast, so data-dependent
-    LSUV agrees across ranks too.
+    under ``no_grad`` so the optimizer keeps its tensors. It never runs once trained weights were loaded from a
+    checkpoint (``fit(ckpt_path=...)``, whether or not that run had InitScheme; the tuners' own step-0 restores do not
+    count), in validate/test/predict, or on a second ``fit`` of the same trainer. Every DDP rank draws the same weights
+    from one seed (``seed``, or one drawn on rank 0 and broadcast), and rank 0's result is then broadcast, so
+    data-dependent LSUV agrees across ranks too.
 
     Logs at step 0, per layer: ``startwell/init/std/<layer>`` (std obtained), ``startwell/init/target_std/<layer>``,
     and ``startwell/init/forward_ratio/<layer>`` = Var[z^l] / Var[z^1] on one training batch (train mode, dropout off).
@@ -118,6 +119,7 @@ class InitScheme(Callback):
         self.input_key = input_key
         self.log_forward_ratio = log_forward_ratio
         self.applied = False
+        self._loaded_trained_weights = False
         self.report: list[Any] = []
 
     @override
@@ -131,7 +133,7 @@ class InitScheme(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.applied or trainer.ckpt_path is not None:
+        if self.applied or self._loaded_trained_weights:
             return
         seed = self.seed
         if seed is None:  # drawn on rank 0 and shared, so every rank gets the same weights
@@ -180,6 +182,15 @@ class InitScheme(Callback):
             for name, var in variances.items():
                 metrics[f"startwell/init/forward_ratio/{name}"] = var / first if first > 0 else math.nan
         log_scalars(trainer, metrics, step=0)
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Any checkpoint past step 0 holds trained weights (a resume, even of a run without InitScheme): never
+        # overwrite them. The tuners (LR finder, batch-size finder) restore their own step-0 checkpoint inside a fresh
+        # fit, and `trainer.ckpt_path` then names it: that fit still wants initialising.
+        self._loaded_trained_weights = self._loaded_trained_weights or checkpoint.get("global_step", 0) > 0
 
     @override
     def state_dict(self) -> dict[str, Any]:
