@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -83,7 +84,8 @@ def fans(layer: nn.Module) -> tuple[int, int]:
 
 
 def gain(nonlinearity: str, negative_slope: float = 0.0) -> float:
-    """Variance gain of an activation: sqrt(2 / (1 + alpha^2)) for (leaky) ReLU, 5/3 for tanh, 1 for linear."""
+    """Standard-deviation gain of an activation (the factor on the weights' std, as ``torch.nn.init.calculate_gain``):
+    sqrt(2 / (1 + alpha^2)) for (leaky) ReLU, 5/3 for tanh, 1 for linear."""
     if nonlinearity == "relu":
         return math.sqrt(2.0)
     if nonlinearity == "leaky_relu":
@@ -102,7 +104,9 @@ def target_std(
     * ``he_*``: sqrt(2 / ((1 + alpha^2) fan)), fan = fan_in or fan_out by ``mode``, alpha = ``negative_slope`` for
       ``leaky_relu`` and 0 for ``relu``;
     * ``lecun_normal``: sqrt(1 / fan_in);
-    * ``orthogonal``: gain / sqrt(max(fan_in, fan_out)) (a semi-orthogonal matrix has unit rows or unit columns).
+    * ``orthogonal``: gain / sqrt(max(fan_in, fan_out)) (a semi-orthogonal matrix has unit rows or unit columns), with
+      the fans of the weight as the matrix that is made orthogonal: for a convolution, out_channels rows (not
+      out_channels x kernel) by in_channels / groups x kernel columns (see :func:`matrix_fans`).
     """
     if scheme.startswith("glorot"):
         return math.sqrt(2.0 / (fan_in + fan_out))
@@ -127,6 +131,13 @@ def _draw(shape: torch.Size, scheme: str, std: float, generator: torch.Generator
         nn.init.orthogonal_(flat, generator=generator)
         return flat.reshape(shape) * (std * math.sqrt(max(flat.shape)))
     return torch.empty(shape).normal_(0.0, std, generator=generator)
+
+
+def matrix_fans(layer: nn.Module) -> tuple[int, int]:
+    """``(columns, rows)`` of a layer's weight as the matrix an orthogonal draw makes semi-orthogonal (one row per output
+    unit, as ``torch.nn.init.orthogonal_`` flattens it): equal to :func:`fans` for a Linear, not for a convolution."""
+    weight = _stored_layout(layer, layer.weight)
+    return math.prod(weight.shape[1:]), weight.shape[0]
 
 
 def _stored_layout(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
@@ -285,6 +296,8 @@ def init_weights(
             )
         if scheme == "fixup" and min(len(b.layers) for b in branches) < 2:
             raise ValueError("`fixup` needs residual branches of at least 2 weight layers (the exponent is -1/(2m-2)).")
+        if scheme == "fixup":
+            _warn_fixup_with_norms(module, branches)
     if scheme == "lsuv" and lsuv_inputs is None:
         raise ValueError("scheme 'lsuv' needs `lsuv_inputs`, a batch of training inputs.")
     if generator is None:  # seeded from the global stream, so `seed_everything` makes it reproducible
@@ -309,6 +322,22 @@ def init_weights(
     ]
 
 
+def _warn_fixup_with_norms(module: nn.Module, branches: list[ResidualBranch]) -> None:
+    """Fixup is for networks without normalisation: a norm layer after a branch's convolutions makes their weights
+    scale-invariant and undoes the L^(-1/(2m-2)) rescaling within a few steps."""
+    norms = [n for n, m in module.named_modules() if isinstance(m, NORM_LAYERS)]
+    normed = [b.name for b in branches if any(n.startswith(b.name + ".") for n in norms)]
+    if normed:
+        warnings.warn(
+            f"scheme 'fixup' is an initialisation for residual networks without normalisation (Zhang et al. 2019), but"
+            f" {len(normed)} of {len(branches)} residual branches hold a normalisation layer (first: {normed[0]!r}),"
+            " which undoes Fixup's rescaling within a few steps. Use a normalisation-free network (the demo"
+            " `ResNet(norm='none')`), or 'he_normal' with `zero_init_residual=True` for a normalised one.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _target_stds(
     module: nn.Module,
     layers: dict[str, nn.Module],
@@ -319,8 +348,9 @@ def _target_stds(
     negative_slope: float,
 ) -> dict[str, float]:
     if scheme == "lsuv":
-        return {n: 1.0 / math.sqrt(max(fans(m))) for n, m in layers.items()}
-    stds = {n: target_std(scheme, *fans(m), mode, nonlinearity, negative_slope) for n, m in layers.items()}
+        return {n: 1.0 / math.sqrt(max(matrix_fans(m))) for n, m in layers.items()}
+    layer_fans = matrix_fans if scheme == "orthogonal" else fans
+    stds = {n: target_std(scheme, *layer_fans(m), mode, nonlinearity, negative_slope) for n, m in layers.items()}
     if scheme == "fixup":
         num_branches = len(branches)
         for branch in branches:
@@ -426,6 +456,7 @@ __all__ = [
     "gain",
     "init_weights",
     "lsuv_rescale",
+    "matrix_fans",
     "target_std",
     "weight_layers",
 ]

@@ -35,6 +35,8 @@ from lightning_startwell._validation import check_choice, check_int, check_rate
 
 Activation = Literal["relu", "leaky_relu", "tanh"]
 ACTIVATIONS = ("relu", "leaky_relu", "tanh")
+Norm = Literal["batch", "none"]
+NORMS = ("batch", "none")
 
 
 def sgd(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
@@ -236,25 +238,54 @@ class ConvNet(Classifier):
         self.net = nn.Sequential(*layers)
 
 
+class ScalarBias(nn.Module):
+    """Adds one learned scalar, initialised to 0 (Fixup's bias before each convolution, activation and classifier)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias
+
+
+class ScalarScale(nn.Module):
+    """Multiplies by one learned scalar, initialised to 1 (Fixup's multiplier at the end of each residual branch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
 class ResidualBlock(nn.Module):
-    """``relu(x + branch(x))`` with ``branch`` = Conv -> BatchNorm -> ReLU -> Dropout -> Conv -> BatchNorm.
+    """``relu(x + branch(x))``, with one of two branches:
+
+    * ``norm="batch"``: Conv -> BatchNorm -> ReLU -> Dropout -> Conv -> BatchNorm;
+    * ``norm="none"``: Fixup's normalisation-free branch (Zhang et al. 2019, Section 3): bias -> Conv -> bias -> ReLU
+      -> Dropout -> bias -> Conv -> scale -> bias, with scalar biases at 0 and the scale at 1.
 
     The residual branch is the child module named ``branch``: initialisation schemes (Fixup, zero-init of the last
     BatchNorm) and stochastic depth find it by that name.
     """
 
-    def __init__(self, spatial_dims: int, width: int, dropout: float) -> None:
+    def __init__(self, spatial_dims: int, width: int, dropout: float, norm: Norm = "batch") -> None:
         super().__init__()
+        check_choice("norm", norm, NORMS)
         conv = getattr(nn, f"Conv{spatial_dims}d")
-        norm = getattr(nn, f"BatchNorm{spatial_dims}d")
-        self.branch = nn.Sequential(
-            conv(width, width, 3, padding=1, bias=False),
-            norm(width),
-            nn.ReLU(),
-            nn.Dropout(dropout),
-            conv(width, width, 3, padding=1, bias=False),
-            norm(width),
-        )
+        if norm == "batch":
+            batch_norm = getattr(nn, f"BatchNorm{spatial_dims}d")
+            layers = [conv(width, width, 3, padding=1, bias=False), batch_norm(width), nn.ReLU(), nn.Dropout(dropout)]
+            layers += [conv(width, width, 3, padding=1, bias=False), batch_norm(width)]
+        else:
+            layers = [ScalarBias(), conv(width, width, 3, padding=1, bias=False), ScalarBias(), nn.ReLU()]
+            layers += [nn.Dropout(dropout), ScalarBias(), conv(width, width, 3, padding=1, bias=False)]
+            layers += [ScalarScale(), ScalarBias()]
+        self.branch = nn.Sequential(*layers)
 
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -265,15 +296,21 @@ class ResNet(Classifier):
     """Residual network: a Conv -> BatchNorm -> ReLU stem to ``width`` channels, ``num_blocks`` :class:`ResidualBlock`
     of that width (branches at ``blocks.<i>.branch``), global average pooling and a Linear classifier.
 
+    With ``norm="none"`` there is no normalisation layer at all, as Fixup (Zhang et al. 2019) meant: the stem is
+    Conv -> scalar bias -> ReLU, each branch carries Fixup's scalar biases and multiplier, and a scalar bias precedes
+    the classifier. Train it with ``InitScheme(scheme="fixup")``; under ``he_normal`` alone a deep one diverges.
+
     Args:
         num_blocks: number of residual blocks.
         width: channels of the stem and of every block.
         dropout: dropout rate inside each residual branch.
+        norm: ``batch`` (BatchNorm after every convolution) or ``none`` (Fixup's normalisation-free network).
         **kwargs: ``input_shape``, ``num_classes``, ``optimizer``, ``lr_scheduler`` of :class:`Classifier`.
 
     Example::
 
         model = ResNet(input_shape=(1, 8, 8), num_classes=10, num_blocks=8, width=32)
+        fixup_ready = ResNet(num_blocks=32, norm="none")
     """
 
     def __init__(
@@ -283,6 +320,7 @@ class ResNet(Classifier):
         num_blocks: int = 3,
         width: int = 32,
         dropout: float = 0.0,
+        norm: Norm = "batch",
         optimizer: OptimizerCallable = sgd,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
     ) -> None:
@@ -290,18 +328,32 @@ class ResNet(Classifier):
         check_int("num_blocks", num_blocks)
         check_int("width", width)
         check_rate("dropout", dropout)
+        check_choice("norm", norm, NORMS)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        stem_norm = self._layer("BatchNorm")(width) if norm == "batch" else ScalarBias()
         self.stem = nn.Sequential(
-            self._layer("Conv")(self.input_shape[0], width, 3, padding=1, bias=False),
-            self._layer("BatchNorm")(width),
-            nn.ReLU(),
+            self._layer("Conv")(self.input_shape[0], width, 3, padding=1, bias=False), stem_norm, nn.ReLU()
         )
-        self.blocks = nn.Sequential(*(ResidualBlock(self.spatial_dims, width, dropout) for _ in range(num_blocks)))
-        self.head = nn.Sequential(self._layer("AdaptiveAvgPool")(1), nn.Flatten(), nn.Linear(width, num_classes))
+        blocks = (ResidualBlock(self.spatial_dims, width, dropout, norm) for _ in range(num_blocks))
+        self.blocks = nn.Sequential(*blocks)
+        head: list[nn.Module] = [self._layer("AdaptiveAvgPool")(1), nn.Flatten()]
+        if norm == "none":
+            head.append(ScalarBias())
+        self.head = nn.Sequential(*head, nn.Linear(width, num_classes))
 
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(self.stem(x)))
 
 
-__all__ = ["Classifier", "ConvNet", "MLP", "ResNet", "ResidualBlock", "make_activation", "sgd"]
+__all__ = [
+    "Classifier",
+    "ConvNet",
+    "MLP",
+    "ResNet",
+    "ResidualBlock",
+    "ScalarBias",
+    "ScalarScale",
+    "make_activation",
+    "sgd",
+]

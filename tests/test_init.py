@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -11,12 +12,12 @@ from torch import nn
 from lightning_startwell.init import fans, find_residual_branches, init_weights
 from lightning_startwell.models import ConvNet, MLP, ResNet
 
-LINEAR_FANS = (1024, 1024)
-CONV_FANS = (256 * 9, 256 * 9)
-
-
-def _layers():
-    return [nn.Linear(1024, 1024), nn.Conv2d(256, 256, 3)]
+# Layers with fan_in != fan_out, both ways, so Glorot, LeCun, He fan_in and He fan_out all aim at different stds.
+LAYERS_AND_FANS = [
+    (lambda: nn.Linear(1024, 512), (1024, 512)),
+    (lambda: nn.Linear(256, 1024), (256, 1024)),
+    (lambda: nn.Conv2d(256, 128, 3), (256 * 9, 128 * 9)),
+]
 
 
 def _expected_std(scheme, fan_in, fan_out, slope=0.0, mode="fan_in"):
@@ -32,12 +33,14 @@ def _expected_std(scheme, fan_in, fan_out, slope=0.0, mode="fan_in"):
 
 
 @pytest.mark.parametrize("scheme", ["glorot_normal", "glorot_uniform", "he_normal", "he_uniform", "lecun_normal", "orthogonal"])
-@pytest.mark.parametrize(("slope", "mode"), [(0.0, "fan_in"), (0.2, "fan_out")])
+@pytest.mark.parametrize("slope", [0.0, 0.5])
+@pytest.mark.parametrize("mode", ["fan_in", "fan_out"])
 def test_std_of_each_scheme_matches_its_formula_within_3_percent(scheme, slope, mode):
     nonlinearity = "leaky_relu" if slope else "relu"
     if scheme == "orthogonal":
         nonlinearity = "linear"
-    for layer, (fan_in, fan_out) in zip(_layers(), (LINEAR_FANS, CONV_FANS)):
+    for make_layer, (fan_in, fan_out) in LAYERS_AND_FANS:
+        layer = make_layer()
         report = init_weights(
             layer, scheme, mode=mode, nonlinearity=nonlinearity, negative_slope=slope,
             generator=torch.Generator().manual_seed(0),
@@ -57,6 +60,21 @@ def test_orthogonal_rows_are_orthonormal_times_the_gain():
     init_weights(layer, "orthogonal", nonlinearity="tanh", generator=torch.Generator().manual_seed(1))
     w = layer.weight.double()
     assert torch.allclose(w @ w.T, (5 / 3) ** 2 * torch.eye(200, dtype=torch.float64), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(4, 64, 3), (64, 8, 3), (16, 16, 1)], ids=["widening", "narrowing", "square"])
+@pytest.mark.parametrize(("nonlinearity", "slope", "gain"), [("tanh", 0.0, 5 / 3), ("leaky_relu", 0.5, math.sqrt(1.6))])
+def test_orthogonal_convolutions_have_the_singular_values_of_torch_nn_init(shape, nonlinearity, slope, gain):
+    in_channels, out_channels, kernel = shape
+    ours, reference = nn.Conv2d(in_channels, out_channels, kernel), nn.Conv2d(in_channels, out_channels, kernel)
+    report = init_weights(ours, "orthogonal", nonlinearity=nonlinearity, negative_slope=slope,
+                          generator=torch.Generator().manual_seed(0))
+    nn.init.orthogonal_(reference.weight, gain=gain)
+    singular = torch.linalg.svdvals(ours.weight.detach().double().flatten(1))
+    expected = torch.linalg.svdvals(reference.weight.detach().double().flatten(1))
+    assert torch.allclose(singular, expected, rtol=1e-5)
+    assert torch.allclose(singular, torch.full_like(singular, gain), rtol=1e-5)
+    assert report[0].target_std == pytest.approx(ours.weight.double().pow(2).mean().sqrt().item(), rel=1e-5)
 
 
 def test_fans_of_grouped_and_transposed_convolutions_by_hand():
@@ -124,19 +142,37 @@ def test_include_and_exclude_patterns():
     assert not torch.equal(model.net[4].weight, before["net.4.weight"])
 
 
-def test_fixup_on_the_demo_resnet():
+def _fixup_warning():
+    return pytest.warns(UserWarning, match="fixup.*without normalisation")
+
+
+def test_fixup_on_the_demo_resnet_with_batch_norm_is_applied_with_a_warning():
     model = ResNet(num_blocks=4, width=16)
-    init_weights(model, "fixup", generator=torch.Generator().manual_seed(0))
+    with _fixup_warning():
+        init_weights(model, "fixup", generator=torch.Generator().manual_seed(0))
     he = math.sqrt(2 / (16 * 9))
     first = torch.cat([model.blocks[i].branch[0].weight.flatten() for i in range(4)]).double()
     assert first.std().item() == pytest.approx(he * 4 ** (-1 / (2 * 2 - 2)), rel=0.03)
     for i in range(4):
         assert torch.count_nonzero(model.blocks[i].branch[4].weight) == 0
     assert torch.count_nonzero(model.head[2].weight) == 0 and torch.count_nonzero(model.head[2].bias) == 0
+
+
+def test_fixup_on_the_normalisation_free_resnet_makes_every_block_the_identity():
+    blocks, width = 9, 16
+    model = ResNet(num_blocks=blocks, width=width, norm="none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no normalisation: no warning
+        init_weights(model, "fixup", generator=torch.Generator().manual_seed(0))
+    first = torch.cat([block.branch[1].weight.flatten() for block in model.blocks]).double()
+    # He std sqrt(2 / fan_in) times L^(-1/(2m-2)) with m = 2 layers per branch: L^(-1/2).
+    assert first.std().item() == pytest.approx(math.sqrt(2 / (width * 9)) / math.sqrt(blocks), rel=0.03)
+    assert all(torch.count_nonzero(block.branch[6].weight) == 0 for block in model.blocks)
     x = torch.randn(3, 1, 8, 8)
-    model.eval()
-    # Every branch starts at zero, so each block is relu(x + 0) and the classifier outputs zeros.
-    assert torch.count_nonzero(model(x)) == 0
+    with torch.no_grad():
+        stem = model.stem(x)
+        assert torch.equal(model.blocks(stem), stem)
+        assert torch.count_nonzero(model(x)) == 0
 
 
 def test_fixup_and_zero_init_residual_on_torchvision_resnet():
@@ -144,7 +180,8 @@ def test_fixup_and_zero_init_residual_on_torchvision_resnet():
     model = torchvision.models.resnet18(num_classes=10)
     branches = find_residual_branches(model)
     assert len(branches) == 8 and branches[0].layers == ("layer1.0.conv1", "layer1.0.conv2")
-    init_weights(model, "fixup", zero_init_residual=True, generator=torch.Generator().manual_seed(0))
+    with _fixup_warning():
+        init_weights(model, "fixup", zero_init_residual=True, generator=torch.Generator().manual_seed(0))
     conv1 = model.layer4[1].conv1.weight.double()
     assert conv1.std().item() == pytest.approx(math.sqrt(2 / (512 * 9)) * 8 ** -0.5, rel=0.03)
     for block in (model.layer1[0], model.layer4[1]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import types
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -12,7 +13,6 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from conftest import ddp_spawn_flake, gaussian_loader, make_trainer, read_scalars
 from lightning_startwell.callbacks import InitScheme, SignalPropagationMonitor
-from lightning_startwell.init import init_weights
 from lightning_startwell.models import MLP
 
 
@@ -26,19 +26,75 @@ class Snapshot(Callback):
         self.params = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
 
 
-def test_fit_initialises_with_the_seeded_scheme_and_logs_the_report(tmp_path):
-    model, snapshot = MLP(depth=2, width=32), Snapshot()
-    trainer = make_trainer(tmp_path, [InitScheme("he_uniform", seed=3), snapshot])
-    trainer.fit(model, gaussian_loader())
-    expected = MLP(depth=2, width=32)
-    init_weights(expected, "he_uniform", generator=torch.Generator().manual_seed(3))
-    for name, p in expected.named_parameters():
-        assert torch.equal(snapshot.params[name], p), name
+def test_fit_initialises_by_the_formula_of_each_argument_and_logs_the_report(tmp_path):
+    # fan_out and a leaky slope, on 64 -> 512 -> 256 -> 10 layers: std sqrt(2 / ((1 + 0.5^2) fan_out)) per layer.
+    model, snapshot = MLP(depth=2, width=512), Snapshot()
+    with torch.no_grad():
+        model.net[4] = torch.nn.Linear(512, 256)
+        model.net[7] = torch.nn.Linear(256, 10)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    init = InitScheme(
+        "he_uniform", mode="fan_out", nonlinearity="leaky_relu", negative_slope=0.5, keep_bias=True,
+        exclude=["net.7"], seed=3,
+    )
+    make_trainer(tmp_path, [init, snapshot]).fit(model, gaussian_loader())
+    for name, fan_out in (("net.1", 512), ("net.4", 256)):
+        expected = math.sqrt(2 / (1.25 * fan_out))
+        weight = snapshot.params[f"{name}.weight"].double()
+        assert weight.std().item() == pytest.approx(expected, rel=0.03), name
+        assert weight.abs().max().item() <= math.sqrt(3) * expected + 1e-7
+        assert torch.equal(snapshot.params[f"{name}.bias"], before[f"{name}.bias"])  # keep_bias
+    assert torch.equal(snapshot.params["net.7.weight"], before["net.7.weight"])  # excluded
     scalars = read_scalars(tmp_path / "lightning_logs")
-    assert scalars["startwell/init/target_std/net.1"][0] == (0, pytest.approx(math.sqrt(2 / 64)))
-    assert scalars["startwell/init/std/net.1"][0][1] == pytest.approx(snapshot.params["net.1.weight"].double().std().item(), rel=1e-5)
-    assert scalars["startwell/init/forward_ratio/net.1"][0][1] == pytest.approx(1.0)
-    assert "startwell/init/forward_ratio/net.7" in scalars
+    assert scalars["startwell/init/target_std/net.1"][0] == (0, pytest.approx(math.sqrt(2 / (1.25 * 512))))
+    assert "startwell/init/std/net.7" not in scalars
+    # The forward ratio of the second layer, recomputed from the first batch and the weights training started from.
+    x = next(iter(gaussian_loader()))[0].flatten(1).double()
+    w = {n: p.double() for n, p in snapshot.params.items()}
+    z1 = x @ w["net.1.weight"].T + w["net.1.bias"]
+    z2 = z1.clamp_min(0) @ w["net.4.weight"].T + w["net.4.bias"]
+    assert scalars["startwell/init/forward_ratio/net.4"][0][1] == pytest.approx(z2.var().item() / z1.var().item(), rel=1e-4)
+
+
+def test_same_seed_gives_the_same_start_and_another_seed_another(tmp_path):
+    starts = []
+    for i, seed in enumerate((7, 7, 8)):
+        snapshot = Snapshot()
+        make_trainer(tmp_path / str(i), [InitScheme("orthogonal", seed=seed), snapshot], max_steps=1).fit(
+            MLP(), gaussian_loader()
+        )
+        starts.append(snapshot.params["net.1.weight"])
+    assert torch.equal(starts[0], starts[1]) and not torch.equal(starts[0], starts[2])
+
+
+def test_zero_init_residual_and_fixup_through_the_callback(tmp_path):
+    from lightning_startwell.models import ResNet
+
+    resnet, snapshot = ResNet(num_blocks=2, width=8), Snapshot()
+    make_trainer(tmp_path / "zero", [InitScheme(zero_init_residual=True, seed=0), snapshot], max_steps=1).fit(
+        resnet, gaussian_loader()
+    )
+    assert all(torch.count_nonzero(snapshot.params[f"blocks.{i}.branch.5.weight"]) == 0 for i in range(2))
+    assert torch.all(snapshot.params["blocks.0.branch.1.weight"] == 1)
+    fixup, snapshot = ResNet(num_blocks=4, width=16, norm="none"), Snapshot()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "fixup meets a normalisation layer" warning here
+        warnings.filterwarnings("ignore", ".*(does not have many workers|GPU available|TPU available)")
+        make_trainer(tmp_path / "fixup", [InitScheme("fixup", seed=0), snapshot], max_steps=1).fit(
+            fixup, gaussian_loader()
+        )
+    first = torch.cat([snapshot.params[f"blocks.{i}.branch.1.weight"].flatten() for i in range(4)]).double()
+    assert first.std().item() == pytest.approx(math.sqrt(2 / (16 * 9)) / 2, rel=0.05)  # He x 4^(-1/2)
+    assert all(torch.count_nonzero(snapshot.params[f"blocks.{i}.branch.6.weight"]) == 0 for i in range(4))
+    assert torch.count_nonzero(snapshot.params["head.3.weight"]) == 0
+
+
+def test_fixup_on_a_normalised_resnet_warns_once(tmp_path):
+    from lightning_startwell.models import ResNet
+
+    with pytest.warns(UserWarning, match="fixup.*without normalisation") as record:
+        make_trainer(tmp_path, [InitScheme("fixup", seed=0)], max_steps=1).fit(ResNet(num_blocks=2), gaussian_loader())
+    assert sum("without normalisation" in str(w.message) for w in record) == 1
 
 
 def test_resume_keeps_the_checkpoint_weights_bit_for_bit(tmp_path):
@@ -111,27 +167,31 @@ def test_include_pattern_matching_nothing_fails_at_setup(tmp_path):
 
 
 def _deep_mlp_ratio(tmp_path, scheme):
-    """A 50-layer ReLU MLP on Gaussian 256-d inputs, learning rate 0: the monitor sees the initial network."""
+    """A 50-layer ReLU MLP on Gaussian 256-d inputs, learning rate 0: the monitor sees the initial network. Returns the
+    logged scalars, Var[z^l] per layer and Var[dL/dz^1] / Var[dL/dz^last], both recomputed by a float64 loop."""
     model = MLP(input_shape=(1, 16, 16), depth=49, width=256, optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
     monitor = SignalPropagationMonitor(every_n_steps=1)
     make_trainer(tmp_path, [InitScheme(scheme, seed=0), monitor], max_steps=2).fit(
         model, gaussian_loader(num=512, shape=(1, 16, 16), batch_size=256)
     )
     scalars = read_scalars(tmp_path / "lightning_logs")
-    x = next(iter(gaussian_loader(num=512, shape=(1, 16, 16), batch_size=256)))[0].flatten(1).double()
+    x, y = next(iter(gaussian_loader(num=512, shape=(1, 16, 16), batch_size=256)))
+    x = x.flatten(1).double()
     linears = [m for m in model.net if isinstance(m, torch.nn.Linear)]
-    variances = []
-    with torch.no_grad():
-        for layer in linears:
-            x = x @ layer.weight.double().T + layer.bias.double()
-            variances.append(x.var().item())
-            x = x.clamp_min(0)
-    return scalars, variances
+    outputs = []
+    for layer in linears:
+        x = x @ layer.weight.detach().double().T + layer.bias.detach().double()
+        x.retain_grad()
+        outputs.append(x)
+        x = x.clamp_min(0)
+    torch.nn.functional.cross_entropy(outputs[-1], y).backward()
+    variances = [z.var().item() for z in outputs]
+    return scalars, variances, outputs[0].grad.var().item() / outputs[-1].grad.var().item()
 
 
 def test_monitor_logs_the_collapse_of_glorot_and_the_flat_signal_of_he(tmp_path):
-    he_scalars, he_var = _deep_mlp_ratio(tmp_path / "he", "he_normal")
-    glorot_scalars, glorot_var = _deep_mlp_ratio(tmp_path / "glorot", "glorot_normal")
+    he_scalars, he_var, he_backward = _deep_mlp_ratio(tmp_path / "he", "he_normal")
+    glorot_scalars, glorot_var, glorot_backward = _deep_mlp_ratio(tmp_path / "glorot", "glorot_normal")
     for scalars, variances in ((he_scalars, he_var), (glorot_scalars, glorot_var)):
         assert [s for s, _ in scalars["startwell/signal/forward_ratio"]] == [0, 1]
         assert scalars["startwell/signal/forward_ratio"][0][1] == pytest.approx(variances[-1] / variances[0], rel=1e-3)
@@ -139,9 +199,11 @@ def test_monitor_logs_the_collapse_of_glorot_and_the_flat_signal_of_he(tmp_path)
     assert 0.1 < he_scalars["startwell/signal/forward_ratio"][0][1] < 10
     assert glorot_scalars["startwell/signal/forward_ratio"][0][1] < 1e-6
     assert glorot_scalars["startwell/signal/backward_ratio"][0][1] < 1e-6  # gradients vanish towards the input too
-    # Backward, He (fan_in) keeps the variance through the 256x256 layers; the one drop is the classifier, whose
-    # 10 outputs feed 256 units: Var shrinks by fan_out/fan_in = 10/256 ~ 0.04 there, not by a factor per layer.
-    assert 0.04 / 8 < he_scalars["startwell/signal/backward_ratio"][0][1] < 0.04 * 8
+    # Backward, the same float64 loop gives Var[dL/dz^1] / Var[dL/dz^last]. He (fan_in) keeps the variance through the
+    # 256x256 layers; the one drop is the classifier, whose 10 outputs feed 256 units: ~ 10/256 = 0.04 there.
+    for scalars, ratio in ((he_scalars, he_backward), (glorot_scalars, glorot_backward)):
+        assert scalars["startwell/signal/backward_ratio"][0][1] == pytest.approx(ratio, rel=1e-3)
+    assert 0.02 < he_scalars["startwell/signal/backward_ratio"][0][1] < 0.08
 
 
 def _same_batch_loader():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_startwell.models import MLP, ConvNet, ResNet, ResidualBlock
+from lightning_startwell.models import MLP, ConvNet, ResidualBlock, ResNet, ScalarBias, ScalarScale
 
 
 @pytest.mark.parametrize("cls", [MLP, ConvNet, ResNet])
@@ -30,6 +30,28 @@ def test_resnet_branches_are_named_and_add_to_the_identity():
     assert isinstance(block, ResidualBlock)
     x = torch.randn(2, 8, 8, 8)
     assert torch.allclose(block(x), torch.relu(x + block.branch(x)))
+
+
+def test_normalisation_free_resnet_is_fixups_architecture():
+    model = ResNet(num_blocks=3, width=8, norm="none", dropout=0.1)
+    assert not any(isinstance(m, nn.modules.batchnorm._NormBase) for m in model.modules())
+    x = torch.randn(2, 8, 8, 8)
+    branch = model.blocks[0].branch
+    biases = [m.bias for m in branch if isinstance(m, ScalarBias)]
+    scales = [m.scale for m in branch if isinstance(m, ScalarScale)]
+    assert len(biases) == 4 and len(scales) == 1
+    assert all(b.shape == () and b.item() == 0 for b in biases) and scales[0].item() == 1
+    with torch.no_grad():
+        for value, bias in zip((0.1, -0.2, 0.3, -0.4), biases):
+            bias.fill_(value)
+        scales[0].fill_(1.5)
+    convs = [m for m in branch if isinstance(m, nn.Conv2d)]
+    branch.eval()
+    # Zhang et al. (2019), Fig. 1 (right): each scalar bias before a conv / activation, the multiplier before the last.
+    expected = convs[1](torch.relu(convs[0](x + 0.1) - 0.2) + 0.3) * 1.5 - 0.4
+    assert torch.allclose(branch(x), expected, atol=1e-6)
+    # The stem ends in a scalar bias and ReLU, the head puts a scalar bias before the classifier.
+    assert isinstance(model.stem[1], ScalarBias) and isinstance(model.head[2], ScalarBias)
 
 
 def test_mlp_layers_and_activation():
@@ -68,6 +90,7 @@ def test_default_optimizer_and_injected_schedule():
         (ConvNet, {"kernel_size": 4}, "kernel_size"),
         (ResNet, {"num_blocks": 0}, "num_blocks"),
         (ResNet, {"dropout": -0.1}, "dropout"),
+        (ResNet, {"norm": "layer"}, "norm"),
     ],
 )
 def test_bad_model_arguments_name_the_argument(cls, kwargs, named):

@@ -185,62 +185,84 @@ class Wrapped(Classifier):
         self.net = net
 
 
-class AssertHooksDrop(Callback):
-    """In training, the same input gives different outputs (blocks are dropped); in eval the plain model's output."""
+class CountZeroSamples(Callback):
+    """Counts, per named module, the training samples whose output is all zeros (a dropped residual branch). Its hooks
+    are registered at train start, after the schedule's own, so they see the output after dropping."""
 
-    def __init__(self, reference):
-        self.reference = reference
-        self.checked = False
+    def __init__(self, names) -> None:
+        self.names = list(names)
+        self.dropped = dict.fromkeys(self.names, 0)
+        self.samples = dict.fromkeys(self.names, 0)
+        self.handles = []
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch_idx:
-            return
-        x = batch[0][:8]
-        torch.manual_seed(0)
-        with torch.no_grad():
-            first, second = pl_module(x), pl_module(x)
-            assert not torch.allclose(first, second)
-            pl_module.eval()
-            self.reference.load_state_dict(pl_module.net.state_dict())
-            self.reference.eval()
-            assert torch.allclose(pl_module(x), self.reference(x))
-            pl_module.train()
-        self.checked = True
+    def on_train_start(self, trainer, pl_module):
+        modules = dict(pl_module.named_modules())
+        self.handles = [modules[name].register_forward_hook(self._count(name)) for name in self.names]
+
+    def _count(self, name):
+        def hook(module, inputs, output):
+            if module.training:
+                zero = (output.flatten(1) == 0).all(1)
+                self.dropped[name] += int(zero.sum())
+                self.samples[name] += len(zero)
+
+        return hook
+
+    def on_train_end(self, trainer, pl_module):
+        for handle in self.handles:
+            handle.remove()
+
+    def assert_rates(self, expected):
+        """Each module's drop frequency within 4 binomial standard errors of its expected rate."""
+        for name, rate in zip(self.names, expected):
+            n = self.samples[name]
+            assert n > 0, name
+            assert abs(self.dropped[name] / n - rate) < 4 * math.sqrt(rate * (1 - rate) / n), (name, rate)
 
 
-def test_timm_vit_built_with_drop_path_rate_zero(tmp_path):
+def _fit_and_count(tmp_path, model, names, drop_rate, shape, samples=768, batch_size=256):
+    counter = CountZeroSamples(names)
+    callback = StochasticDepthSchedule(drop_rate=drop_rate, rule="linear")
+    make_trainer(tmp_path, [callback, counter], max_steps=samples // batch_size).fit(
+        model, gaussian_loader(num=samples, shape=shape, batch_size=batch_size)
+    )
+    return counter
+
+
+def test_timm_vit_built_with_drop_path_rate_zero_drops_each_slot_at_its_block_rate(tmp_path):
     timm = pytest.importorskip("timm")
-
-    def vit():
-        torch.manual_seed(0)
-        return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, num_classes=10,
-                                 depth=4, drop_path_rate=0.0, in_chans=1)
-
-    model, check = Wrapped(vit(), (1, 16, 16)), AssertHooksDrop(vit())
-    callback = StochasticDepthSchedule(drop_rate=0.5)
-    make_trainer(tmp_path, [callback, check], max_steps=2).fit(model, gaussian_loader(shape=(1, 16, 16)))
-    assert check.checked
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, num_classes=10,
+                            depth=4, drop_path_rate=0.0, in_chans=1, embed_dim=32, num_heads=2)
+    model = Wrapped(vit, (1, 16, 16))
+    slots = [f"net.blocks.{i}.drop_path{j}" for i in range(4) for j in (1, 2)]
+    counter = _fit_and_count(tmp_path, model, slots, 0.8, (1, 16, 16))
+    counter.assert_rates([0.8 * (i + 1) / 4 for i in range(4) for _ in (1, 2)])  # Huang et al.'s l / L per block
     logged = read_scalars(tmp_path / "lightning_logs")["startwell/depth/expected_depth"]
-    assert logged[0][1] == pytest.approx(sum(1 - 0.5 * l / 4 for l in range(1, 5)))
+    assert logged[0][1] == pytest.approx(sum(1 - 0.8 * l / 4 for l in range(1, 5)))
 
 
-def test_torchvision_resnet_and_its_existing_stochastic_depth_modules(tmp_path):
+def test_torchvision_resnet_drops_each_basic_block_at_its_rate(tmp_path):
     torchvision = pytest.importorskip("torchvision")
-    resnet = Wrapped(torchvision.models.resnet18(num_classes=10), (3, 16, 16))
-    check = AssertHooksDrop(torchvision.models.resnet18(num_classes=10))
-    make_trainer(tmp_path, [StochasticDepthSchedule(drop_rate=0.5), check], max_steps=2).fit(
-        resnet, gaussian_loader(shape=(3, 16, 16))
-    )
-    assert check.checked
-    expected = sum(1 - 0.5 * l / 8 for l in range(1, 9))
-    assert read_scalars(tmp_path / "lightning_logs")["startwell/depth/expected_depth"][0][1] == pytest.approx(expected)
-    # A model with torchvision StochasticDepth modules: they are driven through hooks and restored after fit.
-    convnext = Wrapped(torchvision.models.convnext_tiny(num_classes=10, stochastic_depth_prob=0.1), (3, 32, 32))
-    before = [m.p for m in convnext.modules() if type(m).__name__ == "StochasticDepth"]
-    make_trainer(tmp_path / "cx", [StochasticDepthSchedule(drop_rate=0.3)], max_steps=1).fit(
-        convnext, gaussian_loader(num=4, shape=(3, 32, 32), batch_size=4)
-    )
-    assert [m.p for m in convnext.modules() if type(m).__name__ == "StochasticDepth"] == before
+    model = Wrapped(torchvision.models.resnet18(num_classes=10), (3, 8, 8))
+    # torchvision adds the shortcut right after bn2: a dropped branch is an all-zero bn2 output.
+    branches = [f"net.layer{k}.{j}.bn2" for k in range(1, 5) for j in range(2)]
+    counter = _fit_and_count(tmp_path, model, branches, 0.8, (3, 8, 8))
+    counter.assert_rates([0.8 * l / 8 for l in range(1, 9)])
+
+
+def test_torchvision_convnext_stochastic_depth_modules_drop_at_the_schedule_and_are_restored(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    settings = [CNBlockConfig(16, 32, 2), CNBlockConfig(32, None, 2)]
+    model = Wrapped(ConvNeXt(settings, stochastic_depth_prob=0.1, num_classes=10), (3, 16, 16))
+    names = [n for n, m in model.named_modules() if type(m).__name__ == "StochasticDepth"]
+    before = [m.p for m in model.modules() if type(m).__name__ == "StochasticDepth"]
+    assert len(names) == 4 and before != [0.0] * 4
+    counter = _fit_and_count(tmp_path, model, names, 0.6, (3, 16, 16))
+    counter.assert_rates([0.6 * l / 4 for l in range(1, 5)])  # not the model's own 0.1 spread, nor on top of it
+    assert [m.p for m in model.modules() if type(m).__name__ == "StochasticDepth"] == before
 
 
 def _count_compiles(model, schedule_callback, steps, shape):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -150,23 +151,26 @@ class InitScheme(Callback):
         needs_batch = self.scheme == "lsuv" or log_forward_ratio
         inputs = model_inputs(first_train_batch(trainer), self.input_key, pl_module) if needs_batch else None
         forward = batch_forward(pl_module)
-        self.report = init_weights(
-            pl_module,
-            self.scheme,
-            mode=self.mode,
-            nonlinearity=self.nonlinearity,
-            negative_slope=self.negative_slope,
-            include=self.include,
-            exclude=self.exclude,
-            keep_bias=self.keep_bias,
-            zero_init_residual=self.zero_init_residual,
-            residual_branches=self.residual_branches,
-            lsuv_inputs=inputs,
-            lsuv_tol=self.lsuv_tol,
-            lsuv_max_iters=self.lsuv_max_iters,
-            generator=torch.Generator().manual_seed(seed),
-            forward=forward,
-        )
+        with warnings.catch_warnings():
+            if trainer.global_rank != 0:  # the core's warnings (fixup on a normalised branch) once, on rank zero
+                warnings.simplefilter("ignore")
+            self.report = init_weights(
+                pl_module,
+                self.scheme,
+                mode=self.mode,
+                nonlinearity=self.nonlinearity,
+                negative_slope=self.negative_slope,
+                include=self.include,
+                exclude=self.exclude,
+                keep_bias=self.keep_bias,
+                zero_init_residual=self.zero_init_residual,
+                residual_branches=self.residual_branches,
+                lsuv_inputs=inputs,
+                lsuv_tol=self.lsuv_tol,
+                lsuv_max_iters=self.lsuv_max_iters,
+                generator=torch.Generator().manual_seed(seed),
+                forward=forward,
+            )
         _share_rank_zero_weights(pl_module)
         self.applied = True
         metrics = {}
