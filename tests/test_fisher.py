@@ -330,7 +330,7 @@ def test_output_that_is_not_logits_is_refused():
         def forward(self, x):
             return self.lin(x.flatten(1)).squeeze(1)
 
-    with pytest.raises(ValueError, match=r"\(N, C\) logits"):
+    with pytest.raises(ValueError, match=r"\(N, C\) or \(N, T, C\) logits"):
         fisher_trace(Flat(), X_IMG)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
@@ -27,6 +28,7 @@ from lightning_startwell.callbacks._common import (
 )
 from lightning_startwell.callbacks.deficit_injector import DeficitInjector
 from lightning_startwell.fisher import FisherKind, Likelihood, Method, check_fisher_arguments, fisher_trace_sums, owned_parameters
+from lightning_startwell.model_call import run, select
 
 
 class FisherTraceMonitor(Callback):
@@ -72,7 +74,13 @@ class FisherTraceMonitor(Callback):
             them (dict keys: keyword arguments, e.g. ``[input_ids, attention_mask]``; indices: positional arguments).
             Not used when the LightningModule defines ``startwell_forward(batch)``, which is then called on the
             collated probe batches instead.
-        target_key: where the labels are (for ``empirical``).
+        target_key: where the labels are (for ``empirical``). For a model that returns one prediction per position
+            (a language model's (N, T, V) logits) they are (N, T), aligned with the logits (for a causal LM the next
+            token, not Hugging Face's unshifted ``labels``); positions labelled -100 are left out.
+        mask_key: for a model that returns one prediction per position: where the (N, T) mask of the positions to
+            measure is in the batch, e.g. ``attention_mask`` (positions where it is 0, padding, are left out, for every
+            kind of Fisher). Without it every position counts; a batch with an ``attention_mask`` and a model with
+            per-position outputs then warns once.
         log_per_layer: also log the per-layer split.
         probe: ``clean`` (the probe as drawn) or ``training`` (through the deficits active at the measurement).
 
@@ -94,6 +102,7 @@ class FisherTraceMonitor(Callback):
         seed: int = 0,
         input_key: InputKey = 0,
         target_key: BatchKey = 1,
+        mask_key: Optional[BatchKey] = None,
         log_per_layer: bool = True,
         probe: Literal["clean", "training"] = "clean",
     ) -> None:
@@ -112,6 +121,8 @@ class FisherTraceMonitor(Callback):
         check_fisher_arguments(fisher, likelihood, method, noise_std)
         check_choice("probe", probe, ("clean", "training"))
         check_input_key(input_key)
+        if mask_key is not None and (isinstance(mask_key, bool) or not isinstance(mask_key, (int, str))):
+            raise ValueError(f"`mask_key` must be None, an int (tuple index) or a str (dict key), got {mask_key!r}.")
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.every_n_steps = every_n_steps
@@ -123,6 +134,7 @@ class FisherTraceMonitor(Callback):
         self.seed = seed
         self.input_key = input_key
         self.target_key = target_key
+        self.mask_key = mask_key
         self.log_per_layer = log_per_layer
         self.probe = probe
         self._batch: Any = None  # this rank's share of the probe set, collated
@@ -140,6 +152,7 @@ class FisherTraceMonitor(Callback):
             rank_zero_warn("FisherTraceMonitor(probe='training') found no DeficitInjector: the probe stays clean.")
         if not trainer.fast_dev_run:
             self._warn_if_unusual_for_this_run(trainer)
+        self._warn_if_padding_counts(pl_module)
         if trainer.global_step == 0:  # the curve starts at the initialisation; a resumed run has that point already
             self._measure(trainer, pl_module)
 
@@ -159,6 +172,22 @@ class FisherTraceMonitor(Callback):
                 " measured at the initialisation only."
             )
 
+    def _warn_if_padding_counts(self, pl_module: pl.LightningModule) -> None:
+        """One warning when the probe batch has an ``attention_mask`` that ``mask_key`` does not name while the model
+        returns one prediction per position: its padded positions would count in the trace."""
+        batch = self._batch
+        if self.mask_key is not None or not isinstance(batch, Mapping) or "attention_mask" not in batch:
+            return
+        with torch.no_grad():
+            output = run(pl_module, select(model_inputs(batch, self.input_key, pl_module), slice(0, 1)),
+                         batch_forward(pl_module))
+        if isinstance(output, torch.Tensor) and output.ndim == 3:
+            rank_zero_warn(
+                "FisherTraceMonitor: the model returns one prediction per position and the batch has an"
+                " `attention_mask`, but `mask_key` is not set: padded positions count in the Fisher trace. Set"
+                " `mask_key='attention_mask'` to leave them out."
+            )
+
     def _draw_probe(self, trainer: pl.Trainer) -> Any:
         """This rank's share of ``num_samples`` training items drawn with ``seed`` (the same draw on every rank)."""
         loader = trainer.train_dataloader
@@ -170,6 +199,8 @@ class FisherTraceMonitor(Callback):
         batch = loader.collate_fn([dataset[int(i)] for i in chosen]) if len(chosen) else None
         if batch is not None and self.fisher == "empirical":
             batch_tensor(batch, self.target_key, "target_key")  # fails now, naming the argument, not at a measurement
+        if batch is not None and self.mask_key is not None:
+            batch_tensor(batch, self.mask_key, "mask_key")
         return batch
 
     @override
@@ -213,11 +244,13 @@ class FisherTraceMonitor(Callback):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         batch = self._probe_now(trainer, step)
         targets = batch_tensor(batch, self.target_key, "target_key") if self.fisher == "empirical" else None
+        mask = batch_tensor(batch, self.mask_key, "mask_key") if self.mask_key is not None else None
         return fisher_trace_sums(
             pl_module,
             model_inputs(batch, self.input_key, pl_module),
             fisher=self.fisher,
             targets=targets,
+            mask=mask,
             likelihood=self.likelihood,
             noise_std=self.noise_std,
             method=self.method,

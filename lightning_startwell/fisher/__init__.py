@@ -12,6 +12,10 @@ per layer the same sum restricted to that layer's parameters. Three Fishers:
 * ``exact``: the expectation over y in closed form, sum_c p_c ||grad log p_c||^2 (C backward passes; for the Gaussian,
   sum_k ||grad output_k||^2 / s^2, one pass per output dimension).
 
+A model with (N, T, C) outputs (a language model) has one likelihood per position; a sample's log-likelihood is the
+sum over its positions, a ``mask`` and (``empirical``) targets of -100 leave positions out, and ``exact`` costs
+T x C backward passes (see ``likelihoods.py``): ``true`` is the choice for large vocabularies.
+
 The norms are *per sample* (squaring the gradient of a batch mean would be about N times too small). The default method
 never materialises per-sample gradients where a closed form exists. Forward hooks keep each layer's input and register a
 tensor hook on its output, which receives delta_i = d(sum_i log p(y_i|x_i))/d layer output (tensor hooks on outputs, unlike

@@ -53,6 +53,7 @@ def fisher_trace_sums(
     *,
     fisher: str = "true",
     targets: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
     likelihood: str = "categorical",
     noise_std: float = 1.0,
     method: str = "auto",
@@ -70,6 +71,8 @@ def fisher_trace_sums(
     count = num_samples(inputs)
     if fisher == "empirical" and (targets is None or len(targets) != count):
         raise ValueError("fisher='empirical' needs `targets`, one per input.")
+    if mask is not None and len(mask) != count:
+        raise ValueError(f"`mask` must hold one row per input ({count}), got {tuple(mask.shape)}.")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     step = batch_size or count
     hooks = method == "auto" and not _whole_model_pass_is_cheaper(model, chunk_size)
@@ -80,9 +83,10 @@ def fisher_trace_sums(
         for start in range(0, count, step):
             x = _model_input(select(inputs, slice(start, start + step)), device)
             y = targets[start : start + step] if targets is not None else None
+            m = mask[start : start + step] if mask is not None else None
 
-            def cotangents(output: torch.Tensor, y: Optional[torch.Tensor] = y) -> list:
-                return _cotangents(output, fisher, likelihood, y, generator, noise_std)
+            def cotangents(output: torch.Tensor, y: Optional[torch.Tensor] = y, m: Optional[torch.Tensor] = m) -> Any:
+                return _cotangents(output, fisher, likelihood, y, generator, noise_std, m)
 
             sums = _auto_sums(model, x, cotangents, likelihood, chunk_size, forward) if hooks else None
             if sums is None:
@@ -98,6 +102,7 @@ def fisher_trace(
     *,
     fisher: str = "true",
     targets: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
     likelihood: str = "categorical",
     noise_std: float = 1.0,
     per_layer: bool = True,
@@ -112,14 +117,26 @@ def fisher_trace(
     tr F = (1/N) sum_i E_y ||grad_w log p_w(y | x_i)||^2 with y from the model (``true``, one draw per input from
     ``generator``), the ``targets`` (``empirical``) or the expectation over y in closed form (``exact``).
 
+    Sequences: for (N, T, C) logits (a language model) every position t has its own categorical likelihood and
+    log p(y | x_i) = sum_t log p(y_t | x_i), over the positions that ``mask`` keeps (and, for ``empirical``, whose
+    target is not -100). ``true`` draws one label per position and costs one backward pass; ``exact`` costs one
+    backward pass per position and class, T x C (the positions' labels are independent, so their cross terms vanish
+    in expectation only one position at a time): on a vocabulary of V tokens, T x V passes. Use ``true`` for language
+    models: an unbiased estimate of ``exact`` at the cost of one pass.
+
     Args:
-        model: returns (N, C) logits (``categorical``) or (N, D) / (N,) means (``gaussian``); an output with
+        model: returns (N, C) or (N, T, C) logits (``categorical``) or (N,), (N, D) or (N, T, D) means
+            (``gaussian``); an output with
             ``.logits`` (a Hugging Face ``ModelOutput``) or a dict with ``"logits"`` is read through.
         inputs: N examples: a tensor (``model(x)``), a tuple of tensors (``model(*inputs)``) or a dict of tensors
             (``model(**inputs)``, e.g. ``input_ids`` and ``attention_mask``), every tensor with the samples along dim
             0 (all are split by sample, masks included).
         fisher: ``true``, ``empirical`` or ``exact``.
-        targets: dataset labels (or regression targets), for ``empirical``.
+        targets: dataset labels (or regression targets), for ``empirical``: (N,), or (N, T) for sequences, aligned
+            with the logits' positions (for a causal LM, the next token: ``input_ids`` shifted left, the last -100);
+            a label of -100 leaves its position out.
+        mask: (N, T), for (N, T, C) outputs: positions where it is 0 are left out for every kind (padding: the
+            ``attention_mask``).
         likelihood: ``categorical`` (softmax of logits) or ``gaussian`` (N(output, noise_std^2 I), for regression).
         noise_std: standard deviation of the Gaussian likelihood.
         per_layer: also return the split per module (module name -> its share); otherwise ``per_layer`` is empty.
@@ -140,8 +157,8 @@ def fisher_trace(
         print(trace.total, trace.per_layer)
     """
     sums, count = fisher_trace_sums(
-        model, inputs, fisher=fisher, targets=targets, likelihood=likelihood, noise_std=noise_std, method=method,
-        forward=forward, generator=generator, batch_size=batch_size, chunk_size=chunk_size,
+        model, inputs, fisher=fisher, targets=targets, mask=mask, likelihood=likelihood, noise_std=noise_std,
+        method=method, forward=forward, generator=generator, batch_size=batch_size, chunk_size=chunk_size,
     )
     per = {name: value.item() / count for name, value in sums.items()}
     return FisherTrace(total=math.fsum(per.values()), per_layer=per if per_layer else {}, num_samples=count)
