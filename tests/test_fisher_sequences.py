@@ -55,9 +55,10 @@ def right_padded(n: int = 5, t: int = 4, seed: int = 0):
     return ids, mask, targets
 
 
-def per_position_loop(model, ids, mask, fisher, labels=None):
-    """Float64 per-sample trace, each sample cut to its real tokens and run alone. ``exact``: sum over positions t and
-    classes c of p_tc ||grad log p_tc||^2; otherwise one backward of sum_t log p(y_t) over the kept positions."""
+def per_position_loop(model, ids, mask, fisher, labels=None, logits=lambda model, ids: model(ids)):
+    """Float64 per-sample trace, each sample cut to its real tokens and run alone (``logits(model, ids)``: (1, T, V)).
+    ``exact``: sum over positions t and classes c of p_tc ||grad log p_tc||^2; otherwise one backward of
+    sum_t log p(y_t) over the kept positions."""
     model = copy.deepcopy(model).double().eval()
     params = dict(model.named_parameters())
     per_layer = {n.rpartition(".")[0]: 0.0 for n in params}
@@ -69,9 +70,9 @@ def per_position_loop(model, ids, mask, fisher, labels=None):
 
     for i in range(len(ids)):
         length = int(mask[i].sum())
-        log_probs = model(ids[i : i + 1, :length]).log_softmax(-1)[0]  # (length, V)
+        log_probs = logits(model, ids[i : i + 1, :length]).log_softmax(-1)[0]  # (length, V)
         if fisher == "exact":
-            for t, c in itertools.product(range(length), range(VOCAB)):
+            for t, c in itertools.product(range(length), range(log_probs.shape[1])):
                 add(log_probs[t, c], log_probs[t, c].exp().item())
         else:
             kept = [t for t in range(length) if labels[i, t] != -100]
@@ -80,10 +81,10 @@ def per_position_loop(model, ids, mask, fisher, labels=None):
     return {k: v / len(ids) for k, v in per_layer.items()}
 
 
-def model_draws(model, ids, seed=0):
+def model_draws(model, inputs, seed=0, logits=lambda model, ids: model(ids)):
     """The labels fisher_trace draws for ``true``: one multinomial per position, in row-major order, from ``seed``."""
     with torch.no_grad():
-        probs = model.eval()(ids).float().softmax(-1)
+        probs = logits(model.eval(), inputs).float().softmax(-1)
     n, t, v = probs.shape
     return torch.multinomial(probs.reshape(n * t, v), 1, generator=torch.Generator().manual_seed(seed)).reshape(n, t)
 
