@@ -96,12 +96,20 @@ def replace_tensor(batch: Any, key: BatchKey, value: torch.Tensor) -> Any:
 
 
 def first_train_batch(trainer: pl.Trainer) -> Any:
-    """One batch of the training data, on the module's device, without touching the global random streams (so the
-    training run sees the same data order as without the callback)."""
+    """One batch of the training data as ``training_step`` gets it (on the module's device, floats in the precision's
+    input dtype: bfloat16 under ``bf16-true``), without touching the global random streams (so the training run sees
+    the same data order as without the callback)."""
     with torch.random.fork_rng(devices=[]):
         loader = trainer.fit_loop._data_source.dataloader()
         batch = next(iter(loader))
-    return trainer.strategy.batch_to_device(batch)
+    return trainer.strategy.batch_to_device(as_step_input(trainer, batch))
+
+
+def as_step_input(trainer: pl.Trainer, batch: Any) -> Any:
+    """``batch`` converted by the precision plugin as Lightning converts every training batch before its transfer
+    (floats to bfloat16 under ``bf16-true``, unchanged under the mixed precisions): a model in half precision refuses
+    float32 inputs."""
+    return trainer.precision_plugin.convert_input(batch)
 
 
 def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:

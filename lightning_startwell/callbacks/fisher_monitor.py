@@ -12,10 +12,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_startwell._precision import accumulation_dtype
 from lightning_startwell._validation import check_choice, check_int
 from lightning_startwell.callbacks._common import (
     BatchKey,
     InputKey,
+    as_step_input,
     batch_forward,
     batch_tensor,
     check_input_key,
@@ -222,8 +224,9 @@ class FisherTraceMonitor(Callback):
         sums, count = self._local_sums(trainer, pl_module, step)
         names = sorted(owned_parameters(pl_module))  # the same layers, in the same order, on every rank
         device = pl_module.device
-        local = torch.stack([sums.get(n, torch.zeros((), dtype=torch.float64, device=device)).to(device) for n in names])
-        local = torch.cat([local, torch.tensor([float(count)], dtype=torch.float64, device=device)])
+        dtype = accumulation_dtype(device)
+        local = torch.stack([sums.get(n, torch.zeros((), dtype=dtype, device=device)).to(device, dtype) for n in names])
+        local = torch.cat([local, torch.full((1,), count, dtype=dtype, device=device)])
         total_sums = trainer.strategy.reduce(local, reduce_op="sum").cpu()
         num = total_sums[-1].item()
         per_layer = {n: v / num for n, v in zip(names, total_sums[:-1].tolist())}
@@ -247,7 +250,7 @@ class FisherTraceMonitor(Callback):
         mask = batch_tensor(batch, self.mask_key, "mask_key") if self.mask_key is not None else None
         return fisher_trace_sums(
             pl_module,
-            model_inputs(batch, self.input_key, pl_module),
+            model_inputs(as_step_input(trainer, batch), self.input_key, pl_module),  # the targets keep their dtype
             fisher=self.fisher,
             targets=targets,
             mask=mask,

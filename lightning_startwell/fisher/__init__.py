@@ -39,7 +39,10 @@ A parameter used by several modules, or a module called more than once in a forw
 when a chunk of its per-sample gradients is small: that parameter needs a per-sample pass over the whole model anyway.
 
 The measurement runs in eval mode (BatchNorm with running statistics: per-sample gradients are undefined when samples
-are normalised together), in float32 with autocast off, never writes ``.grad``, and restores the mode of every module.
+are normalised together) with autocast off, never writes ``.grad``, and restores the mode of every module. The model
+runs in its own dtype (float inputs are cast to it: a model in bfloat16 gets bfloat16 inputs); the per-sample norms are
+computed in float32 at least (half-precision activations and gradients are upcast per layer) and summed in float64
+(float32 on a device without float64, see :mod:`lightning_startwell._precision`).
 """
 
 from __future__ import annotations

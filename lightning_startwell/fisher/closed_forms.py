@@ -11,9 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from lightning_startwell._precision import upcast
+
 
 def _per_sample_sq_norm(g: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(g.flatten(1), dim=1).square()  # a reduction: no squared copy of g
+    # A reduction (no squared copy of g), at least in float32 (no upcast copy of a half-precision g either).
+    return torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=torch.promote_types(g.dtype, torch.float32)).square()
 
 
 def _chunk_samples(per_sample: int, like: torch.Tensor) -> int:
@@ -37,7 +40,7 @@ def _sequence_norms(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     step = _chunk_samples(per_sample, a)
     norms = []
     for s in range(0, n, step):
-        a_s, d_s = a[s : s + step], d[s : s + step]
+        a_s, d_s = upcast(a[s : s + step]), upcast(d[s : s + step])
         if ghost:
             norms.append((a_s @ a_s.transpose(1, 2) * (d_s @ d_s.transpose(1, 2))).flatten(1).sum(1))
         else:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vjp, vmap
 
+from lightning_startwell._precision import accumulate
 from lightning_startwell.fisher.closed_forms import _closed_form, _per_sample_sq_norm, _plain_attention
 from lightning_startwell.fisher.likelihoods import check_output
 from lightning_startwell.fisher.ownership import _first_tensor, _owners, owned_parameters
@@ -41,13 +42,18 @@ def _vjp_norms(
 
         _, pullback = vjp(f, params)
         (grads,) = pullback(d)
-        return torch.stack([sum(grads[k].square().sum() for k in keys) for keys in owners.values()])
+        return torch.stack([sum(_sq_norm(grads[k]) for k in keys) for keys in owners.values()])
 
     chunks = []
     for s in range(0, n, chunk):
         sample = {group: {k: v[s : s + chunk] for k, v in values.items()} for group, values in batched.items()}
         chunks.append(_vmap_or_loop(one, sample, delta[s : s + chunk]))
     return torch.cat(chunks)
+
+
+def _sq_norm(g: torch.Tensor) -> torch.Tensor:
+    """||g||^2, at least in float32."""
+    return torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)).square()
 
 
 def _vmap_or_loop(fn: Callable, *args: Any) -> Any:
@@ -99,7 +105,7 @@ def _vmap_sums(
         for start in range(0, n, chunk):
             grads = per_sample_grads(params, [t[start : start + chunk] for t in leaves], v[start : start + chunk])
             for name, g in grads.items():
-                norms = _per_sample_sq_norm(g).double()
+                norms = accumulate(_per_sample_sq_norm(g))
                 if weight is not None:
                     norms = norms * weight[start : start + chunk]
                 key = owner[name]

@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from lightning_startwell._precision import accumulate, upcast
 from lightning_startwell.fisher.closed_forms import _attention_norms, _closed_form, _plain_attention
 from lightning_startwell.fisher.fallbacks import _vjp_norms
 from lightning_startwell.fisher.likelihoods import check_output
@@ -98,7 +99,7 @@ class _NormRecorder:
             return
         rule = _closed_form(module) if name not in self.adopted else None
         if rule is not None and args and isinstance(args[0], torch.Tensor):
-            self._add(name, rule(module, args[0], delta))
+            self._add(name, rule(module, upcast(args[0]), upcast(delta)))  # half-precision sums of squares lose terms
             return
         self._enabled = False  # the attention rule and the fallback re-run the module: its submodules must not record
         try:
@@ -112,7 +113,7 @@ class _NormRecorder:
             self._add(f"{name}.{owner}" if name and owner else name or owner, norms)
 
     def _add(self, name: str, norms: torch.Tensor) -> None:
-        norms = norms.detach().double()
+        norms = accumulate(norms.detach())
         if self.weight is not None:
             norms = norms * self.weight
         self.norms[name] = self.norms[name] + norms if name in self.norms else norms

@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from lightning_startwell._precision import accumulate
+
 #: The target that marks a position to leave out (PyTorch's ``cross_entropy`` and Hugging Face's ``labels``).
 IGNORE_INDEX = -100
 
@@ -85,7 +87,7 @@ class _PositionPasses(Sequence):
         v[:, t] = -self.centre[:, t]
         v[:, t, k] += self.scale
         v[:, t] *= self.keep[:, t, None]
-        return v.reshape(self.shape), None if self.weights is None else self.weights[:, t, k].double()
+        return v.reshape(self.shape), None if self.weights is None else accumulate(self.weights[:, t, k])
 
     def __iter__(self) -> Iterator[Pass]:
         return (self[i] for i in range(len(self)))

@@ -42,9 +42,10 @@ def _measurement_mode(model: nn.Module) -> Iterator[None]:
         for m, training in modes.items():
             m.training = training
 
-def _model_input(x: Any, device: torch.device) -> Any:
-    """Inputs on the model's device, floats in float32 (the measurement runs in fp32); integer ids as they are."""
-    return map_tensors(lambda t: t.to(device).float() if t.is_floating_point() else t.to(device), x)
+def _model_input(x: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Inputs on the model's device, floats in the dtype of its parameters (float32, or bfloat16 / float16 for a model
+    in half precision); integer ids as they are."""
+    return map_tensors(lambda t: t.to(device, dtype) if t.is_floating_point() else t.to(device), x)
 
 
 def fisher_trace_sums(
@@ -62,8 +63,9 @@ def fisher_trace_sums(
     batch_size: Optional[int] = None,
     chunk_size: int = 32,
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """Per-module sums over ``inputs`` of the per-sample squared gradient norms (float64 tensors), and the number of
-    samples: the quantities to add across processes before dividing. See :func:`fisher_trace`."""
+    """Per-module sums over ``inputs`` of the per-sample squared gradient norms (float64 tensors; float32 on a device
+    without float64), and the number of samples: the quantities to add across processes before dividing. See
+    :func:`fisher_trace`."""
     check_fisher_arguments(fisher, likelihood, method, noise_std)
     check_int("chunk_size", chunk_size)
     if batch_size is not None:
@@ -74,14 +76,15 @@ def fisher_trace_sums(
     if mask is not None and len(mask) != count:
         raise ValueError(f"`mask` must hold one row per input ({count}), got {tuple(mask.shape)}.")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     step = batch_size or count
     hooks = method == "auto" and not _whole_model_pass_is_cheaper(model, chunk_size)
     totals: dict[str, torch.Tensor] = {}
     with _measurement_mode(model), routed(model, forward):
         if hooks and count:
-            hooks = _samples_along_dim_0(model, _model_input(select(inputs, slice(0, 1)), device), forward)
+            hooks = _samples_along_dim_0(model, _model_input(select(inputs, slice(0, 1)), device, dtype), forward)
         for start in range(0, count, step):
-            x = _model_input(select(inputs, slice(start, start + step)), device)
+            x = _model_input(select(inputs, slice(start, start + step)), device, dtype)
             y = targets[start : start + step] if targets is not None else None
             m = mask[start : start + step] if mask is not None else None
 
