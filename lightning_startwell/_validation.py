@@ -12,6 +12,12 @@ def check_int(name: str, value: Any, minimum: int = 1) -> None:
         raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
 
 
+def check_bool(name: str, value: Any) -> None:
+    """``value`` must be True or False (a string or a number such as 0 is refused)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+
+
 def check_rate(name: str, value: Any) -> None:
     """``value`` must be a probability in [0, 1)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:

@@ -26,6 +26,52 @@ def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return scalars
 
 
+def read_images(log_dir: Path) -> dict[str, list[tuple[int, "np.ndarray"]]]:
+    """All images of the TensorBoard event files under ``log_dir``, decoded from their PNG, as
+    ``{tag: [(step, (H, W, C) uint8 array), ...]}``."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    images: dict[str, list] = {}
+    for event_file in sorted(log_dir.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(event_file), size_guidance={"images": 0})
+        acc.Reload()
+        for tag in acc.Tags()["images"]:
+            for event in acc.Images(tag):
+                with Image.open(io.BytesIO(event.encoded_image_string)) as picture:
+                    assert picture.format == "PNG"
+                    pixels = np.asarray(picture)
+                assert pixels.shape[:2] == (event.height, event.width)
+                images.setdefault(tag, []).append((event.step, pixels))
+    return images
+
+
+@pytest.fixture(autouse=True)
+def stand_in_pictures(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside the tests marked ``pictures`` (and the subprocesses of the CLI and DDP tests), the callbacks' pictures
+    are a small grey stand-in, still written to TensorBoard: the drawing is tested where it is the subject, and would
+    elsewhere add about a second per measurement to the suite."""
+    if request.node.get_closest_marker("pictures"):
+        return
+    import numpy as np
+
+    from lightning_startwell.callbacks import _schedule_overview, fisher_monitor, init_scheme, signal_propagation
+
+    def stand_in(*args: object, **kwargs: object) -> np.ndarray:
+        return np.full((4, 6, 3), 128, dtype=np.uint8)
+
+    for module, name in (
+        (fisher_monitor, "fisher_heatmap"),
+        (signal_propagation, "signal_profile"),
+        (init_scheme, "signal_profile"),
+        (_schedule_overview, "schedule_overview"),
+    ):
+        monkeypatch.setattr(module, name, stand_in)
+
+
 @pytest.fixture
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     """Any attempt to open a network connection fails the test."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import QUICKSTART, read_scalars
+from conftest import QUICKSTART, read_images, read_scalars
 from lightning_startwell.cli import main
 
 
@@ -39,6 +39,11 @@ def test_quickstart_short_run_writes_accuracy_and_loss_events(tmp_path):
         assert tag in scalars, sorted(scalars)
     assert len(scalars["val/acc"]) == 2
     assert all(0.0 <= value <= 1.0 for _, value in scalars["val/acc"])
+    images = read_images(tmp_path / "lightning_logs")  # TensorBoard's Images tab
+    for tag in ("startwell/init/profile", "startwell/signal/profile", "startwell/fisher/heatmap"):
+        assert tag in images, sorted(images)
+    (start, _), (end, _) = images["startwell/schedule/overview"]  # the plan at the start, again at the end
+    assert start == 0 and end == 2 * 20  # 2 epochs of 20 batches (1,257 training digits, batch 64)
 
 
 @pytest.mark.slow

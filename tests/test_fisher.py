@@ -533,3 +533,28 @@ def test_gaussian_rejects_bad_noise_and_categorical_rejects_one_output():
         fisher_trace(MLP(), X_IMG, likelihood="gaussian", noise_std=0.0)
     with pytest.raises(ValueError, match="likelihood"):
         fisher_trace(MLP(), X_IMG, likelihood="poisson")
+
+
+class HeadFirst(nn.Module):
+    """Registers its layers in another order than it calls them, holds a parameter of its own, and an unused layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(8, 3)
+        self.unused = nn.Linear(2, 2)
+        self.norm = nn.BatchNorm1d(8)
+        self.body = nn.Linear(5, 8)
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return self.head(torch.relu(self.norm(self.body(x * self.scale))))
+
+
+def test_layer_order_is_the_order_of_the_forward_pass_and_changes_nothing():
+    from lightning_startwell.fisher import layer_order
+
+    model = HeadFirst().train()
+    statistics = model.norm.running_mean.clone()
+    assert layer_order(model, (torch.randn(4, 5),)) == ["", "body", "norm", "head", "unused"]
+    assert layer_order(model, {"x": torch.randn(4, 5)}) == ["", "body", "norm", "head", "unused"]
+    assert model.training and torch.equal(model.norm.running_mean, statistics)

@@ -1,5 +1,5 @@
 """What the callbacks share: how a batch becomes a model call (``input_key``, ``startwell_forward``), finding a tensor in
-a batch, one batch from the train loader, writing scalars."""
+a batch, one batch from the train loader, writing scalars and images."""
 
 from __future__ import annotations
 
@@ -126,6 +126,17 @@ def tensorboard_experiments(trainer: pl.Trainer) -> list[Any]:
     if not trainer.is_global_zero:
         return []
     return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+
+
+def log_image(trainer: pl.Trainer, tag: str, draw: Callable[[], Any], step: int) -> None:
+    """Write the picture ``draw()`` returns (an ``(H, W, 3)`` uint8 array) to every TensorBoard logger at ``step``, on
+    rank 0 only; without a TensorBoard logger, and on the other ranks, nothing is drawn."""
+    writers = tensorboard_experiments(trainer)
+    if not writers:
+        return
+    image = draw()
+    for writer in writers:
+        writer.add_image(tag, image, global_step=step, dataformats="HWC")
 
 
 def first_train_inputs(trainer: pl.Trainer, key: BatchKey, max_items: int, argument: str = "input_key") -> torch.Tensor:

@@ -6,12 +6,12 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lightning_startwell._validation import check_int
+from lightning_startwell._validation import check_bool, check_int
 from lightning_startwell.callbacks._common import log_scalars, run_length
+from lightning_startwell.callbacks._schedule_overview import ScheduleDrawing
 from lightning_startwell.schedules import (
     DEFAULT_CUTOFF_FRACTION,
     check_cutoff,
@@ -23,8 +23,9 @@ from lightning_startwell.schedules import (
 )
 
 
-class RateScheduleCallback(Callback):
-    """Applies ``scheduled_rate(global_step)`` before every training batch; subclasses say what a rate does."""
+class RateScheduleCallback(ScheduleDrawing):
+    """Applies ``scheduled_rate(global_step)`` before every training batch; subclasses say what a rate does, and
+    what the schedule picture draws (``schedule_plan``)."""
 
     rate_name = "rate"
 
@@ -37,11 +38,13 @@ class RateScheduleCallback(Callback):
         cutoff_steps: Optional[int],
         cutoff_fraction: Optional[float],
         rate_levels: Optional[int] = None,
+        log_images: bool = True,
     ) -> None:
         check_schedule(self.rate_name, rate, mode, shape)
         check_cutoff(mode, cutoff_epochs, cutoff_steps, cutoff_fraction)
         if rate_levels is not None:
             check_int("rate_levels", rate_levels, minimum=2)
+        check_bool("log_images", log_images)
         self.rate = rate
         self.mode = mode
         self.shape = shape
@@ -49,6 +52,7 @@ class RateScheduleCallback(Callback):
         self.cutoff_steps = cutoff_steps
         self.cutoff_fraction = cutoff_fraction
         self.rate_levels = rate_levels
+        self.log_images = log_images
         self._cutoff: Optional[int] = None  # in optimizer steps, resolved once and kept in the checkpoint
         self._last_logged_step = -1
 

@@ -8,11 +8,10 @@ from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lightning_startwell._validation import check_choice, check_int
+from lightning_startwell._validation import check_bool, check_choice, check_int
 from lightning_startwell.callbacks._common import (
     BatchKey,
     batch_tensor,
@@ -21,6 +20,7 @@ from lightning_startwell.callbacks._common import (
     log_scalars,
     run_length,
 )
+from lightning_startwell.callbacks._schedule_overview import ScheduleDrawing
 from lightning_startwell.deficits import (
     DEFICITS,
     Deficit,
@@ -55,7 +55,7 @@ def _windows(start_epoch: Union[int, list[int]], end_epoch: Union[int, list[int]
     return windows
 
 
-class DeficitInjector(Callback):
+class DeficitInjector(ScheduleDrawing):
     r"""Apply a deficit to the training batches of the epochs in ``[start_epoch, end_epoch)`` — the experiment of
     Achille et al. (2017): a network that sees blurred images early, then clean ones, ends up worse the longer the
     deficit lasted; the damage of an early deficit is not undone by training longer.
@@ -71,7 +71,9 @@ class DeficitInjector(Callback):
     this process), ``vertical_flip``, ``label_permutation`` (a fixed random permutation of the classes drawn from
     ``seed``; acts on the targets).
 
-    Logs ``startwell/deficit/active`` (1 or 0) every ``log_every_n_steps`` optimizer steps. Warns once if, when a
+    Logs ``startwell/deficit/active`` (1 or 0) every ``log_every_n_steps`` optimizer steps and, with ``log_images``,
+    shades the deficit windows in the run's schedule picture ``startwell/schedule/overview`` (TensorBoard only, at the
+    start and the end of training; needs a train loader of known length). Warns once if, when a
     deficit is removed, the learning rate is below ``lr_warning_ratio`` times its value when the deficit began: the
     clean epochs then train at a lower learning rate, a confound of the protocol.
 
@@ -87,6 +89,7 @@ class DeficitInjector(Callback):
         input_key: where the inputs are in a batch (tuple index or dict key).
         target_key: where the targets are in a batch.
         lr_warning_ratio: warn when the LR at removal is below this fraction of the LR at onset; 0 disables.
+        log_images: draw the deficit windows in the schedule picture.
 
     Example::
 
@@ -105,6 +108,7 @@ class DeficitInjector(Callback):
         input_key: BatchKey = 0,
         target_key: BatchKey = 1,
         lr_warning_ratio: float = 0.5,
+        log_images: bool = True,
     ) -> None:
         check_choice("deficit", deficit, DEFICITS)
         self.windows = _windows(start_epoch, end_epoch)
@@ -115,6 +119,7 @@ class DeficitInjector(Callback):
             check_int("num_classes", num_classes, minimum=2)
         if not 0.0 <= lr_warning_ratio <= 1.0:
             raise ValueError(f"`lr_warning_ratio` must be in [0, 1], got {lr_warning_ratio!r}.")
+        check_bool("log_images", log_images)
         self.deficit = deficit
         self.size = size
         self.noise_std = noise_std
@@ -123,6 +128,7 @@ class DeficitInjector(Callback):
         self.input_key = input_key
         self.target_key = target_key
         self.lr_warning_ratio = lr_warning_ratio
+        self.log_images = log_images
         self._permutation: Optional[torch.Tensor] = None
         self._moments: Optional[tuple[float, float]] = None  # mean and std of the training inputs, for deprivation
         self._onset_lr: dict[int, float] = {}
@@ -228,6 +234,12 @@ class DeficitInjector(Callback):
         if step != self._last_logged_step and step % trainer.log_every_n_steps == 0:
             log_scalars(trainer, {"startwell/deficit/active": float(active)}, step=step)
             self._last_logged_step = step
+
+    def schedule_plan(self, steps: list[int], steps_per_epoch: Optional[int]) -> dict[str, Any]:
+        """The deficit windows in optimizer steps, for the schedule picture (none when the epoch length is unknown)."""
+        if not steps_per_epoch:
+            return {}
+        return {"windows": [(start * steps_per_epoch, end * steps_per_epoch, self.deficit) for start, end in self.windows]}
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
@@ -27,7 +27,9 @@ class DropoutSchedule(RateScheduleCallback):
     ``late`` (0 until the cutoff, then p). The cutoff is exactly one of ``cutoff_epochs``, ``cutoff_steps`` (optimizer
     steps) or ``cutoff_fraction`` of ``trainer.estimated_stepping_batches``.
 
-    Logs ``startwell/dropout/rate`` every ``log_every_n_steps`` optimizer steps.
+    Logs ``startwell/dropout/rate`` every ``log_every_n_steps`` optimizer steps and, with ``log_images``, draws the
+    planned rate in the run's schedule picture ``startwell/schedule/overview`` (TensorBoard only, at the start and the
+    end of training).
 
     Args:
         p: the dropout rate, in [0, 1).
@@ -42,6 +44,7 @@ class DropoutSchedule(RateScheduleCallback):
         attributes: glob patterns ``<module>.<attribute>`` of further float rates to drive (e.g. ``"*.attn.drop_p"``).
         rate_levels: round rates to this many evenly spaced values in [0, p], so a ``torch.compile``d model, which
             recompiles for every new float rate, compiles at most ``rate_levels`` times; None keeps exact rates.
+        log_images: draw the schedule picture.
 
     Example::
 
@@ -62,8 +65,9 @@ class DropoutSchedule(RateScheduleCallback):
         exclude: Optional[list[str]] = None,
         attributes: Optional[list[str]] = None,
         rate_levels: Optional[int] = None,
+        log_images: bool = True,
     ) -> None:
-        super().__init__(p, mode, shape, cutoff_epochs, cutoff_steps, cutoff_fraction, rate_levels)
+        super().__init__(p, mode, shape, cutoff_epochs, cutoff_steps, cutoff_fraction, rate_levels, log_images)
         self.include = include
         self.exclude = exclude
         self.attributes = attributes
@@ -91,6 +95,10 @@ class DropoutSchedule(RateScheduleCallback):
     def apply_rate(self, pl_module: pl.LightningModule, rate: float) -> dict[str, float]:
         set_rates(self._slots, rate)
         return {"startwell/dropout/rate": rate}
+
+    def schedule_plan(self, steps: list[int], steps_per_epoch: Optional[int]) -> dict[str, Any]:
+        """The planned dropout rate at ``steps``, for the schedule picture."""
+        return {"dropout": [self.rate_at(step) for step in steps]}
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_startwell._precision import accumulation_dtype
-from lightning_startwell._validation import check_choice, check_int
+from lightning_startwell._validation import check_bool, check_choice, check_int
 from lightning_startwell.callbacks._common import (
     BatchKey,
     InputKey,
@@ -21,6 +21,7 @@ from lightning_startwell.callbacks._common import (
     batch_forward,
     batch_tensor,
     check_input_key,
+    log_image,
     log_scalars,
     model_inputs,
     replace_tensor,
@@ -29,7 +30,16 @@ from lightning_startwell.callbacks._common import (
     tensorboard_experiments,
 )
 from lightning_startwell.callbacks.deficit_injector import DeficitInjector
-from lightning_startwell.fisher import FisherKind, Likelihood, Method, check_fisher_arguments, fisher_trace_sums, owned_parameters
+from lightning_startwell.figures import fisher_heatmap
+from lightning_startwell.fisher import (
+    FisherKind,
+    Likelihood,
+    Method,
+    check_fisher_arguments,
+    fisher_trace_sums,
+    layer_order,
+    owned_parameters,
+)
 from lightning_startwell.model_call import run, select
 
 
@@ -58,8 +68,11 @@ class FisherTraceMonitor(Callback):
 
     Logs ``startwell/fisher/trace`` and ``startwell/fisher/layer/<module>`` (the part of the trace carried by that
     module's parameters; they add up to the total), and, in TensorBoard, a custom-scalars chart ("startwell" tab,
-    "Fisher trace per layer") with all layer curves on one plot. A non-finite trace is logged, warned about, and
-    training goes on.
+    "Fisher trace per layer") with all layer curves on one plot. With ``log_images``, TensorBoard also gets, at every
+    measurement, the picture ``startwell/fisher/heatmap``: layers (in forward order) against the measurements so far,
+    each layer divided by its own maximum — so the rise and fall of every layer shows, whatever its scale — under the
+    total trace on the same step axis (drawn on rank 0, after the measurement, never in a training step). A non-finite
+    trace is logged, warned about, and training goes on.
 
     Args:
         num_samples: size of the probe set (capped at the training set's size).
@@ -85,6 +98,7 @@ class FisherTraceMonitor(Callback):
             per-position outputs then warns once.
         log_per_layer: also log the per-layer split.
         probe: ``clean`` (the probe as drawn) or ``training`` (through the deficits active at the measurement).
+        log_images: draw the per-layer heatmap at every measurement (TensorBoard only).
 
     Example::
 
@@ -107,6 +121,7 @@ class FisherTraceMonitor(Callback):
         mask_key: Optional[BatchKey] = None,
         log_per_layer: bool = True,
         probe: Literal["clean", "training"] = "clean",
+        log_images: bool = True,
     ) -> None:
         check_int("num_samples", num_samples)
         check_int("batch_size", batch_size)
@@ -125,6 +140,7 @@ class FisherTraceMonitor(Callback):
         check_input_key(input_key)
         if mask_key is not None and (isinstance(mask_key, bool) or not isinstance(mask_key, (int, str))):
             raise ValueError(f"`mask_key` must be None, an int (tuple index) or a str (dict key), got {mask_key!r}.")
+        check_bool("log_images", log_images)
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.every_n_steps = every_n_steps
@@ -139,6 +155,9 @@ class FisherTraceMonitor(Callback):
         self.mask_key = mask_key
         self.log_per_layer = log_per_layer
         self.probe = probe
+        self.log_images = log_images
+        self._history: list[tuple[int, dict[str, float]]] = []  # (step, per-layer trace) of every measurement
+        self._layer_order: Optional[list[str]] = None  # forward order, found at the first picture
         self._batch: Any = None  # this rank's share of the probe set, collated
         self._last_step = -1
         self._layout_written = False
@@ -238,6 +257,17 @@ class FisherTraceMonitor(Callback):
             rank_zero_warn(f"FisherTraceMonitor: the Fisher trace at step {step} is {trace}; training goes on.")
         log_scalars(trainer, metrics, step=step)
         self._write_layout(trainer)
+        if self.log_images:
+            self._history.append((step, per_layer))
+            log_image(trainer, "startwell/fisher/heatmap", lambda: self._heatmap(pl_module), step)
+
+    def _heatmap(self, pl_module: pl.LightningModule) -> Any:
+        if self._layer_order is None and self._batch is not None:  # found once, on the first probe item
+            inputs = model_inputs(self._batch, self.input_key, pl_module)
+            self._layer_order = layer_order(pl_module, inputs, batch_forward(pl_module))
+        names = self._layer_order or list(self._history[-1][1])
+        values = [[layers.get(name, math.nan) for _, layers in self._history] for name in names]
+        return fisher_heatmap([step for step, _ in self._history], names, values)
 
     def _local_sums(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
@@ -296,11 +326,12 @@ class FisherTraceMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self._last_step}
+        return {"last_step": self._last_step, "history": self._history}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = state_dict["last_step"]
+        self._history = list(state_dict.get("history", []))  # absent from checkpoints written before the pictures
 
 
 

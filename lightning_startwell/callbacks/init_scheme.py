@@ -12,13 +12,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lightning_startwell._validation import check_int
+from lightning_startwell._validation import check_bool, check_int
 from lightning_startwell.callbacks._common import (
     InputKey,
     batch_forward,
     check_input_key,
     first_train_batch,
     has_forward,
+    log_image,
     log_scalars,
     model_inputs,
     require_forward,
@@ -33,6 +34,7 @@ from lightning_startwell.init import (
     init_weights,
     weight_layers,
 )
+from lightning_startwell.figures import signal_profile
 
 # Strategies that shard parameters: each rank holds a slice, so a per-layer std or an orthogonal draw would be wrong.
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
@@ -49,7 +51,8 @@ class InitScheme(Callback):
     data-dependent LSUV agrees across ranks too.
 
     Logs at step 0, per layer: ``startwell/init/std/<layer>`` (std obtained), ``startwell/init/target_std/<layer>``,
-    and ``startwell/init/forward_ratio/<layer>`` = Var[z^l] / Var[z^1] on one training batch (train mode, dropout off).
+    and ``startwell/init/forward_ratio/<layer>`` = Var[z^l] / Var[z^1] on one training batch (train mode, dropout off);
+    with ``log_images``, these ratios against depth as the TensorBoard picture ``startwell/init/profile`` (rank 0).
 
     Args:
         scheme: ``glorot_normal``, ``glorot_uniform``, ``he_normal``, ``he_uniform``, ``lecun_normal``, ``orthogonal``,
@@ -70,6 +73,7 @@ class InitScheme(Callback):
             the LightningModule defines ``startwell_forward(batch)``, which is then called instead.
         log_forward_ratio: measure and log Var[z^l] / Var[z^1] on one training batch (needs the module's
             ``forward``; without one, the ratios are skipped with a warning, the weights still initialised).
+        log_images: draw the forward ratios against depth (TensorBoard only; with ``log_forward_ratio``).
 
     Example::
 
@@ -99,12 +103,14 @@ class InitScheme(Callback):
         seed: Optional[int] = None,
         input_key: InputKey = 0,
         log_forward_ratio: bool = True,
+        log_images: bool = True,
     ) -> None:
         check_init_arguments(scheme, mode, nonlinearity, negative_slope)
         if not 0.0 < lsuv_tol < 1.0:
             raise ValueError(f"`lsuv_tol` must be in (0, 1), got {lsuv_tol!r}.")
         check_int("lsuv_max_iters", lsuv_max_iters)
         check_input_key(input_key)
+        check_bool("log_images", log_images)
         self.scheme = scheme
         self.mode = mode
         self.nonlinearity = nonlinearity
@@ -119,6 +125,7 @@ class InitScheme(Callback):
         self.seed = seed
         self.input_key = input_key
         self.log_forward_ratio = log_forward_ratio
+        self.log_images = log_images
         self.applied = False
         self._loaded_trained_weights = False
         self.report: list[Any] = []
@@ -185,6 +192,8 @@ class InitScheme(Callback):
             first = next(iter(variances.values()))
             for name, var in variances.items():
                 metrics[f"startwell/init/forward_ratio/{name}"] = var / first if first > 0 else math.nan
+            if self.log_images:
+                log_image(trainer, "startwell/init/profile", lambda: signal_profile([(0, variances, {})]), step=0)
         log_scalars(trainer, metrics, step=0)
 
     @override

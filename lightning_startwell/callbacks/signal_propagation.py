@@ -9,8 +9,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_startwell._validation import check_int
-from lightning_startwell.callbacks._common import log_scalars, tensorboard_experiments
+from lightning_startwell._validation import check_bool, check_int
+from lightning_startwell.callbacks._common import log_image, log_scalars, tensorboard_experiments
+from lightning_startwell.figures import SignalMeasurement, signal_profile
 from lightning_startwell.init import weight_layers
 from lightning_startwell.propagation import SignalRecorder, propagation_ratios, variances_by_name
 
@@ -32,13 +33,17 @@ class SignalPropagationMonitor(Callback):
     * ``startwell/signal/backward/<layer>``: Var[dL/dz^l];
     * ``startwell/signal/forward_ratio``: Var[z^last] / Var[z^first];
     * ``startwell/signal/backward_ratio``: Var[dL/dz^first] / Var[dL/dz^last];
-    * with ``log_histograms``, TensorBoard histograms ``startwell/signal/{forward,backward}_hist/<layer>``.
+    * with ``log_histograms``, TensorBoard histograms ``startwell/signal/{forward,backward}_hist/<layer>``;
+    * with ``log_images``, the TensorBoard picture ``startwell/signal/profile``: Var[z^l] / Var[z^1] and
+      Var[dL/dz^l] / Var[dL/dz^L] against depth on a log scale, the latest measurement over the earlier ones (faded),
+      with the flat line of a variance-preserving initialisation (drawn on rank 0, at measured steps only).
 
     Args:
         every_n_steps: measure when ``global_step % every_n_steps == 0`` (so step 0, at initialisation, is measured).
         include: glob patterns of layer names to watch (default all Linear and conv layers); each must match a layer.
         exclude: glob patterns of layer names not to watch.
         log_histograms: also log histograms of the values (up to 65,536 per layer) to TensorBoard.
+        log_images: draw the profile picture at every measurement (TensorBoard only).
 
     Example::
 
@@ -51,12 +56,17 @@ class SignalPropagationMonitor(Callback):
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
         log_histograms: bool = False,
+        log_images: bool = True,
     ) -> None:
         check_int("every_n_steps", every_n_steps)
+        check_bool("log_histograms", log_histograms)
+        check_bool("log_images", log_images)
         self.every_n_steps = every_n_steps
         self.include = include
         self.exclude = exclude
         self.log_histograms = log_histograms
+        self.log_images = log_images
+        self._profiles: list[SignalMeasurement] = []  # every measurement, for the picture
         self._recorder: Optional[SignalRecorder] = None
         self._last_measured_step = -1
 
@@ -87,10 +97,10 @@ class SignalPropagationMonitor(Callback):
         backward = {n: v for n, v in backward.items() if not math.isnan(v)}
         metrics = {f"startwell/signal/forward/{n}": v for n, v in forward.items()}
         metrics.update({f"startwell/signal/backward/{n}": v for n, v in backward.items()})
-        order = recorder.names()  # forward order, for the first/last layers of the ratios
-        forward_ratio, backward_ratio = propagation_ratios(
-            {n: forward[n] for n in order if n in forward}, {n: backward[n] for n in order if n in backward}
-        )
+        order = recorder.names()  # forward order, for the first/last layers of the ratios and the picture
+        forward = {n: forward[n] for n in order if n in forward}
+        backward = {n: backward[n] for n in order if n in backward}
+        forward_ratio, backward_ratio = propagation_ratios(forward, backward)
         metrics["startwell/signal/forward_ratio"] = forward_ratio
         metrics["startwell/signal/backward_ratio"] = backward_ratio
         step = trainer.global_step
@@ -98,6 +108,9 @@ class SignalPropagationMonitor(Callback):
         for writer in tensorboard_experiments(trainer):
             for (direction, name), values in recorder.values.items():
                 writer.add_histogram(f"startwell/signal/{direction}_hist/{name}", values, global_step=step)
+        if self.log_images:
+            self._profiles.append((step, forward, backward))
+            log_image(trainer, "startwell/signal/profile", lambda: signal_profile(self._profiles), step)
 
     @override
     def on_train_batch_end(
@@ -109,8 +122,9 @@ class SignalPropagationMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"last_measured_step": self._last_measured_step}
+        return {"last_measured_step": self._last_measured_step, "profiles": self._profiles}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_measured_step = state_dict["last_measured_step"]
+        self._profiles = list(state_dict.get("profiles", []))  # absent from checkpoints written before the pictures

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 from typing_extensions import override
@@ -31,7 +31,9 @@ class StochasticDepthSchedule(RateScheduleCallback):
     no host sync per block, and no recompilation of a ``torch.compile``d model when they change.
 
     Logs ``startwell/depth/drop_rate`` (the scheduled 1 - p_L) and ``startwell/depth/expected_depth`` every
-    ``log_every_n_steps`` optimizer steps.
+    ``log_every_n_steps`` optimizer steps and, with ``log_images``, draws the planned per-block drop rates and the
+    expected depth in the run's schedule picture ``startwell/schedule/overview`` (TensorBoard only, at the start and the
+    end of training).
 
     Args:
         drop_rate: drop rate of the last block, 1 - p_L, in [0, 1).
@@ -43,6 +45,7 @@ class StochasticDepthSchedule(RateScheduleCallback):
         cutoff_fraction: cutoff as a fraction of training, in [0, 1]. With no cutoff given, ``early`` and ``late``
             use 1/6 of training (the paper's epoch 50 of 300).
         blocks: glob patterns of the modules whose outputs are residual branches, in depth order (default: automatic).
+        log_images: draw the schedule picture.
 
     Example::
 
@@ -61,8 +64,9 @@ class StochasticDepthSchedule(RateScheduleCallback):
         cutoff_steps: Optional[int] = None,
         cutoff_fraction: Optional[float] = None,
         blocks: Optional[list[str]] = None,
+        log_images: bool = True,
     ) -> None:
-        super().__init__(drop_rate, mode, shape, cutoff_epochs, cutoff_steps, cutoff_fraction)
+        super().__init__(drop_rate, mode, shape, cutoff_epochs, cutoff_steps, cutoff_fraction, log_images=log_images)
         check_choice("rule", rule, RULES)
         self.rule = rule
         self.blocks = blocks
@@ -85,12 +89,19 @@ class StochasticDepthSchedule(RateScheduleCallback):
             slot.set(0.0)
         self._hooks = DropPathHooks(pl_module, blocks).attach()
 
+    def _block_rates(self, rate: float) -> list[float]:
+        assert self._hooks is not None
+        return block_drop_rates(rate, len(self._hooks.blocks), self.rule)
+
     @override
     def apply_rate(self, pl_module: pl.LightningModule, rate: float) -> dict[str, float]:
-        assert self._hooks is not None
-        rates = block_drop_rates(rate, len(self._hooks.blocks), self.rule)
+        rates = self._block_rates(rate)
         self._hooks.set_rates(rates)
         return {"startwell/depth/drop_rate": rate, "startwell/depth/expected_depth": expected_depth(rates)}
+
+    def schedule_plan(self, steps: list[int], steps_per_epoch: Optional[int]) -> dict[str, Any]:
+        """The planned drop rate of every block at ``steps``, for the schedule picture."""
+        return {"block_rates": [self._block_rates(self.rate_at(step)) for step in steps]}
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -58,7 +58,7 @@ from lightning_startwell.fisher.checks import (
 )
 from lightning_startwell.fisher.likelihoods import check_output
 from lightning_startwell.fisher.ownership import owned_parameters
-from lightning_startwell.fisher.trace import FisherTrace, fisher_trace, fisher_trace_sums
+from lightning_startwell.fisher.trace import FisherTrace, fisher_trace, fisher_trace_sums, layer_order
 
 __all__ = [
     "FISHERS",
@@ -72,5 +72,6 @@ __all__ = [
     "check_output",
     "fisher_trace",
     "fisher_trace_sums",
+    "layer_order",
     "owned_parameters",
 ]

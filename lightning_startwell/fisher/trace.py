@@ -17,7 +17,8 @@ from lightning_startwell.fisher.checks import check_fisher_arguments
 from lightning_startwell.fisher.fallbacks import _vmap_sums, _whole_model_pass_is_cheaper
 from lightning_startwell.fisher.hooks import _auto_sums, _samples_along_dim_0
 from lightning_startwell.fisher.likelihoods import _cotangents
-from lightning_startwell.model_call import Forward, map_tensors, num_samples, routed, select
+from lightning_startwell.fisher.ownership import owned_parameters
+from lightning_startwell.model_call import Forward, map_tensors, num_samples, routed, run, select
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,13 @@ def _measurement_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes.items():
             m.training = training
+
+def _placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device of the model's parameters and the dtype of its floating-point ones (float32 without any)."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return device, dtype
+
 
 def _model_input(x: Any, device: torch.device, dtype: torch.dtype) -> Any:
     """Inputs on the model's device, floats in the dtype of its parameters (float32, or bfloat16 / float16 for a model
@@ -75,8 +83,7 @@ def fisher_trace_sums(
         raise ValueError("fisher='empirical' needs `targets`, one per input.")
     if mask is not None and len(mask) != count:
         raise ValueError(f"`mask` must hold one row per input ({count}), got {tuple(mask.shape)}.")
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    device, dtype = _placement(model)
     step = batch_size or count
     hooks = method == "auto" and not _whole_model_pass_is_cheaper(model, chunk_size)
     totals: dict[str, torch.Tensor] = {}
@@ -97,6 +104,25 @@ def fisher_trace_sums(
             for name, value in sums.items():
                 totals[name] = totals[name] + value if name in totals else value
     return totals, count
+
+
+def layer_order(model: nn.Module, inputs: Any, forward: Optional[Forward] = None) -> list[str]:
+    """The layers of the per-layer trace (:func:`~lightning_startwell.fisher.owned_parameters`) in the order the model
+    first calls them on the first sample of ``inputs`` (one forward pass in measurement mode, without gradients); layers
+    it does not call follow in registration order."""
+    owners = {name: model.get_submodule(name) for name in owned_parameters(model)}
+    called: dict[str, None] = {}
+    handles = [
+        module.register_forward_pre_hook(lambda *_, name=name: called.setdefault(name))
+        for name, module in owners.items()
+    ]
+    try:
+        with _measurement_mode(model), torch.no_grad():
+            run(model, _model_input(select(inputs, slice(0, 1)), *_placement(model)), forward)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [*called, *(name for name in owners if name not in called)]
 
 
 def fisher_trace(
