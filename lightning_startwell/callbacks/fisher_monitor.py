@@ -99,6 +99,9 @@ class FisherTraceMonitor(Callback):
         log_per_layer: also log the per-layer split.
         probe: ``clean`` (the probe as drawn) or ``training`` (through the deficits active at the measurement).
         log_images: draw the per-layer heatmap at every measurement (TensorBoard only).
+        chunk_size: samples per ``torch.func.vmap`` call where no closed form applies (a smaller value needs less
+            memory). Default: 32 per module; for the whole model, as many as keep the chunk's per-sample gradients
+            within a quarter of the free CUDA memory (256 MiB on CPU). Out of memory is raised, never hidden.
 
     Example::
 
@@ -122,6 +125,7 @@ class FisherTraceMonitor(Callback):
         log_per_layer: bool = True,
         probe: Literal["clean", "training"] = "clean",
         log_images: bool = True,
+        chunk_size: Optional[int] = None,
     ) -> None:
         check_int("num_samples", num_samples)
         check_int("batch_size", batch_size)
@@ -138,6 +142,8 @@ class FisherTraceMonitor(Callback):
         check_fisher_arguments(fisher, likelihood, method, noise_std)
         check_choice("probe", probe, ("clean", "training"))
         check_input_key(input_key)
+        if chunk_size is not None:
+            check_int("chunk_size", chunk_size)
         if mask_key is not None and (isinstance(mask_key, bool) or not isinstance(mask_key, (int, str))):
             raise ValueError(f"`mask_key` must be None, an int (tuple index) or a str (dict key), got {mask_key!r}.")
         check_bool("log_images", log_images)
@@ -158,6 +164,7 @@ class FisherTraceMonitor(Callback):
         self.log_images = log_images
         self._history: list[tuple[int, dict[str, float]]] = []  # (step, per-layer trace) of every measurement
         self._layer_order: Optional[list[str]] = None  # forward order, found at the first picture
+        self.chunk_size = chunk_size
         self._batch: Any = None  # this rank's share of the probe set, collated
         self._last_step = -1
         self._layout_written = False
@@ -290,6 +297,7 @@ class FisherTraceMonitor(Callback):
             forward=batch_forward(pl_module),
             generator=generator,
             batch_size=self.batch_size,
+            chunk_size=self.chunk_size,
         )
 
     def _probe_now(self, trainer: pl.Trainer, step: int) -> Any:

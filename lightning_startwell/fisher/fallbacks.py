@@ -58,9 +58,12 @@ def _sq_norm(g: torch.Tensor) -> torch.Tensor:
 
 def _vmap_or_loop(fn: Callable, *args: Any) -> Any:
     """``vmap(fn)(*args)`` over dim 0 of every tensor in ``args`` (tensors, or dicts of dicts or of tensors); where
-    torch.func cannot batch a kernel (recurrent layers), one call per sample, the results stacked."""
+    torch.func cannot batch a kernel (recurrent layers), one call per sample, the results stacked. Out of memory is
+    raised, not taken for a kernel vmap cannot batch (a per-sample loop would hide it and run for hours)."""
     try:
         return vmap(fn)(*args)
+    except torch.OutOfMemoryError:
+        raise
     except RuntimeError:
         n = len(args[-1])  # the last argument is a tensor of samples
 
@@ -111,6 +114,34 @@ def _vmap_sums(
                 key = owner[name]
                 sums[key] = sums[key] + norms.sum() if key in sums else norms.sum()
     return sums
+
+
+#: Samples per vmap call when ``chunk_size`` is not given: the per-module fallback's chunks, and the most a
+#: whole-model chunk holds.
+DEFAULT_CHUNK = 32
+#: Bytes of per-sample gradients a whole-model chunk may hold where the device's free memory is unknown (CPU): 256 MiB.
+HOST_CHUNK_BYTES = 2**28
+
+
+def whole_model_chunk(model: nn.Module, chunk_size: Optional[int]) -> int:
+    """Samples per whole-model vmap call: ``chunk_size`` when given; else as many as keep the chunk's per-sample
+    gradients (one copy of every trainable parameter per sample) within a quarter of the accelerator's free memory
+    (CUDA) or :data:`HOST_CHUNK_BYTES` elsewhere, between 1 and :data:`DEFAULT_CHUNK`. A 124M-parameter float32
+    model needs 0.5 GB per sample: 32 samples would be 16 GB."""
+    if chunk_size is not None:
+        return chunk_size
+    params = [p for p in model.parameters() if p.requires_grad]
+    per_sample = sum(p.numel() * max(p.element_size(), 4) for p in params) or 1  # gradients at least in float32
+    device = params[0].device if params else torch.device("cpu")
+    return max(1, min(DEFAULT_CHUNK, _memory_budget(device) // per_sample))
+
+
+def _memory_budget(device: torch.device) -> int:
+    """Bytes a whole-model chunk of per-sample gradients may take on ``device``."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 4  # the rest for the activations of the chunk's forward and backward
+    return HOST_CHUNK_BYTES
 
 
 def _whole_model_pass_is_cheaper(model: nn.Module, chunk: int) -> bool:

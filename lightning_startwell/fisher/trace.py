@@ -14,7 +14,12 @@ from torch import nn
 
 from lightning_startwell._validation import check_int
 from lightning_startwell.fisher.checks import check_fisher_arguments
-from lightning_startwell.fisher.fallbacks import _vmap_sums, _whole_model_pass_is_cheaper
+from lightning_startwell.fisher.fallbacks import (
+    DEFAULT_CHUNK,
+    _vmap_sums,
+    _whole_model_pass_is_cheaper,
+    whole_model_chunk,
+)
 from lightning_startwell.fisher.hooks import _auto_sums, _samples_along_dim_0
 from lightning_startwell.fisher.likelihoods import _cotangents
 from lightning_startwell.fisher.ownership import owned_parameters
@@ -69,13 +74,14 @@ def fisher_trace_sums(
     forward: Optional[Forward] = None,
     generator: Optional[torch.Generator] = None,
     batch_size: Optional[int] = None,
-    chunk_size: int = 32,
+    chunk_size: Optional[int] = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Per-module sums over ``inputs`` of the per-sample squared gradient norms (float64 tensors; float32 on a device
     without float64), and the number of samples: the quantities to add across processes before dividing. See
     :func:`fisher_trace`."""
     check_fisher_arguments(fisher, likelihood, method, noise_std)
-    check_int("chunk_size", chunk_size)
+    if chunk_size is not None:
+        check_int("chunk_size", chunk_size)
     if batch_size is not None:
         check_int("batch_size", batch_size)
     count = num_samples(inputs)
@@ -85,7 +91,8 @@ def fisher_trace_sums(
         raise ValueError(f"`mask` must hold one row per input ({count}), got {tuple(mask.shape)}.")
     device, dtype = _placement(model)
     step = batch_size or count
-    hooks = method == "auto" and not _whole_model_pass_is_cheaper(model, chunk_size)
+    module_chunk = chunk_size or DEFAULT_CHUNK
+    hooks = method == "auto" and not _whole_model_pass_is_cheaper(model, module_chunk)
     totals: dict[str, torch.Tensor] = {}
     with _measurement_mode(model), routed(model, forward):
         if hooks and count:
@@ -98,9 +105,9 @@ def fisher_trace_sums(
             def cotangents(output: torch.Tensor, y: Optional[torch.Tensor] = y, m: Optional[torch.Tensor] = m) -> Any:
                 return _cotangents(output, fisher, likelihood, y, generator, noise_std, m)
 
-            sums = _auto_sums(model, x, cotangents, likelihood, chunk_size, forward) if hooks else None
+            sums = _auto_sums(model, x, cotangents, likelihood, module_chunk, forward) if hooks else None
             if sums is None:
-                sums = _vmap_sums(model, x, cotangents, likelihood, chunk_size, forward)
+                sums = _vmap_sums(model, x, cotangents, likelihood, whole_model_chunk(model, chunk_size), forward)
             for name, value in sums.items():
                 totals[name] = totals[name] + value if name in totals else value
     return totals, count
@@ -139,7 +146,7 @@ def fisher_trace(
     forward: Optional[Forward] = None,
     generator: Optional[torch.Generator] = None,
     batch_size: Optional[int] = None,
-    chunk_size: int = 32,
+    chunk_size: Optional[int] = None,
 ) -> FisherTrace:
     """Trace of the Fisher information of ``model`` on ``inputs``: total, per layer, number of samples.
 
@@ -175,7 +182,9 @@ def fisher_trace(
             LightningModule's ``startwell_forward``); it gets each chunk of ``inputs`` whole.
         generator: CPU generator for the ``true`` Fisher's draws.
         batch_size: inputs per forward pass (default: all at once).
-        chunk_size: samples per vmap call in the fallbacks.
+        chunk_size: samples per vmap call in the fallbacks. Default: 32 per module; for the whole model, as many as
+            keep the chunk's per-sample gradients within a quarter of the free CUDA memory (256 MiB on CPU), 1 to 32
+            (see :func:`~lightning_startwell.fisher.fallbacks.whole_model_chunk`). Out of memory is raised.
 
     Returns:
         A :class:`FisherTrace`.
