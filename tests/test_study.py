@@ -23,7 +23,7 @@ from lightning_startwell.study import config as study_config
 from lightning_startwell.study.config import RunSpec, load_study, parse_study
 from lightning_startwell.study.record import accuracy
 from lightning_startwell.study.report import write_report
-from lightning_startwell.study.results import merge, read_fisher, read_results
+from lightning_startwell.study.results import RESULT_COLUMNS, merge, read_fisher, read_results
 from lightning_startwell.study.runner import fit_cell, run_study, write_cells
 from lightning_startwell.study.stats import holm, paired_comparison
 
@@ -86,6 +86,14 @@ def test_cell_config_is_the_run():
         {"lr": 0.1 * 0.9**2, "momentum": 0.9, "weight_decay": 1e-3})
     injector = config["trainer"]["callbacks"][0]["init_args"]
     assert (injector["deficit"], injector["start_epoch"], injector["end_epoch"]) == ("deprivation", 1, 3)
+    fisher = config["trainer"]["callbacks"][1]["init_args"]
+    assert (fisher["probe"], fisher["num_samples"], fisher["seed"]) == ("clean", 16, 7)
+    training = RunSpec(length=2, fisher_probe="training").normalised()
+    assert study_config.cell_config(study, training, study_config.Path("z"))["trainer"]["callbacks"][1]["init_args"][
+        "probe"] == "training"
+    assert training.run_id != RunSpec(length=2).normalised().run_id
+    assert RunSpec(fisher_probe="training").normalised() == RunSpec().normalised()  # no deficit: the probes agree
+    assert parse_study({**TINY, "fisher": {"probe": "training"}}).defaults["fisher_probe"] == "training"
     constant = study_config.cell_config(study, RunSpec(lr_schedule="constant").normalised(), study_config.Path("y"))
     assert constant["model"]["init_args"]["lr_scheduler"] is None
     assert [c["class_path"].rsplit(".", 1)[-1] for c in constant["trainer"]["callbacks"]] == [
@@ -100,6 +108,7 @@ def test_cell_config_is_the_run():
         ({"experiments": [{"name": "a", "plot": "pie", "x": "length", "grid": {"length": [1]}}]}, "plot"),
         ({"experiments": []}, "experiments"),
         ({"seeds": [0, 0]}, "seeds"),
+        ({"defaults": {"fisher_probe": "blurred"}}, "fisher_probe"),
     ],
 )
 def test_bad_study_yaml_names_the_part(change, named):
@@ -242,3 +251,15 @@ def test_report_tables_and_figures(interrupted_study):
     assert "paired t-test" in report and "Holm" in report
     for name in ("length", "layers"):
         assert f"]({name}.png)" in report and (out / f"{name}.png").stat().st_size > 5_000
+
+
+def test_a_table_written_before_a_parameter_existed_reads_with_its_default(tmp_path):
+    run = RunSpec(length=1, seed=2).normalised()
+    old_columns = [c for c in RESULT_COLUMNS if c != "fisher_probe"]
+    with open(tmp_path / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old_columns)
+        writer.writeheader()
+        writer.writerow({"run_id": run.run_id, **{c: getattr(run, c) for c in old_columns[1:-3]},
+                         "test_acc": 0.5, "val_acc": 0.25, "seconds": 3})
+    (row,) = read_results(tmp_path)
+    assert row["fisher_probe"] == "clean" and row["length"] == 1 and row["seed"] == 2 and row["test_acc"] == 0.5

@@ -5,7 +5,7 @@ A study YAML has four parts (see ``profiles/quick.yaml``)::
     seeds: [0, 1, 2]
     defaults: {deficit: blur, size: 4, clean_epochs: 20, weight_decay: 5.0e-4, depth: 3, ...}   # every run's parameters
     base: {trainer: {...}, model: {...}, data: {...}}       # the LightningCLI config every cell extends
-    fisher: {num_samples: 256, batch_size: 128, probe: clean}  # FisherTraceMonitor, every epoch
+    fisher: {num_samples: 256, batch_size: 128}             # FisherTraceMonitor, every epoch
     experiments:
       - {name: length, title: ..., plot: curve, x: length, grid: {length: [0, 10, 20, 40]}, reference: {length: 0}}
 
@@ -42,6 +42,7 @@ class RunSpec:
     (``lr_schedule: decay``, the paper's 0.97 per epoch) or ``lr`` throughout (``constant``); ``lr_offset`` starts the
     decay as if that many epochs had passed (a fresh network at the learning rate a deficit arm has when its deficit
     ends). ``depth`` is the number of stages (blocks, hidden layers) of the model family in ``base``.
+    ``fisher_probe`` is the FisherTraceMonitor's ``probe``: ``clean``, or ``training`` (through the active deficit).
     """
 
     deficit: str = "blur"
@@ -56,11 +57,12 @@ class RunSpec:
     lr_decay: float = 0.97
     lr_schedule: str = "decay"
     lr_offset: int = 0
+    fisher_probe: str = "clean"
     seed: int = 0
 
     def normalised(self) -> RunSpec:
         """The same run written one way: no deficit is ``deficit: none`` with onset and length 0; the total epochs
-        resolved; the blur size kept only for blur."""
+        resolved; the blur size kept only for blur; the Fisher probe clean (the two probes agree without deficit)."""
         none = self.length == 0 or self.deficit == NO_DEFICIT
         epochs = self.epochs if self.epochs is not None else self.onset + self.length + self.clean_epochs
         return dataclasses.replace(
@@ -71,6 +73,7 @@ class RunSpec:
             size=self.size if self.deficit == "blur" and not none else 0,
             epochs=epochs,
             clean_epochs=epochs - (0 if none else self.onset + self.length),
+            fisher_probe="clean" if none else self.fisher_probe,
         )
 
     @property
@@ -80,7 +83,8 @@ class RunSpec:
         lr = f"lr{self.lr:g}" + (f"x{self.lr_decay:g}+{self.lr_offset}" if self.lr_schedule == "decay" else "const")
         return (
             f"{deficit}_on{self.onset}_len{self.length}_ep{self.epochs}_wd{self.weight_decay:g}_d{self.depth}_{lr}"
-            f"_s{self.seed}"
+            + ("" if self.fisher_probe == "clean" else f"_probe{self.fisher_probe}")
+            + f"_s{self.seed}"
         )
 
     def without_seed(self) -> RunSpec:
@@ -88,6 +92,7 @@ class RunSpec:
 
 
 PARAMETERS = tuple(f.name for f in dataclasses.fields(RunSpec))
+CHOICES = {"lr_schedule": ("decay", "constant"), "fisher_probe": ("clean", "training")}
 
 
 @dataclass
@@ -162,10 +167,11 @@ def _check_parameters(where: str, values: dict[str, Any]) -> None:
     for deficit in deficits if isinstance(deficits, list) else [deficits]:
         if deficit not in (NO_DEFICIT, *DEFICITS):
             raise ValueError(f"{where}: `deficit` must be one of {(NO_DEFICIT, *DEFICITS)}, got {deficit!r}.")
-    schedules = values.get("lr_schedule", [])
-    for schedule in schedules if isinstance(schedules, list) else [schedules]:
-        if schedule not in ("decay", "constant"):
-            raise ValueError(f"{where}: `lr_schedule` must be 'decay' or 'constant', got {schedule!r}.")
+    for name, accepted in CHOICES.items():
+        chosen = values.get(name, [])
+        for value in chosen if isinstance(chosen, list) else [chosen]:
+            if value not in accepted:
+                raise ValueError(f"{where}: `{name}` must be one of {accepted}, got {value!r}.")
 
 
 def _experiment(raw: dict[str, Any]) -> Experiment:
@@ -196,7 +202,11 @@ def parse_study(raw: dict[str, Any]) -> Study:
     seeds = raw.get("seeds", [0, 1, 2])
     if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"`seeds` must be a list of distinct seeds, got {seeds!r}.")
-    defaults = dict(raw.get("defaults", {}))
+    fisher = dict(raw.get("fisher", {}))
+    if "probe" in fisher:  # the study-wide probe is the default of the run parameter `fisher_probe`
+        defaults = {"fisher_probe": fisher.pop("probe"), **raw.get("defaults", {})}
+    else:
+        defaults = dict(raw.get("defaults", {}))
     _check_parameters("`defaults`", defaults)
     experiments = [_experiment(e) for e in raw.get("experiments", [])]
     if not experiments:
@@ -205,7 +215,7 @@ def parse_study(raw: dict[str, Any]) -> Study:
         seeds=seeds,
         defaults=defaults,
         base=copy.deepcopy(raw.get("base", {})),
-        fisher=dict(raw.get("fisher", {})),
+        fisher=fisher,
         experiments=experiments,
         name=raw.get("name", "study"),
     )
@@ -281,7 +291,7 @@ def cell_config(study: Study, run: RunSpec, run_dir: Path) -> dict[str, Any]:
     callbacks.append(
         {
             "class_path": "lightning_startwell.callbacks.FisherTraceMonitor",
-            "init_args": {"every_n_epochs": 1, "seed": run.seed, **study.fisher},
+            "init_args": {"every_n_epochs": 1, "seed": run.seed, **study.fisher, "probe": run.fisher_probe},
         }
     )
     callbacks.append(

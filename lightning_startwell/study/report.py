@@ -76,7 +76,8 @@ def _describe(cell: RunSpec) -> str:
     lr = f"lr {cell.lr:g} x {cell.lr_decay:g}/epoch" if cell.lr_schedule == "decay" else f"constant lr {cell.lr:g}"
     if cell.lr_offset:
         lr += f" from epoch {cell.lr_offset} of the decay"
-    return f"{deficit}, {cell.epochs} epochs, wd {cell.weight_decay:g}, depth {cell.depth}, {lr}"
+    probe = ", Fisher on the training inputs" if cell.fisher_probe == "training" else ""
+    return f"{deficit}, {cell.epochs} epochs, wd {cell.weight_decay:g}, depth {cell.depth}, {lr}{probe}"
 
 
 def table(experiment: Experiment, results: list[CellResult]) -> str:

@@ -59,6 +59,9 @@ def append_run(out: Path, row: dict[str, Any], fisher: list[dict[str, Any]]) -> 
 def _typed(row: dict[str, str]) -> dict[str, Any]:
     typed: dict[str, Any] = dict(row)
     for field in dataclasses.fields(RunSpec):
+        if field.name not in row:  # a table written before the parameter existed holds its default
+            typed[field.name] = field.default
+            continue
         value = row[field.name]
         if field.name == "epochs":
             typed[field.name] = int(value)
