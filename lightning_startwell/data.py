@@ -11,6 +11,7 @@ so no statistic of the validation or test data leaks into training.
 
 from __future__ import annotations
 
+import functools
 import random
 from typing import Any
 
@@ -233,18 +234,26 @@ class MNIST1DDataModule(ArrayDataModule):
 
     @override
     def load_arrays(self) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
-        from mnist1d.data import get_dataset_args, make_dataset
+        x, y, x_test, y_test = (array.copy() for array in _mnist1d_arrays(self.data_seed))
+        return x, y, (x_test, y_test)
 
-        args = get_dataset_args()
-        args.seed = self.data_seed
-        # make_dataset reseeds the global `random` and NumPy generators: give the user's streams back untouched.
-        py_state, np_state = random.getstate(), np.random.get_state()
-        try:
-            data: dict[str, Any] = make_dataset(args)
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-        return data["x"], data["y"], (data["x_test"], data["y_test"])
+
+@functools.lru_cache(maxsize=2)
+def _mnist1d_arrays(data_seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """MNIST-1D's train and test arrays, generated once per process and data seed: generating them takes seconds of
+    CPU, and a study trains dozens of runs in one process. Callers get copies."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.seed = data_seed
+    # make_dataset reseeds the global `random` and NumPy generators: give the user's streams back untouched.
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        data: dict[str, Any] = make_dataset(args)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    return data["x"], data["y"], data["x_test"], data["y_test"]
 
 
 __all__ = ["ArrayDataModule", "DigitsDataModule", "MNIST1DDataModule", "split_sizes", "standardize"]

@@ -5,6 +5,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
+from lightning_startwell import data
 from lightning_startwell.data import DigitsDataModule, MNIST1DDataModule, split_sizes
 
 
@@ -40,11 +41,28 @@ def test_mnist1d_shapes_sizes_and_labels_match_the_package():
 
 
 def test_mnist1d_leaves_global_random_streams_alone():
+    data._mnist1d_arrays.cache_clear()  # generate for real
     np.random.seed(123)
     expected = np.random.rand()
     np.random.seed(123)
     MNIST1DDataModule().setup("fit")
     assert np.random.rand() == expected
+
+
+def test_mnist1d_is_generated_once_per_process_and_data_seed(monkeypatch):
+    import mnist1d.data
+
+    calls = []
+    generate = mnist1d.data.make_dataset
+    monkeypatch.setattr(mnist1d.data, "make_dataset", lambda args: calls.append(args.seed) or generate(args))
+    data._mnist1d_arrays.cache_clear()
+    first = MNIST1DDataModule(data_seed=42).load_arrays()
+    first[0][:] = 0.0  # a caller writing into its arrays leaves the next caller's alone
+    second, other = MNIST1DDataModule(data_seed=42).load_arrays(), MNIST1DDataModule(data_seed=3).load_arrays()
+    assert calls == [42, 3]
+    reference = generate(mnist1d.data.get_dataset_args())
+    assert np.array_equal(second[0], reference["x"]) and np.array_equal(second[2][1], reference["y_test"])
+    assert not np.array_equal(other[0], reference["x"])
 
 
 @pytest.mark.parametrize("cls", [DigitsDataModule, MNIST1DDataModule])

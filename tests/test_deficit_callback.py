@@ -175,28 +175,3 @@ def test_two_process_ddp_applies_the_deficit_on_the_same_epochs(tmp_path):
     trainer.fit(Witness(expected_active={1}), loaders()[0])  # asserts inside training_step, on both ranks
     active = read_scalars(tmp_path / "lightning_logs")["startwell/deficit/active"]
     assert [v for _, v in active] == [0.0] * 4 + [1.0] * 4 + [0.0] * 4
-
-
-@pytest.mark.slow
-def test_critical_period_sweep_writes_its_table_plot_and_runs(tmp_path):
-    import csv
-    import importlib.util
-
-    from conftest import REPO
-
-    spec = importlib.util.spec_from_file_location("sweep", REPO / "examples" / "critical_period_sweep.py")
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
-    summary = sweep.main(["--removal-epochs", "0", "1", "--clean-epochs", "1", "--seeds", "0", "1",
-                          "--out", str(tmp_path)])
-    with open(tmp_path / "results.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [(r["removal_epoch"], r["seed"]) for r in rows] == [("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")]
-    for s in summary:
-        accs = [float(r["test_acc"]) for r in rows if int(r["removal_epoch"]) == s["removal_epoch"]]
-        assert s["mean_test_acc"] == pytest.approx(sum(accs) / 2)
-    assert (tmp_path / "critical_period.png").stat().st_size > 10_000
-    assert (tmp_path / "fisher_trace.png").stat().st_size > 10_000
-    blurred = read_scalars(tmp_path / "tensorboard" / "blur_N1" / "seed0")
-    assert blurred["startwell/deficit/active"][0][1] == 1.0 and blurred["startwell/deficit/active"][-1][1] == 0.0
-    assert [s for s, _ in blurred["startwell/fisher/trace"]] == [0, 29, 58]  # start, then each of the 2 epochs
