@@ -54,7 +54,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     if args.command == "cells":
-        cells = write_cells(study, args.out)
+        cells = write_cells(study, args.out.resolve())  # absolute paths: a task may start in another directory
         print(f"{len(cells)} cells listed in {args.out / 'cells.txt'}; each runs with `startwell fit --config <cell>`.")
         return
     if args.command == "run":
