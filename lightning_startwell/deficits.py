@@ -20,6 +20,8 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
+from lightning_startwell._precision import accumulate
+
 Deficit = Literal["blur", "noise", "deprivation", "vertical_flip", "label_permutation"]
 DEFICITS: tuple[str, ...] = Deficit.__args__  # type: ignore[attr-defined]
 
@@ -70,8 +72,9 @@ def deprivation(
 
 
 def moments(x: torch.Tensor) -> tuple[float, float]:
-    """Mean and standard deviation of all the values of ``x`` (computed in float64), the statistics a deprivation keeps."""
-    values = x.detach().double()
+    """Mean and standard deviation of all the values of ``x`` (computed in float64, or float32 on a device without it),
+    the statistics a deprivation keeps."""
+    values = accumulate(x.detach())
     return values.mean().item(), values.std().item()
 
 
@@ -87,8 +90,11 @@ def class_permutation(num_classes: int, seed: int) -> torch.Tensor:
 
 
 def label_permutation(y: torch.Tensor, permutation: torch.Tensor) -> torch.Tensor:
-    """Class ``c`` becomes ``permutation[c]``."""
-    return permutation.to(y.device)[y]
+    """Class ``c`` becomes ``permutation[c]``. Keep ``permutation`` on the labels' device: otherwise it is copied there
+    at every call."""
+    if permutation.device != y.device:
+        permutation = permutation.to(y.device)
+    return permutation[y]
 
 
 __all__ = [

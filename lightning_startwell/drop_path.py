@@ -29,10 +29,12 @@ DROP_PATH_CLASSES = {"DropPath": "drop_prob", "StochasticDepth": "p"}
 def drop_path(x: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
     """Per-sample inverted drop: ``x * b / (1 - rate)`` with ``b ~ Bernoulli(1 - rate)`` for each sample (dim 0).
 
-    ``rate`` is a 0-d tensor in [0, 1) (a Python float works too); nothing is read back to the host.
+    ``rate`` is a 0-d tensor in [0, 1) (a Python float works too); nothing is read back to the host. The uniforms are
+    drawn in float32 whatever the activations' dtype: in bfloat16 (8 significant bits) ``rand >= rate`` keeps a
+    biased fraction (0.898 for 0.9).
     """
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    keep = torch.rand(shape, device=x.device, dtype=x.dtype) >= rate
+    keep = torch.rand(shape, device=x.device, dtype=torch.float32) >= rate
     return x * keep.to(x.dtype) / (1.0 - rate)
 
 
@@ -53,7 +55,7 @@ class DropPath(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.drop_prob == 0.0:
             return x
-        return drop_path(x, torch.tensor(self.drop_prob, device=x.device))
+        return drop_path(x, self.drop_prob)  # a float: no tensor built per forward
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
@@ -128,6 +130,7 @@ class DropPathHooks:
         self.blocks = list(blocks)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.rates = torch.zeros(len(self.blocks), device=device)
+        self._written: Optional[list[float]] = None  # the rates last copied into ``rates``
         self._handles: list[RemovableHandle] = []
 
     def attach(self) -> DropPathHooks:
@@ -151,8 +154,14 @@ class DropPathHooks:
         return hook
 
     def set_rates(self, rates: Sequence[float]) -> None:
-        """Write the per-block drop rates into the rates tensor, in place (one host-to-device copy)."""
-        self.rates.copy_(torch.tensor(rates, dtype=self.rates.dtype))
+        """Write the per-block drop rates into the rates tensor, in place: nothing when they did not change (a constant
+        schedule, the micro-batches of one step), else one asynchronous host-to-device copy (``non_blocking``: the
+        host does not wait for the device's queue)."""
+        rates = [float(r) for r in rates]
+        if rates == self._written:
+            return
+        self.rates.copy_(torch.tensor(rates, dtype=self.rates.dtype), non_blocking=True)
+        self._written = rates
 
 
 __all__ = ["DropPath", "DropPathHooks", "ResidualBlock", "drop_path", "existing_drop_path_rates", "find_residual_blocks"]

@@ -26,6 +26,7 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
+from lightning_startwell._precision import accumulate
 from lightning_startwell._validation import check_choice, check_rate
 from lightning_startwell.model_call import Forward, Inputs, run
 
@@ -315,7 +316,7 @@ def init_weights(
             name,
             *fans(layer),
             target_std=math.nan if scheme == "lsuv" else stds[name],
-            std=layer.weight.detach().double().std().item(),
+            std=accumulate(layer.weight.detach()).std().item(),
             output_var=output_vars.get(name, math.nan),
         )
         for name, layer in layers.items()
@@ -433,7 +434,7 @@ def forward_variances(
     names = {m: n for n, m in layers.items()}
 
     def record(layer: nn.Module, _inputs: object, out: torch.Tensor) -> None:
-        seen.setdefault(names[layer], out.detach().double().var().item())
+        seen.setdefault(names[layer], accumulate(out.detach()).var().item())
 
     handles = [m.register_forward_hook(record) for m in layers.values()]
     try:

@@ -7,8 +7,10 @@ hook on each layer takes the moments of its output and registers a tensor hook o
 hooks on layer outputs, unlike module full-backward hooks, work with in-place ops after the layer (torchvision's
 ``ReLU(inplace=True)``, ``out += identity``).
 
-Moments are kept as float64 sums on the layer's device (no host sync per layer), so sums from several processes can be
-added before the variance is taken.
+Moments are kept as float64 sums (float32 on a device without float64) on the layer's device, reduced from the values
+in place (no float64 copy of an activation or a gradient) and with no host transfer per layer, so sums from several
+processes can be added before the variance is taken. Under a ``GradScaler`` (``16-mixed``) the recorded gradients are
+scaled: :func:`unscale_backward` divides their moments by the scale, on the device.
 """
 
 from __future__ import annotations
@@ -20,13 +22,30 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_startwell._precision import accumulation_dtype
+
 DIRECTIONS = ("forward", "backward")
 
 
 def moments(x: torch.Tensor) -> torch.Tensor:
-    """``[count, sum, sum of squares]`` of all elements of ``x``, in float64, on ``x``'s device."""
-    x = x.detach().double()
-    return torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device), x.sum(), x.square().sum()])
+    """``[count, sum, sum of squares]`` of all elements of ``x``, in the accumulation dtype of its device (float64
+    where it has it), on that device: reductions that convert as they read, no converted copy of ``x``."""
+    x = x.detach()
+    dtype = accumulation_dtype(x.device)
+    count = torch.full((), x.numel(), dtype=dtype, device=x.device)  # a fill kernel, not a host-to-device copy
+    return torch.stack([count, x.sum(dtype=dtype), torch.linalg.vector_norm(x, dtype=dtype).square()])
+
+
+def unscale_backward(stacked: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """``(layers, 2, 3)`` moments whose backward row was recorded on gradients multiplied by ``scale`` (a GradScaler's,
+    a 0-d tensor on the device), with that row's sum divided by ``scale`` and its sum of squares by ``scale^2``: the
+    moments of the true gradients, whatever the scale at this step. No host sync; None leaves them as they are."""
+    if scale is None:
+        return stacked
+    factors = torch.ones(2, 3, dtype=stacked.dtype, device=stacked.device)
+    scale = scale.to(stacked.dtype)
+    factors[1, 1], factors[1, 2] = scale.reciprocal(), scale.square().reciprocal()
+    return stacked * factors
 
 
 def variance_from_moments(m: torch.Tensor) -> torch.Tensor:
@@ -80,8 +99,8 @@ class SignalRecorder:
         key = (direction, name)
         m = moments(x)
         self._moments[key] = self._moments[key] + m if key in self._moments else m
-        if self.keep_values and key not in self.values:
-            self.values[key] = x.detach().flatten()[: self.keep_values].float().cpu()
+        if self.keep_values and key not in self.values:  # kept on the device: moved to the host once, when written
+            self.values[key] = x.detach().flatten()[: self.keep_values].float().clone()
 
     def _forward_hook(self, name: str):  # noqa: ANN202
         def hook(_layer: nn.Module, _inputs: object, output: torch.Tensor) -> None:
@@ -97,14 +116,21 @@ class SignalRecorder:
         """Layers that produced an output, in the order they first ran."""
         return list(dict.fromkeys(name for direction, name in self._moments if direction == "forward"))
 
-    def stacked_moments(self, names: Optional[Sequence[str]] = None) -> torch.Tensor:
+    def stacked_moments(
+        self, names: Optional[Sequence[str]] = None, device: Optional[torch.device] = None
+    ) -> torch.Tensor:
         """Moments as one ``(layers, 2, 3)`` tensor (direction 0 forward, 1 backward; zeros where nothing was seen), ready
-        for one all-reduce across processes."""
+        for one all-reduce across processes: on ``device`` (default: where the moments are, else the CPU), which a
+        collective needs whether or not this process recorded anything (NCCL takes CUDA tensors only)."""
         names = self.names() if names is None else names
-        device = next(iter(self._moments.values())).device if self._moments else torch.device("cpu")
-        zeros = torch.zeros(3, dtype=torch.float64, device=device)
-        rows = [torch.stack([self._moments.get((d, name), zeros) for d in DIRECTIONS]) for name in names]
-        return torch.stack(rows) if rows else torch.zeros(0, 2, 3, dtype=torch.float64, device=device)
+        if device is None:
+            device = next(iter(self._moments.values())).device if self._moments else torch.device("cpu")
+        dtype = accumulation_dtype(device)
+        zeros = torch.zeros(3, dtype=dtype, device=device)
+        rows = [
+            torch.stack([self._moments.get((d, name), zeros).to(device, dtype) for d in DIRECTIONS]) for name in names
+        ]
+        return torch.stack(rows) if rows else torch.zeros(0, 2, 3, dtype=dtype, device=device)
 
     def variances(self) -> tuple[dict[str, float], dict[str, float]]:
         """Variance of the outputs and of their gradients per layer, in forward order."""
@@ -127,4 +153,11 @@ def propagation_ratios(forward: dict[str, float], backward: dict[str, float]) ->
     return forward_ratio, backward_ratio
 
 
-__all__ = ["SignalRecorder", "moments", "propagation_ratios", "variance_from_moments", "variances_by_name"]
+__all__ = [
+    "SignalRecorder",
+    "moments",
+    "propagation_ratios",
+    "unscale_backward",
+    "variance_from_moments",
+    "variances_by_name",
+]

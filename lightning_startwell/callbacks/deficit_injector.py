@@ -157,7 +157,7 @@ class DeficitInjector(ScheduleDrawing):
             num_classes = self.num_classes or getattr(pl_module, "num_classes", None)
             if not isinstance(num_classes, int):
                 raise ValueError("`num_classes` is needed for 'label_permutation' (the model has no `num_classes`).")
-            self._permutation = class_permutation(num_classes, self.seed)
+            self._permutation = class_permutation(num_classes, self.seed).to(pl_module.device)  # moved once
         elif self.deficit == "blur":
             check_blur_size(value.shape, self.size)
         elif self.deficit == "deprivation" and self._moments is None:  # a resumed run keeps the statistics it had

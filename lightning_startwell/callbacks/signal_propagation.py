@@ -6,6 +6,7 @@ import math
 from typing import Any, Optional
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
@@ -13,7 +14,7 @@ from lightning_startwell._validation import check_bool, check_int
 from lightning_startwell.callbacks._common import log_image, log_scalars, tensorboard_experiments
 from lightning_startwell.figures import SignalMeasurement, signal_profile
 from lightning_startwell.init import weight_layers
-from lightning_startwell.propagation import SignalRecorder, propagation_ratios, variances_by_name
+from lightning_startwell.propagation import SignalRecorder, propagation_ratios, unscale_backward, variances_by_name
 
 _HISTOGRAM_VALUES = 65536
 
@@ -24,8 +25,10 @@ class SignalPropagationMonitor(Callback):
 
     Hooks are attached in ``on_train_batch_start`` of a measured step and removed after its backward, so the other
     steps run untouched and nothing is computed twice. Under DDP the moments of all ranks are summed before the variance
-    is taken, so the numbers are those of the global batch. With gradient accumulation the first micro-batch of the
-    step is measured.
+    is taken, so the numbers are those of the global batch. Under ``16-mixed`` with a GradScaler the gradients the
+    hooks see are multiplied by the loss scale: the backward moments are divided by it (the variance by scale^2), so
+    the logged variances are those of the true gradients whatever the scale. With gradient accumulation the first
+    micro-batch of the step is measured.
 
     Logged at the optimizer step of the measurement (``trainer.global_step``):
 
@@ -91,7 +94,8 @@ class SignalPropagationMonitor(Callback):
             return
         recorder.detach()
         names = list(recorder.layers)  # the same order on every rank, for the all-reduce
-        stacked = trainer.strategy.reduce(recorder.stacked_moments(names), reduce_op="sum")
+        local = unscale_backward(recorder.stacked_moments(names, pl_module.device), _grad_scale(trainer))
+        stacked = trainer.strategy.reduce(local, reduce_op="sum")
         forward, backward = variances_by_name(names, stacked)
         forward = {n: v for n, v in forward.items() if not math.isnan(v)}
         backward = {n: v for n, v in backward.items() if not math.isnan(v)}
@@ -107,7 +111,7 @@ class SignalPropagationMonitor(Callback):
         log_scalars(trainer, metrics, step=step)
         for writer in tensorboard_experiments(trainer):
             for (direction, name), values in recorder.values.items():
-                writer.add_histogram(f"startwell/signal/{direction}_hist/{name}", values, global_step=step)
+                writer.add_histogram(f"startwell/signal/{direction}_hist/{name}", values.cpu(), global_step=step)
         if self.log_images:
             self._profiles.append((step, forward, backward))
             log_image(trainer, "startwell/signal/profile", lambda: signal_profile(self._profiles), step)
@@ -128,3 +132,12 @@ class SignalPropagationMonitor(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_measured_step = state_dict["last_measured_step"]
         self._profiles = list(state_dict.get("profiles", []))  # absent from checkpoints written before the pictures
+
+
+def _grad_scale(trainer: pl.Trainer) -> Optional[torch.Tensor]:
+    """The loss scale of this step's backward under a GradScaler (``16-mixed`` on CUDA), as a device tensor (reading
+    it as a float would sync), or None without one."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return None
+    return scaler._get_scale_async()  # the public get_scale() is a host sync; this is the tensor it reads
