@@ -1,14 +1,15 @@
 """What the callbacks share: how a batch becomes a model call (``input_key``, ``startwell_forward``), finding a tensor in
-a batch, one batch from the train loader, writing scalars and images."""
+a batch, one batch from the train loader, writing scalars and images, saying what a callback attached to."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional, Union
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 BatchKey = Union[int, str]
@@ -160,3 +161,29 @@ def run_length(trainer: pl.Trainer) -> tuple[Optional[int], Optional[int]]:
     batches = trainer.num_training_batches
     per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else None
     return per_epoch, int(total) if math.isfinite(total) else None
+
+
+def listed(names: Sequence[str], shown: int = 8) -> str:
+    """``names`` for a one-line report: how many, and the first ``shown`` of them."""
+    names = list(names)
+    if not names:
+        return "none"
+    head = ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+    return f"{len(names)} ({head})"
+
+
+def input_description(module: nn.Module, key: InputKey) -> str:
+    """How the callbacks call ``module`` on a batch: its ``startwell_forward``, or the batch's ``input_key`` parts."""
+    if batch_forward(module) is not None:
+        return f"{FORWARD_METHOD}(batch)"
+    return f"input_key={key!r}"
+
+
+def report_attached(trainer: pl.Trainer, prefix: str, who: str, facts: dict[str, str]) -> str:
+    """Say once, at fit start, what the callback ``who`` attached to: one line on rank zero through the
+    ``lightning.pytorch`` logger and, in TensorBoard, the same text at ``<prefix>/attached``. Returns the line."""
+    text = f"{who} attached: " + "; ".join(f"{name}: {value}" for name, value in facts.items())
+    rank_zero_info(text)
+    for writer in tensorboard_experiments(trainer):
+        writer.add_text(f"{prefix}/attached", text, global_step=trainer.global_step)
+    return text

@@ -81,6 +81,13 @@ class RateScheduleCallback(ScheduleDrawing):
                 f"{'turns on' if self.mode == 'late' else 'reaches 0'} in this run."
             )
 
+    def schedule_description(self) -> str:
+        """The schedule in words, for the fit-start report: mode, rate, shape and cutoff (in optimizer steps)."""
+        text = f"{self.mode}, {self.rate_name}={self.rate:g}"
+        if self.mode != "standard":
+            text += f", {self.shape}, cutoff at optimizer step {self._cutoff}"
+        return text
+
     def _cutoff_argument(self) -> str:
         """The cutoff argument as given, e.g. ``cutoff_epochs=50`` (the default fraction when none was given)."""
         for name in ("cutoff_epochs", "cutoff_steps", "cutoff_fraction"):

@@ -17,7 +17,9 @@ from lightning_startwell.callbacks._common import (
     batch_tensor,
     first_train_batch,
     first_train_inputs,
+    listed,
     log_scalars,
+    report_attached,
     run_length,
 )
 from lightning_startwell.callbacks._schedule_overview import ScheduleDrawing
@@ -163,6 +165,17 @@ class DeficitInjector(ScheduleDrawing):
         elif self.deficit == "deprivation" and self._moments is None:  # a resumed run keeps the statistics it had
             self._moments = moments(first_train_inputs(trainer, self.input_key, DEPRIVATION_STATISTICS_ITEMS))
         self._warn_windows_past_the_end(trainer)
+        self._report(trainer, value)
+
+    def _report(self, trainer: pl.Trainer, value: torch.Tensor) -> None:
+        setting = {"blur": f"size={self.size}", "noise": f"noise_std={self.noise_std}"}.get(self.deficit, "")
+        key, argument = self._key
+        facts = {
+            "deficit": f"{self.deficit}({setting})" if setting else self.deficit,
+            "acts on": f"`{argument}`={key!r} ({value.dtype} {tuple(value.shape[1:])} per item)",
+            "window (epochs [start, end))": listed([f"[{start}, {end})" for start, end in self.windows]),
+        }
+        report_attached(trainer, "startwell/deficit", "DeficitInjector", facts)
 
     def _warn_windows_past_the_end(self, trainer: pl.Trainer) -> None:
         steps_per_epoch, total = run_length(trainer)

@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_startwell.callbacks._common import listed, report_attached
 from lightning_startwell.callbacks._rate_schedule import RateScheduleCallback
 from lightning_startwell.dropout import RateSlot, find_dropout, set_rates
 from lightning_startwell.schedules import Mode, Shape
@@ -90,6 +91,11 @@ class DropoutSchedule(RateScheduleCallback):
             )
         self._slots = slots
         self._original = {s.name: s.get() for s in slots}
+        modules = [s.module_name for s in slots if s.attr in ("p", "dropout")]
+        attributes = [s.name for s in slots if s.attr not in ("p", "dropout")]
+        facts = {"dropout modules": listed(modules), "float attributes": listed(attributes),
+                 "schedule": self.schedule_description()}
+        report_attached(trainer, "startwell/dropout", "DropoutSchedule", facts)
 
     @override
     def apply_rate(self, pl_module: pl.LightningModule, rate: float) -> dict[str, float]:

@@ -21,10 +21,13 @@ from lightning_startwell.callbacks._common import (
     batch_forward,
     batch_tensor,
     check_input_key,
+    input_description,
+    listed,
     log_image,
     log_scalars,
     model_inputs,
     replace_tensor,
+    report_attached,
     require_forward,
     run_length,
     tensorboard_experiments,
@@ -181,6 +184,7 @@ class FisherTraceMonitor(Callback):
         if not trainer.fast_dev_run:
             self._warn_if_unusual_for_this_run(trainer)
         self._warn_if_padding_counts(pl_module)
+        self._report(trainer, pl_module)
         if trainer.global_step == 0:  # the curve starts at the initialisation; a resumed run has that point already
             self._measure(trainer, pl_module)
 
@@ -199,6 +203,22 @@ class FisherTraceMonitor(Callback):
                 f"FisherTraceMonitor: {cadence} is past the end of this run ({total} optimizer steps): the trace is"
                 " measured at the initialisation only."
             )
+
+    def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        size = min(self.num_samples, len(trainer.train_dataloader.dataset))
+        cadence = f"every {self.every_n_steps} steps" if self.every_n_steps else f"every {self.every_n_epochs} epochs"
+        inputs = input_description(pl_module, self.input_key)
+        if self.mask_key is not None:
+            inputs += f", positions masked by mask_key={self.mask_key!r}"
+        if self.fisher == "empirical":
+            inputs += f", labels at target_key={self.target_key!r}"
+        facts = {
+            "probe set": f"{size} training items (seed {self.seed}, {self.probe}), in batches of {self.batch_size}",
+            "inputs": inputs,
+            "measured": f"{self.fisher} Fisher, {self.likelihood} likelihood, at step 0 and {cadence}",
+            "layers (modules owning parameters)": listed(sorted(owned_parameters(pl_module))),
+        }
+        report_attached(trainer, "startwell/fisher", "FisherTraceMonitor", facts)
 
     def _warn_if_padding_counts(self, pl_module: pl.LightningModule) -> None:
         """One warning when the probe batch has an ``attention_mask`` that ``mask_key`` does not name while the model

@@ -19,11 +19,15 @@ from lightning_startwell.callbacks._common import (
     check_input_key,
     first_train_batch,
     has_forward,
+    input_description,
+    listed,
     log_image,
     log_scalars,
     model_inputs,
+    report_attached,
     require_forward,
 )
+from lightning_startwell.fisher import owned_parameters
 from lightning_startwell.init import (
     Mode,
     Nonlinearity,
@@ -142,6 +146,7 @@ class InitScheme(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.applied or self._loaded_trained_weights:
+            report_attached(trainer, "startwell/init", "InitScheme", {"initialised": "none (the weights are trained)"})
             return
         seed = self.seed
         if seed is None:  # drawn on rank 0 and shared, so every rank gets the same weights
@@ -195,6 +200,22 @@ class InitScheme(Callback):
             if self.log_images:
                 log_image(trainer, "startwell/init/profile", lambda: signal_profile([(0, variances, {})]), step=0)
         log_scalars(trainer, metrics, step=0)
+        self._report(trainer, pl_module, inputs if log_forward_ratio else None)
+
+    def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ratio_inputs: Any) -> None:
+        initialised = [layer.name for layer in self.report]
+        facts = {
+            f"initialised ({self.scheme})": listed(initialised),
+            "skipped (own parameters, not initialised)": listed(
+                [n or type(pl_module).__name__ for n in owned_parameters(pl_module) if n not in set(initialised)]
+            ),
+        }
+        zeroed = [layer.name for layer in self.report if layer.target_std == 0]
+        if zeroed:
+            facts["zeroed (last layer of a residual branch)"] = listed(zeroed)
+        if ratio_inputs is not None:
+            facts["forward ratios on"] = f"the first training batch, {input_description(pl_module, self.input_key)}"
+        report_attached(trainer, "startwell/init", "InitScheme", facts)
 
     @override
     def on_load_checkpoint(

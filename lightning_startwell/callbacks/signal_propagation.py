@@ -11,7 +11,13 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_startwell._validation import check_bool, check_int
-from lightning_startwell.callbacks._common import log_image, log_scalars, tensorboard_experiments
+from lightning_startwell.callbacks._common import (
+    listed,
+    log_image,
+    log_scalars,
+    report_attached,
+    tensorboard_experiments,
+)
 from lightning_startwell.figures import SignalMeasurement, signal_profile
 from lightning_startwell.init import weight_layers
 from lightning_startwell.propagation import SignalRecorder, propagation_ratios, unscale_backward, variances_by_name
@@ -77,6 +83,12 @@ class SignalPropagationMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             weight_layers(pl_module, self.include, self.exclude)  # a pattern that matches nothing fails here
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        layers = list(weight_layers(pl_module, self.include, self.exclude))
+        facts = {"layers watched (Linear, conv)": listed(layers), "every_n_steps": str(self.every_n_steps)}
+        report_attached(trainer, "startwell/signal", "SignalPropagationMonitor", facts)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:

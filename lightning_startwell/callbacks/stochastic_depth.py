@@ -7,10 +7,11 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 from typing_extensions import override
 
+from lightning_startwell._validation import check_choice
+from lightning_startwell.callbacks._common import listed, report_attached
 from lightning_startwell.callbacks._rate_schedule import RateScheduleCallback
 from lightning_startwell.drop_path import DropPathHooks, existing_drop_path_rates, find_residual_blocks
 from lightning_startwell.dropout import RateSlot
-from lightning_startwell._validation import check_choice
 from lightning_startwell.schedules import RULES, Mode, Rule, Shape, block_drop_rates, expected_depth
 
 
@@ -88,6 +89,12 @@ class StochasticDepthSchedule(RateScheduleCallback):
         for slot in self._existing:
             slot.set(0.0)
         self._hooks = DropPathHooks(pl_module, blocks).attach()
+        facts = {
+            "residual branches (blocks, in depth order)": listed([", ".join(b.outputs) for b in blocks]),
+            "the model's own drop-path rates set to 0 during fit": listed([s.name for s in self._existing]),
+            "schedule": f"{self.schedule_description()}, rule {self.rule}",
+        }
+        report_attached(trainer, "startwell/depth", "StochasticDepthSchedule", facts)
 
     def _block_rates(self, rate: float) -> list[float]:
         assert self._hooks is not None
