@@ -275,7 +275,7 @@ def _count_compiles(model, schedule_callback, steps, shape):
     torch._dynamo.reset()
     trainer = types.SimpleNamespace(
         num_training_batches=steps, accumulate_grad_batches=1, estimated_stepping_batches=steps, fast_dev_run=False,
-        fit_loop=types.SimpleNamespace(setup_data=lambda: None),
+        fit_loop=types.SimpleNamespace(setup_data=lambda: None), is_global_zero=True, loggers=[], global_step=0,
     )
     schedule_callback.on_fit_start(trainer, model)
     compiled = torch.compile(model, backend=backend)
