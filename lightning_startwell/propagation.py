@@ -127,9 +127,11 @@ class SignalRecorder:
             device = next(iter(self._moments.values())).device if self._moments else torch.device("cpu")
         dtype = accumulation_dtype(device)
         zeros = torch.zeros(3, dtype=dtype, device=device)
-        rows = [
-            torch.stack([self._moments.get((d, name), zeros).to(device, dtype) for d in DIRECTIONS]) for name in names
-        ]
+
+        def placed(m: torch.Tensor) -> torch.Tensor:  # a call of .to() only where it moves something
+            return m if (m.device, m.dtype) == (zeros.device, dtype) else m.to(device, dtype)
+
+        rows = [torch.stack([placed(self._moments.get((d, name), zeros)) for d in DIRECTIONS]) for name in names]
         return torch.stack(rows) if rows else torch.zeros(0, 2, 3, dtype=dtype, device=device)
 
     def variances(self) -> tuple[dict[str, float], dict[str, float]]:
