@@ -111,6 +111,51 @@ def test_deprivation_replaces_the_inputs_by_noise_with_the_training_data_moments
     assert torch.equal(torch.cat([b for e, b in seen if e == 1]), x)  # epoch 1: clean again
 
 
+class DictOrTupleBatches(MLP):
+    """Reads ``{"image", "label"}`` dict batches or ``(x, y)`` tuple batches; records the inputs and targets it trains on."""
+
+    def __init__(self):
+        super().__init__(depth=1, width=8)
+        self.seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = (batch["image"], batch["label"]) if isinstance(batch, dict) else batch
+        assert isinstance(batch, (dict, tuple))  # the callback keeps the batch's own type
+        self.seen.append((self.current_epoch, x.clone(), y.clone()))
+        return super().training_step((x, y), batch_idx)
+
+
+def _batches(layout):
+    if layout == "dict":
+        def collate(samples):
+            return {"image": torch.stack([x for x, _ in samples]), "label": torch.stack([y for _, y in samples])}
+    else:
+        def collate(samples):
+            return tuple(torch.stack(column) for column in zip(*samples))
+    return DataLoader(TensorDataset(TRAIN_X, TRAIN_Y), batch_size=16, shuffle=False, collate_fn=collate)
+
+
+@pytest.mark.parametrize("layout", ["dict", "tuple"])
+@pytest.mark.parametrize("deficit", ["noise", "vertical_flip"])
+def test_noise_and_vertical_flip_on_dict_and_tuple_batches(tmp_path, layout, deficit):
+    keys = {"input_key": "image", "target_key": "label"} if layout == "dict" else {}
+    model = DictOrTupleBatches()
+    injector = DeficitInjector(deficit, start_epoch=0, end_epoch=1, noise_std=0.5, **keys)
+    make_trainer(tmp_path, [injector], max_epochs=2).fit(model, _batches(layout))
+    during = torch.cat([x for e, x, _ in model.seen if e == 0])
+    after = torch.cat([x for e, x, _ in model.seen if e == 1])
+    targets = torch.cat([y for _, _, y in model.seen])
+    assert torch.equal(after, TRAIN_X) and torch.equal(targets, TRAIN_Y.repeat(2))  # targets never touched
+    if deficit == "vertical_flip":
+        assert torch.equal(during, TRAIN_X[:, :, torch.arange(7, -1, -1), :])  # row i becomes row 7 - i
+    else:
+        added = (during - TRAIN_X).double()
+        # 4,096 draws of N(0, 0.5^2): mean within 4 standard errors, std within 5 %, unrelated to the input.
+        assert abs(added.mean().item()) < 4 * 0.5 / 64
+        assert added.std().item() == pytest.approx(0.5, rel=0.05)
+        assert abs(torch.corrcoef(torch.stack([added.flatten(), TRAIN_X.double().flatten()]))[0, 1].item()) < 0.1
+
+
 def test_mid_epoch_resume_applies_the_deficit_on_the_same_epochs(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1)
     make_trainer(tmp_path, [DeficitInjector("blur", 1, 3, size=4), checkpoint], max_epochs=2).fit(Witness(), loaders()[0])

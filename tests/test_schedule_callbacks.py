@@ -49,7 +49,7 @@ class RecordRates(Callback):
     ("mode", "shape"),
     [("standard", "constant"), ("early", "constant"), ("early", "linear"), ("early", "cosine"), ("late", "constant")],
 )
-@pytest.mark.parametrize("accumulate", [1, 2])
+@pytest.mark.parametrize("accumulate", [1, 2, 3])
 def test_applied_and_logged_dropout_rates_follow_the_formula(tmp_path, mode, shape, accumulate):
     cutoff = {} if mode == "standard" else {"cutoff_epochs": 1}
     record = RecordRates()
@@ -59,15 +59,31 @@ def test_applied_and_logged_dropout_rates_follow_the_formula(tmp_path, mode, sha
     )
     model = MLP(depth=2, width=16, dropout=0.5)
     trainer.fit(model, gaussian_loader(num=128, batch_size=16))  # 8 batches an epoch
-    steps_per_epoch = 8 // accumulate
+    # With 3, the last optimizer step of an epoch accumulates the 2 micro-batches left: 3 steps an epoch, not 2.
+    steps_per_epoch = math.ceil(8 / accumulate)
     expected = _official(0.2, 3 * steps_per_epoch, steps_per_epoch, mode, shape)
-    assert len(record.seen) == 24
+    assert [step for step, _ in record.seen] == [e * steps_per_epoch + b // accumulate for e in range(3) for b in range(8)]
     for step, rates in record.seen:
         assert rates == pytest.approx([expected[step]] * 2, abs=1e-12)
     logged = read_scalars(tmp_path / "lightning_logs")["startwell/dropout/rate"]
     assert [s for s, _ in logged] == list(range(3 * steps_per_epoch))
     np.testing.assert_allclose([v for _, v in logged], expected, atol=1e-7)
     assert [m.p for m in model.modules() if isinstance(m, nn.Dropout)] == [0.5, 0.5]  # put back after fit
+
+
+def test_default_cutoff_is_a_sixth_of_training_and_rate_levels_quantise_applied_and_logged_rates(tmp_path):
+    record = RecordRates()
+    schedule = DropoutSchedule(p=0.3, mode="early", shape="linear", rate_levels=4)
+    make_trainer(tmp_path, [schedule, record], max_epochs=3).fit(
+        MLP(depth=1, width=8, dropout=0.5), gaussian_loader(num=256, batch_size=16)
+    )
+    # 48 optimizer steps; the paper's 50 of 300 epochs is 8 steps; levels 0, 0.1, 0.2, 0.3.
+    exact = np.concatenate([np.linspace(0.3, 0.0, 8), np.zeros(40)])
+    expected = np.round(exact / 0.1) * 0.1
+    np.testing.assert_allclose([rates[0] for _, rates in record.seen], expected, atol=1e-12)
+    logged = read_scalars(tmp_path / "lightning_logs")["startwell/dropout/rate"]
+    np.testing.assert_allclose([v for _, v in logged], expected, atol=1e-7)
+    assert sorted(set(np.round(expected, 12))) == [0.0, 0.1, 0.2, 0.3]
 
 
 class TinyTransformer(Classifier):
