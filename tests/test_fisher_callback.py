@@ -45,6 +45,51 @@ def test_logged_trace_at_initialisation_equals_the_naive_loop_on_the_probe(tmp_p
     assert per_layer_sum == pytest.approx(scalars["startwell/fisher/trace"][0][1], rel=1e-5)
 
 
+class Regression(MLP):
+    """Three real outputs fitted by mean squared error: a Gaussian likelihood."""
+
+    def __init__(self):
+        super().__init__(depth=1, width=16, num_classes=3)
+
+    def training_step(self, batch, batch_idx):
+        x, target = batch
+        return torch.nn.functional.mse_loss(self(x), target)
+
+
+def test_gaussian_likelihood_through_the_monitor_equals_a_float64_loop(tmp_path):
+    targets = torch.randn(len(X), 3, generator=torch.Generator().manual_seed(1))
+    model = Regression()
+    initial = copy.deepcopy(model).double()
+    monitor = FisherTraceMonitor(num_samples=40, batch_size=16, every_n_steps=5, fisher="empirical",
+                                 likelihood="gaussian", noise_std=0.5)
+    make_trainer(tmp_path, [monitor], max_steps=1).fit(model, DataLoader(TensorDataset(X, targets), batch_size=16))
+    chosen = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))[:40]
+    expected = {}
+    for i in chosen:
+        # log N(t | f(x), 0.5^2 I) = -||t - f(x)||^2 / (2 x 0.25) + const
+        log_p = -(targets[i].double() - initial(X[i : i + 1].double())[0]).square().sum() / (2 * 0.25)
+        for (name, _), g in zip(initial.named_parameters(), torch.autograd.grad(log_p, list(initial.parameters()))):
+            layer = name.rpartition(".")[0]
+            expected[layer] = expected.get(layer, 0.0) + g.square().sum().item() / 40
+    scalars = read_scalars(tmp_path / "lightning_logs")
+    assert scalars["startwell/fisher/trace"][0] == (0, pytest.approx(sum(expected.values()), rel=1e-5))
+    for layer, value in expected.items():
+        assert scalars[f"startwell/fisher/layer/{layer}"][0][1] == pytest.approx(value, rel=1e-4)
+
+
+def test_vmap_method_through_the_monitor_equals_the_naive_loop(tmp_path):
+    model = MLP(depth=2, width=16)
+    initial = copy.deepcopy(model)
+    monitor = FisherTraceMonitor(num_samples=40, batch_size=16, every_n_steps=5, fisher="empirical", method="vmap")
+    make_trainer(tmp_path, [monitor], max_steps=1).fit(model, loader())
+    x, y = _probe(40)
+    reference = naive_fisher(initial, x, "empirical", y)
+    scalars = read_scalars(tmp_path / "lightning_logs")
+    assert scalars["startwell/fisher/trace"][0][1] == pytest.approx(sum(reference.values()), rel=1e-5)
+    for name, value in reference.items():
+        assert scalars[f"startwell/fisher/layer/{name}"][0][1] == pytest.approx(value, rel=1e-4, abs=1e-9)
+
+
 def test_training_probe_goes_through_the_active_deficit_and_the_clean_probe_does_not(tmp_path):
     model = ConvNet(channels=[4, 8], optimizer=frozen_sgd)  # learning rate 0: the same weights at every measurement
     initial = copy.deepcopy(model)
@@ -159,7 +204,8 @@ class StopAt(pl.Callback):
             trainer.should_stop = True
 
 
-def test_mid_epoch_resume_continues_the_uninterrupted_curve(tmp_path):
+@pytest.mark.parametrize("fisher", ["empirical", "true"])
+def test_mid_epoch_resume_continues_the_uninterrupted_curve(tmp_path, fisher):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     x, y = X[:16], Y[:16]
@@ -167,7 +213,7 @@ def test_mid_epoch_resume_continues_the_uninterrupted_curve(tmp_path):
 
     def run(root, ckpt_path=None, extra=()):
         pl.seed_everything(0)
-        monitor = FisherTraceMonitor(num_samples=32, every_n_steps=2, fisher="empirical")
+        monitor = FisherTraceMonitor(num_samples=32, every_n_steps=2, fisher=fisher)
         make_trainer(root, [monitor, *extra], max_steps=9, max_epochs=-1).fit(MLP(), same_batches, ckpt_path=ckpt_path)
         return read_scalars(root / "lightning_logs")["startwell/fisher/trace"]
 
