@@ -232,6 +232,29 @@ def test_monitor_cadence_and_mid_epoch_resume_give_the_uninterrupted_trajectory(
         assert dict(resumed[tag]) == pytest.approx({s: v for s, v in full[tag] if s >= 4}, rel=1e-5)
 
 
+def test_monitor_with_gradient_accumulation_measures_the_first_micro_batch_of_a_step(tmp_path):
+    x, y = torch.randn(128, 1, 8, 8, generator=torch.Generator().manual_seed(3)), torch.arange(128) % 10
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)  # 8 different batches
+    model = MLP(depth=2, width=16, optimizer=lambda p: torch.optim.SGD(p, lr=0.0))  # the weights stay the same
+    make_trainer(tmp_path, [SignalPropagationMonitor(every_n_steps=2)], max_steps=4, accumulate_grad_batches=2).fit(
+        model, loader
+    )
+    scalars = read_scalars(tmp_path / "lightning_logs")
+    assert [s for s, _ in scalars["startwell/signal/forward/net.1"]] == [0, 2]  # once per measured step
+    for step, batch in ((0, 0), (2, 4)):  # optimizer step 2 starts with micro-batch 4
+        inputs = x[16 * batch : 16 * (batch + 1)].flatten(1).double().requires_grad_()
+        z1 = inputs @ model.net[1].weight.double().T + model.net[1].bias.double()
+        z2 = z1.clamp_min(0) @ model.net[4].weight.double().T + model.net[4].bias.double()
+        z1.retain_grad(), z2.retain_grad()
+        logits = z2.clamp_min(0) @ model.net[7].weight.double().T + model.net[7].bias.double()
+        # The loss of that micro-batch, as the training step returns it (before Lightning divides it by 2 to
+        # accumulate): the logged variances do not depend on the accumulation.
+        torch.nn.functional.cross_entropy(logits, y[16 * batch : 16 * (batch + 1)]).backward()
+        logged = {tag: dict(scalars[f"startwell/signal/{tag}"])[step] for tag in ("forward/net.4", "backward/net.1")}
+        assert logged["forward/net.4"] == pytest.approx(z2.var().item(), rel=1e-4)
+        assert logged["backward/net.1"] == pytest.approx(z1.grad.var().item(), rel=1e-4)
+
+
 class _AssertSameAcrossRanks(Callback):
     def on_train_start(self, trainer, pl_module):
         flat = torch.cat([p.detach().flatten() for p in pl_module.parameters()])

@@ -34,7 +34,8 @@ class SignalPropagationMonitor(Callback):
     is taken, so the numbers are those of the global batch. Under ``16-mixed`` with a GradScaler the gradients the
     hooks see are multiplied by the loss scale: the backward moments are divided by it (the variance by scale^2), so
     the logged variances are those of the true gradients whatever the scale. With gradient accumulation the first
-    micro-batch of the step is measured.
+    micro-batch of the step is measured, and its backward variances are those of the loss ``training_step`` returns
+    (Lightning's division by ``accumulate_grad_batches`` is undone), so they do not change with the accumulation.
 
     Logged at the optimizer step of the measurement (``trainer.global_step``):
 
@@ -110,7 +111,10 @@ class SignalPropagationMonitor(Callback):
         stacked = trainer.strategy.reduce(local, reduce_op="sum")
         forward, backward = variances_by_name(names, stacked)
         forward = {n: v for n, v in forward.items() if not math.isnan(v)}
-        backward = {n: v for n, v in backward.items() if not math.isnan(v)}
+        # Lightning's automatic optimization divides the loss by accumulate_grad_batches before backward: undo it,
+        # so the backward variances are those of the training step's loss whatever the accumulation.
+        rescale = trainer.accumulate_grad_batches**2 if pl_module.automatic_optimization else 1
+        backward = {n: v * rescale for n, v in backward.items() if not math.isnan(v)}
         metrics = {f"startwell/signal/forward/{n}": v for n, v in forward.items()}
         metrics.update({f"startwell/signal/backward/{n}": v for n, v in backward.items()})
         order = recorder.names()  # forward order, for the first/last layers of the ratios and the picture
