@@ -18,7 +18,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -29,6 +29,7 @@ from torch import nn
 from lightning_startwell._precision import accumulate
 from lightning_startwell._validation import check_choice, check_rate
 from lightning_startwell.model_call import Forward, Inputs, run
+from lightning_startwell.propagation import moments, variance_from_moments
 
 Scheme = Literal[
     "glorot_normal", "glorot_uniform", "he_normal", "he_uniform", "lecun_normal", "orthogonal", "fixup", "lsuv"
@@ -239,6 +240,7 @@ def init_weights(
     lsuv_max_iters: int = 10,
     generator: Optional[torch.Generator] = None,
     forward: Optional[Forward] = None,
+    lsuv_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> list[LayerInit]:
     """Initialise the Linear and convolution layers of ``module`` in place and report, per layer, what was done.
 
@@ -269,6 +271,8 @@ def init_weights(
         generator: CPU generator of the draws (a fixed seed gives identical weights anywhere).
         forward: for ``lsuv``, a function of ``lsuv_inputs`` returning the model's output, called instead of the
             model (a LightningModule's ``startwell_forward``).
+        lsuv_reduce: for ``lsuv`` under several processes, a function summing a tensor over them (see
+            :func:`lsuv_rescale`), so every process tests the variance of all their inputs and stops with the others.
 
     Returns:
         One :class:`LayerInit` per initialised layer.
@@ -310,7 +314,9 @@ def init_weights(
         if layer.bias is not None and not keep_bias:
             layer.bias.zero_()
     _reset_norms(module, branches if zero_init_residual else [])
-    output_vars = lsuv_rescale(module, layers, lsuv_inputs, lsuv_tol, lsuv_max_iters, forward) if scheme == "lsuv" else {}
+    output_vars = {}
+    if scheme == "lsuv":
+        output_vars = lsuv_rescale(module, layers, lsuv_inputs, lsuv_tol, lsuv_max_iters, forward, lsuv_reduce)
     return [
         LayerInit(
             name,
@@ -402,26 +408,49 @@ def lsuv_rescale(
     tol: float = 0.1,
     max_iters: int = 10,
     forward: Optional[Forward] = None,
+    reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> dict[str, float]:
     """Layer-sequential unit variance: in forward order, divide each layer's weight by the std of its output on
     ``inputs`` until |Var - 1| < ``tol`` (at most ``max_iters`` times). Returns the final output variance per layer.
 
     Runs in train mode with dropout off (BatchNorm normalises with batch statistics, as in training) and restores every
-    module's mode and buffers afterwards.
+    module's mode and buffers afterwards. ``reduce``, under several processes, sums a tensor over them (an all-reduce):
+    the variance tested is then that of every process's outputs, the same on all, so all stop after the same number of
+    forward passes (with SyncBatchNorm each forward is a collective: differing counts would deadlock).
     """
+
+    def variance(name: str) -> float:
+        if reduce is None:
+            return forward_variances(module, inputs, {name: layers[name]}, forward)[name]
+        return variance_from_moments(reduce(output_moments(module, inputs, layers[name], forward))).item()
+
     with calibration_mode(module), torch.no_grad():
         order = forward_variances(module, inputs, layers, forward)  # keys in the order the layers run
         final: dict[str, float] = {}
         for name in order:
-            layer = layers[name]
-            var = forward_variances(module, inputs, {name: layer}, forward)[name]
+            var = variance(name)
             for _ in range(max_iters):
                 if abs(var - 1.0) < tol or var == 0.0:
                     break
-                layer.weight.div_(math.sqrt(var))
-                var = forward_variances(module, inputs, {name: layer}, forward)[name]
+                layers[name].weight.div_(math.sqrt(var))
+                var = variance(name)
             final[name] = var
     return final
+
+
+def output_moments(
+    module: nn.Module, inputs: Inputs, layer: nn.Module, forward: Optional[Forward] = None
+) -> torch.Tensor:
+    """``[count, sum, sum of squares]`` of ``layer``'s output (its first call) on ``inputs``, on its device: the
+    quantities to add across processes before the variance is taken."""
+    seen: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _l, _i, out: None if seen else seen.append(moments(out)))
+    try:
+        with torch.no_grad():
+            run(module, inputs, forward)
+    finally:
+        handle.remove()
+    return seen[0]
 
 
 def forward_variances(

@@ -182,6 +182,7 @@ class InitScheme(Callback):
                 lsuv_max_iters=self.lsuv_max_iters,
                 generator=torch.Generator().manual_seed(seed),
                 forward=forward,
+                lsuv_reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum"),  # every rank tests the same variance
             )
         _share_rank_zero_weights(pl_module)
         self.applied = True
