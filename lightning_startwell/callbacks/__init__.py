@@ -3,6 +3,7 @@
 from lightning_startwell.callbacks.deficit_injector import DeficitInjector
 from lightning_startwell.callbacks.dropout_schedule import DropoutSchedule
 from lightning_startwell.callbacks.fisher_monitor import FisherTraceMonitor
+from lightning_startwell.callbacks.gradient_dynamics import GradientDynamicsMonitor
 from lightning_startwell.callbacks.init_scheme import InitScheme
 from lightning_startwell.callbacks.signal_propagation import SignalPropagationMonitor
 from lightning_startwell.callbacks.stochastic_depth import StochasticDepthSchedule
@@ -11,6 +12,7 @@ __all__ = [
     "DeficitInjector",
     "DropoutSchedule",
     "FisherTraceMonitor",
+    "GradientDynamicsMonitor",
     "InitScheme",
     "SignalPropagationMonitor",
     "StochasticDepthSchedule",

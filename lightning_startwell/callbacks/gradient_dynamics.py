@@ -1,0 +1,277 @@
+"""GradientDynamicsMonitor: gradient norm, distance from the initial weights, gradient direction variance and error."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+from lightning_startwell._validation import check_choice, check_int
+from lightning_startwell.callbacks._common import (
+    BatchKey,
+    InputKey,
+    batch_forward,
+    batch_tensor,
+    check_input_key,
+    log_scalars,
+    model_inputs,
+    require_forward,
+)
+from lightning_startwell.dynamics import (
+    LOSSES,
+    Loss,
+    direction_statistics,
+    direction_sums,
+    gradient_norm,
+    parameter_distance,
+    probe_gradient,
+)
+
+PREFIX = "startwell/dynamics/"
+
+
+class GradientDynamicsMonitor(Callback):
+    r"""Log the gradient dynamics that Liu et al. (2023, Section 3) use to explain why early dropout reduces
+    underfitting: with dropout, gradients are smaller, the model travels further, and mini-batch gradients agree
+    better with each other and with the gradient of the whole data.
+
+    Logged under ``startwell/dynamics/``, at optimizer step ``t`` (the weights w_t after t steps):
+
+    * ``grad_norm``: ||g_t||_2 of the mini-batch gradient the optimizer receives at step t (after gradient
+      accumulation and the DDP all-reduce, after AMP unscaling, before clipping). With ``every_n_epochs``, the mean of
+      ||g|| over the optimizer steps since the previous measurement.
+    * ``distance``: ||w_t - w_0||_2 over the trainable parameters, w_0 taken when training starts (after every
+      ``on_fit_start``, so after an initialisation callback); w_0 is kept in the checkpoint, so a resumed run measures
+      from the same w_0.
+    * ``direction_variance``: on ``num_batches`` probe mini-batches of ``batch_size`` training items drawn once with
+      ``seed``, each gradient g_k taken with the modules in their training modes (dropout active, as the optimizer
+      sees it), the mean over pairs i < j of (1 - cos(g_i, g_j)) / 2.
+    * ``direction_error``: the mean over k of (1 - cos(g_k, g)) / 2, g = (1/K) sum_k g_k the gradient of the whole
+      probe set (batch by batch).
+
+    A probe measurement costs ``num_batches`` forward and backward passes, and two float64 vectors of the model's
+    size; it never touches ``.grad``, the optimizer, BatchNorm running statistics or the global random streams (the
+    probe's dropout masks come from ``seed`` and the step, so a measurement is reproducible), so the training run is
+    the same with or without this callback. Under DDP each rank takes its share of the probe batches and the sums
+    are all-reduced: the numbers equal a single process's on the same probe. Non-finite values are logged and warned
+    about; training goes on.
+
+    Args:
+        num_batches: probe mini-batches K (at least 2).
+        batch_size: items per probe mini-batch (default: the train loader's batch size).
+        every_n_steps: measure at every ``every_n_steps``-th optimizer step (step 0 included).
+        every_n_epochs: measure at the start of training and after every ``every_n_epochs`` epochs (at most one of
+            the two cadences; with neither, every 50 steps).
+        loss: ``cross_entropy`` (class indices) or ``mse``, mean over the mini-batch, for the probe gradients.
+        seed: seed of the probe draw and of its dropout masks.
+        input_key: what the model is called with (a tuple index or dict key of a batch, or a list of them); not used
+            when the LightningModule defines ``startwell_forward(batch)``.
+        target_key: where the targets of a batch are.
+        measure_directions: also measure the direction variance and error (off: only the norm and the distance,
+            at no extra forward pass).
+
+    Example::
+
+        trainer = Trainer(callbacks=[GradientDynamicsMonitor(every_n_steps=20, num_batches=8)])
+    """
+
+    def __init__(
+        self,
+        num_batches: int = 8,
+        batch_size: Optional[int] = None,
+        every_n_steps: Optional[int] = None,
+        every_n_epochs: Optional[int] = None,
+        loss: Loss = "cross_entropy",
+        seed: int = 0,
+        input_key: InputKey = 0,
+        target_key: BatchKey = 1,
+        measure_directions: bool = True,
+    ) -> None:
+        check_int("num_batches", num_batches, minimum=2)
+        if batch_size is not None:
+            check_int("batch_size", batch_size)
+        if every_n_steps is not None and every_n_epochs is not None:
+            raise ValueError(
+                "Give at most one of `every_n_steps` and `every_n_epochs`, got"
+                f" every_n_steps={every_n_steps!r}, every_n_epochs={every_n_epochs!r}."
+            )
+        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
+            if value is not None:
+                check_int(name, value)
+        check_choice("loss", loss, tuple(LOSSES))
+        check_input_key(input_key)
+        if not isinstance(measure_directions, bool):
+            raise ValueError(f"`measure_directions` must be a bool, got {measure_directions!r}.")
+        self.num_batches = num_batches
+        self.batch_size = batch_size
+        self.every_n_steps = every_n_steps if every_n_steps or every_n_epochs else 50
+        self.every_n_epochs = every_n_epochs
+        self.loss = loss
+        self.seed = seed
+        self.input_key = input_key
+        self.target_key = target_key
+        self.measure_directions = measure_directions
+        self._probe: list[tuple[int, Any]] = []  # (index k, collated batch on the device): this rank's share
+        self._probe_count = 0  # K after capping to the data
+        self._initial: Optional[dict[str, torch.Tensor]] = None  # w_0, by parameter name
+        self._last_step = -1  # the last step measured (distance and directions)
+        self._last_norm_step = -1
+        self._norm_sum: Optional[torch.Tensor] = None  # sum of ||g|| since the last measurement (epoch cadence)
+        self._norm_count = 0
+        self._warned_non_finite = False
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.measure_directions:
+            require_forward(pl_module, "GradientDynamicsMonitor")
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._initial is None:
+            if trainer.global_step > 0:
+                rank_zero_warn(
+                    "GradientDynamicsMonitor: the checkpoint holds no initial weights of this monitor;"
+                    f" `distance` is measured from the weights at step {trainer.global_step}, not from the"
+                    " initialisation."
+                )
+            self._initial = {n: p.detach().clone() for n, p in _trainable(pl_module)}
+        else:  # loaded from a checkpoint, on the CPU
+            self._initial = {n: t.to(pl_module.device) for n, t in self._initial.items()}
+        if self.measure_directions:
+            self._probe = self._draw_probe(trainer)
+        if self.every_n_epochs and trainer.global_step == 0:
+            self._measure(trainer, pl_module)
+
+    def _draw_probe(self, trainer: pl.Trainer) -> list[tuple[int, Any]]:
+        """This rank's probe batches: ``num_batches`` x ``batch_size`` training items drawn with ``seed`` (the same
+        draw on every rank), batch k measured on rank k mod world size."""
+        loader = trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise ValueError(
+                "GradientDynamicsMonitor needs a map-style training dataset (with __len__ and __getitem__)."
+            )
+        size = self.batch_size or getattr(loader, "batch_size", None)
+        if not size:
+            raise ValueError("GradientDynamicsMonitor: the train loader has no `batch_size`; give `batch_size`.")
+        count = min(self.num_batches, len(dataset) // size)
+        if count < self.num_batches and not trainer.fast_dev_run:
+            rank_zero_warn(
+                f"GradientDynamicsMonitor: {len(dataset)} training items hold {count} probe batches of {size},"
+                f" not `num_batches`={self.num_batches}."
+            )
+        self._probe_count = count
+        if count < 2:
+            rank_zero_warn("GradientDynamicsMonitor: fewer than 2 probe batches; directions are not measured.")
+            return []
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))
+        probe = []
+        for k in range(trainer.global_rank, count, trainer.world_size):
+            batch = loader.collate_fn([dataset[int(i)] for i in order[k * size : (k + 1) * size]])
+            batch_tensor(batch, self.target_key, "target_key")  # fails now, naming the argument
+            probe.append((k, trainer.strategy.batch_to_device(batch)))
+        return probe
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self._measure(trainer, pl_module)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        step = trainer.global_step
+        if step == self._last_norm_step:
+            return
+        if self.every_n_steps and step % self.every_n_steps:
+            return
+        self._last_norm_step = step
+        norm = gradient_norm(p.grad for group in optimizer.param_groups for p in group["params"])
+        if self.every_n_steps:
+            self._log(trainer, {PREFIX + "grad_norm": norm.item()}, step)
+            return
+        self._norm_sum = norm if self._norm_sum is None else self._norm_sum + norm.to(self._norm_sum.device)
+        self._norm_count += 1
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._measure(trainer, pl_module)
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        if step == self._last_step or self._initial is None:
+            return
+        self._last_step = step
+        named = dict(pl_module.named_parameters())
+        distance = parameter_distance([named[n] for n in self._initial], list(self._initial.values()))
+        metrics = {PREFIX + "distance": distance.item()}
+        if self._norm_count:
+            metrics[PREFIX + "grad_norm"] = self._norm_sum.item() / self._norm_count
+            self._norm_sum, self._norm_count = None, 0
+        if self._probe_count >= 2:
+            metrics.update(self._directions(trainer, pl_module, step))
+        self._log(trainer, metrics, step)
+
+    def _directions(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, float]:
+        params = [p for _, p in _trainable(pl_module)]
+        forward = batch_forward(pl_module)
+        gradients = (
+            probe_gradient(
+                pl_module,
+                model_inputs(batch, self.input_key, pl_module),
+                batch_tensor(batch, self.target_key, "target_key"),
+                params,
+                loss=self.loss,
+                forward=forward,
+                seed=_probe_seed(self.seed, step, k),
+            )
+            for k, batch in self._probe
+        )
+        sums = direction_sums(gradients) if self._probe else None
+        if sums is None:  # a rank with no probe batch (more ranks than batches) adds zeros
+            sums = torch.zeros(2, sum(p.numel() for p in params), dtype=torch.float64, device=pl_module.device)
+        sums = trainer.strategy.reduce(sums, reduce_op="sum")
+        variance, error = direction_statistics(sums, self._probe_count)
+        return {PREFIX + "direction_variance": variance, PREFIX + "direction_error": error}
+
+    def _log(self, trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+        if not all(math.isfinite(v) for v in metrics.values()) and not self._warned_non_finite:
+            rank_zero_warn(f"GradientDynamicsMonitor: a non-finite value at step {step} ({metrics}); training goes on.")
+            self._warned_non_finite = True
+        log_scalars(trainer, metrics, step=step)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "initial": {n: t.cpu() for n, t in (self._initial or {}).items()},
+            "last_step": self._last_step,
+            "last_norm_step": self._last_norm_step,
+            "norm_sum": 0.0 if self._norm_sum is None else self._norm_sum.item(),
+            "norm_count": self._norm_count,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._initial = state_dict["initial"] or None
+        self._last_step = state_dict["last_step"]
+        self._last_norm_step = state_dict["last_norm_step"]
+        self._norm_count = state_dict["norm_count"]
+        self._norm_sum = torch.tensor(state_dict["norm_sum"]) if self._norm_count else None
+
+
+def _trainable(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+
+def _probe_seed(seed: int, step: int, batch: int) -> int:
+    """A seed per (seed, step, probe batch), the same on every rank."""
+    return (seed * 1_000_003 + step) * 1_009 + batch
