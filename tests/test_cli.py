@@ -35,6 +35,8 @@ def test_quickstart_short_run_writes_accuracy_and_loss_events(tmp_path):
         "startwell/signal/forward_ratio", "startwell/signal/backward_ratio", "startwell/signal/backward/stem.0",
         "startwell/dropout/rate", "startwell/depth/drop_rate", "startwell/depth/expected_depth",
         "startwell/deficit/active", "startwell/fisher/trace", "startwell/fisher/layer/stem.0",
+        "startwell/dynamics/grad_norm", "startwell/dynamics/distance", "startwell/dynamics/direction_variance",
+        "startwell/dynamics/direction_error",
     ):
         assert tag in scalars, sorted(scalars)
     assert len(scalars["val/acc"]) == 2
@@ -147,7 +149,8 @@ def test_example_configs_train_for_a_few_steps(tmp_path, name):
     expected = yaml.safe_load(config.read_text())["trainer"]["callbacks"]
     prefixes = {"DropoutSchedule": "startwell/dropout/", "StochasticDepthSchedule": "startwell/depth/",
                 "InitScheme": "startwell/init/", "SignalPropagationMonitor": "startwell/signal/",
-                "DeficitInjector": "startwell/deficit/", "FisherTraceMonitor": "startwell/fisher/"}
+                "DeficitInjector": "startwell/deficit/", "FisherTraceMonitor": "startwell/fisher/",
+                "GradientDynamicsMonitor": "startwell/dynamics/"}
     for callback in expected:
         prefix = prefixes[callback["class_path"].rpartition(".")[2]]
         assert any(tag.startswith(prefix) for tag in scalars), (prefix, sorted(scalars))
@@ -159,7 +162,7 @@ def test_readme_callback_snippets_build_their_callbacks():
 
     readme = (QUICKSTART.parents[2] / "README.md").read_text()
     snippets = re.findall(r"`(- \{class_path: .*?\})`", readme)
-    assert len(snippets) == 6
+    assert len(snippets) == 7
     for snippet in snippets:
         (entry,) = yaml.safe_load(snippet)
         module, _, name = entry["class_path"].rpartition(".")
