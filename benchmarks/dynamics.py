@@ -5,7 +5,7 @@ measurement from the pure core: the gradient norm, the distance from w_0, and th
 batches of the same size (K forward/backward passes, the float64 sums). The operations are interleaved over rounds;
 each time is the median of the repetitions in a round, and the table gives the median over rounds.
 
-    python benchmarks/dynamics.py [--rounds 5] [--repeats 5] [--num-batches 8]
+    python benchmarks/dynamics.py [--rounds 5] [--repeats 5] [--num-batches 8] [--resnet18]
 """
 
 from __future__ import annotations
@@ -31,14 +31,13 @@ from lightning_startwell.dynamics import (
 from lightning_startwell.models import ResNet
 
 
-def models() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
+def models(resnet18: bool) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
     torch.manual_seed(0)
     found = {"demo ResNet (8 blocks, width 32, 1x8x8)": (ResNet(num_blocks=8, width=32, dropout=0.1), (1, 8, 8))}
-    try:
+    if resnet18:
         import torchvision
-    except ImportError:
-        return found
-    found["torchvision ResNet-18 (3x32x32)"] = (torchvision.models.resnet18(num_classes=10), (3, 32, 32))
+
+        found["torchvision ResNet-18 (3x32x32)"] = (torchvision.models.resnet18(num_classes=10), (3, 32, 32))
     return found
 
 
@@ -84,11 +83,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--num-batches", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--resnet18", action="store_true", help="also torchvision's ResNet-18 (slow on CPU)")
     args = parser.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"batch {args.batch_size}, K = {args.num_batches} probe batches of the same size; median over {args.rounds}"
           f" rounds of the median of {args.repeats} repetitions")
-    for name, (model, shape) in models().items():
+    for name, (model, shape) in models(args.resnet18).items():
         ops = operations(copy.deepcopy(model), shape, args.batch_size, args.num_batches)
         results: dict[str, list[float]] = {op: [] for op in ops}
         for _ in range(args.rounds):

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_startwell._precision import accumulate
 from lightning_startwell.model_call import Forward, run
 
 Loss = Literal["cross_entropy", "mse"]
@@ -57,13 +58,13 @@ def parameter_distance(parameters: Sequence[torch.Tensor], initial: Sequence[tor
 
 
 def direction_sums(gradients: Iterable[torch.Tensor], sums: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Add flat gradients to the sums of a direction measurement: a (2, P) float64 tensor, row 0 the sum of the unit
-    vectors g_k / ||g_k||, row 1 the sum of the gradients g_k (a new one when ``sums`` is None, else ``sums`` in place).
-    Sums from separate sets of gradients add up to the sums of their union."""
+    """Add flat gradients to the sums of a direction measurement: a (2, P) tensor, row 0 the sum of the unit vectors
+    g_k / ||g_k||, row 1 the sum of the gradients g_k (a new one when ``sums`` is None, else ``sums`` in place), in
+    float64 (float32 on a device without it). Sums from separate sets of gradients add up to the sums of their union."""
     for gradient in gradients:
-        g = gradient.detach().reshape(-1).double()
+        g = accumulate(gradient.detach().reshape(-1))
         if sums is None:
-            sums = torch.zeros(2, g.numel(), dtype=torch.float64, device=g.device)
+            sums = torch.zeros(2, g.numel(), dtype=g.dtype, device=g.device)
         sums[0].add_(g / torch.linalg.vector_norm(g))
         sums[1].add_(g)
     if sums is None:

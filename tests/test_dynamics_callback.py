@@ -283,3 +283,12 @@ def test_third_party_models(tmp_path):
         values = logged(tmp_path / name)
         assert all(sorted(values[tag]) == [0, 1] for tag in TAGS), name
         assert 0 < values["direction_variance"][0] < 1 and values["distance"][1] > 0, (name, values)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_half_precision_runs_measure_finite_values(tmp_path, precision):
+    monitor = GradientDynamicsMonitor(num_batches=3, every_n_steps=1)
+    make_trainer(tmp_path, [monitor], max_steps=2, precision=precision).fit(MLP(optimizer=plain_sgd), loader())
+    values = logged(tmp_path)
+    assert all(sorted(values[tag]) == [0, 1] and all(map(math.isfinite, values[tag].values())) for tag in TAGS)
+    assert 0 < values["direction_variance"][1] < 1

@@ -11,10 +11,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lightning_startwell._validation import check_choice, check_int
+from lightning_startwell._precision import accumulation_dtype
+from lightning_startwell._validation import check_bool, check_choice, check_int
 from lightning_startwell.callbacks._common import (
     BatchKey,
     InputKey,
+    as_step_input,
     batch_forward,
     batch_tensor,
     check_input_key,
@@ -105,8 +107,7 @@ class GradientDynamicsMonitor(Callback):
                 check_int(name, value)
         check_choice("loss", loss, tuple(LOSSES))
         check_input_key(input_key)
-        if not isinstance(measure_directions, bool):
-            raise ValueError(f"`measure_directions` must be a bool, got {measure_directions!r}.")
+        check_bool("measure_directions", measure_directions)
         self.num_batches = num_batches
         self.batch_size = batch_size
         self.every_n_steps = every_n_steps if every_n_steps or every_n_epochs else 50
@@ -174,7 +175,7 @@ class GradientDynamicsMonitor(Callback):
         for k in range(trainer.global_rank, count, trainer.world_size):
             batch = loader.collate_fn([dataset[int(i)] for i in order[k * size : (k + 1) * size]])
             batch_tensor(batch, self.target_key, "target_key")  # fails now, naming the argument
-            probe.append((k, trainer.strategy.batch_to_device(batch)))
+            probe.append((k, trainer.strategy.batch_to_device(as_step_input(trainer, batch))))
         return probe
 
     @override
@@ -238,7 +239,8 @@ class GradientDynamicsMonitor(Callback):
         )
         sums = direction_sums(gradients) if self._probe else None
         if sums is None:  # a rank with no probe batch (more ranks than batches) adds zeros
-            sums = torch.zeros(2, sum(p.numel() for p in params), dtype=torch.float64, device=pl_module.device)
+            size = sum(p.numel() for p in params)
+            sums = torch.zeros(2, size, dtype=accumulation_dtype(pl_module.device), device=pl_module.device)
         sums = trainer.strategy.reduce(sums, reduce_op="sum")
         variance, error = direction_statistics(sums, self._probe_count)
         return {PREFIX + "direction_variance": variance, PREFIX + "direction_error": error}
