@@ -273,7 +273,9 @@ def test_third_party_models(tmp_path):
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, num_classes=10,
                             depth=2, drop_rate=0.1, in_chans=1)
-    resnet = torchvision.models.resnet18(num_classes=10)  # BatchNorm, in-place ReLU
+    from torchvision.models.resnet import BasicBlock, ResNet as TorchvisionResNet
+
+    resnet = TorchvisionResNet(BasicBlock, [1, 1, 1, 1], num_classes=10)  # BatchNorm, in-place ReLU, out += identity
     data = {"vit": (vit, (1, 16, 16)), "resnet": (resnet, (3, 16, 16))}
     for name, (net, shape) in data.items():
         x = torch.randn(64, *shape, generator=torch.Generator().manual_seed(1))
