@@ -52,6 +52,7 @@ class RateScheduleCallback(ScheduleDrawing):
         self.cutoff_steps = cutoff_steps
         self.cutoff_fraction = cutoff_fraction
         self.rate_levels = rate_levels
+        self._levels = rate_levels  # the levels applied (a subclass may bound them for a compiled model)
         self.log_images = log_images
         self._cutoff: Optional[int] = None  # in optimizer steps, resolved once and kept in the checkpoint
         self._last_logged_step = -1
@@ -59,7 +60,7 @@ class RateScheduleCallback(ScheduleDrawing):
     def rate_at(self, step: int) -> float:
         """The rate at optimizer step ``step`` (after quantisation to ``rate_levels``, if set)."""
         value = scheduled_rate(step, self.rate, self.mode, self.shape, self._cutoff or 0)
-        return quantize(value, self.rate, self.rate_levels)
+        return quantize(value, self.rate, self._levels)
 
     def apply_rate(self, pl_module: pl.LightningModule, rate: float) -> dict[str, float]:
         """Apply ``rate`` to the model; return the scalars to log."""

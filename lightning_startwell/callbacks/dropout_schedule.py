@@ -14,6 +14,11 @@ from lightning_startwell.dropout import RateSlot, find_dropout, set_rates
 from lightning_startwell.schedules import Mode, Shape
 
 
+#: Rate levels of a compiled model when ``rate_levels`` is not given: Dynamo's default recompile limit is 8, after which
+#: it falls back to eager for good.
+COMPILED_RATE_LEVELS = 5
+
+
 class DropoutSchedule(RateScheduleCallback):
     r"""Schedule the dropout rate of a whole model over optimizer steps.
 
@@ -44,7 +49,8 @@ class DropoutSchedule(RateScheduleCallback):
         exclude: glob patterns of dropout-module names to leave alone.
         attributes: glob patterns ``<module>.<attribute>`` of further float rates to drive (e.g. ``"*.attn.drop_p"``).
         rate_levels: round rates to this many evenly spaced values in [0, p], so a ``torch.compile``d model, which
-            recompiles for every new float rate, compiles at most ``rate_levels`` times; None keeps exact rates.
+            recompiles for every new float rate, compiles at most ``rate_levels`` times; None keeps exact rates, except
+            on a ``torch.compile``d model, where they are rounded to 5 levels (with a warning).
         log_images: draw the schedule picture.
 
     Example::
@@ -83,12 +89,15 @@ class DropoutSchedule(RateScheduleCallback):
                 "DropoutSchedule found no dropout in the model (nn.Dropout family, nn.MultiheadAttention); add dropout"
                 " modules, or name float rates with `attributes`."
             )
-        super().on_fit_start(trainer, pl_module)
+        self._levels = self.rate_levels
         if getattr(pl_module, "_compiler_ctx", None) and self.rate_levels is None:
+            self._levels = COMPILED_RATE_LEVELS
             rank_zero_warn(
-                "DropoutSchedule on a torch.compile'd model with exact rates: every new rate recompiles. Set"
-                " `rate_levels` (e.g. 5) to bound the recompilations."
+                f"DropoutSchedule on a torch.compile'd model: every new float rate recompiles, so the rates are rounded"
+                f" to {COMPILED_RATE_LEVELS} levels in [0, p] (at most {COMPILED_RATE_LEVELS} compilations). Set"
+                " `rate_levels` to choose the levels."
             )
+        super().on_fit_start(trainer, pl_module)
         self._slots = slots
         self._original = {s.name: s.get() for s in slots}
         modules = [s.module_name for s in slots if s.attr in ("p", "dropout")]
