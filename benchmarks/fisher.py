@@ -4,11 +4,14 @@
 * a naive per-sample loop (one backward per example);
 * torch.func ``vmap(grad)`` over the whole batch (per-sample gradients materialised);
 * BackPACK's ``BatchL2Grad`` (where it runs);
+* Opacus: ``GradSampleModule`` (per-sample gradients) and ``GradSampleModuleFastGradientClipping`` with ghost clipping
+  (per-sample gradient norms only), where it runs;
 * ours, ``fisher_trace(method="auto")``.
 
 Models: a small conv net (the demo ConvNet on 8x8 digits), the demo ResNet (8x8), torchvision's ResNet-18 at CIFAR size
-(3x32x32), and a small Transformer text classifier on token ids (attention, embedding and a position parameter: the
-per-module fallback's ground). Each (model, method) runs in its own process so that its peak memory (peak RSS above the model and inputs,
+(3x32x32), a small Transformer text classifier on token ids (attention, embedding and a position parameter: the
+per-module fallback's ground), and a GPT-style causal language model (batch 16 x 64 tokens, vocabulary 1000): one
+categorical likelihood per token, the sample's log-likelihood the sum over its tokens. Each (model, method) runs in its own process so that its peak memory (peak RSS above the model and inputs,
 on CPU; peak CUDA allocation on a GPU) is its own; in a process, time is the median of ``--repeats`` runs after one
 warm-up. The methods of a model run one after another in each of ``--rounds`` rounds (so that a slow spell of a shared
 machine hits them all) and the table shows the median over rounds, with the spread (max - min) of the rounds.
@@ -16,7 +19,7 @@ Agreement is the relative difference of the total trace from the naive loop's.
 
     python benchmarks/fisher.py [--device cpu|cuda] [--repeats 3] [--rounds 3]
 
-Needs torchvision; BackPACK (``pip install backpack-for-pytorch``) is optional.
+Needs torchvision; BackPACK and Opacus (``pip install -e ".[bench]"``) are optional.
 """
 
 from __future__ import annotations
@@ -56,12 +59,46 @@ class TextClassifier(nn.Module):
         return self.head(self.encoder(self.embed(tokens) + self.position).mean(1))
 
 
+class CausalLM(nn.Module):
+    """Token ids (N, T) -> next-token logits (N, T, V): embedding plus fixed sinusoidal positions, pre-norm blocks of
+    causal self-attention (Linear projections, ``scaled_dot_product_attention``) and a GELU MLP, a final LayerNorm and
+    an untied head. Built from modules both Opacus and our closed forms cover (Embedding, Linear, LayerNorm)."""
+
+    def __init__(self, width: int = 128, layers: int = 2, heads: int = 4, tokens: int = 64) -> None:
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Embedding(VOCABULARY, width)
+        position = torch.arange(tokens)[:, None] / 10000 ** (torch.arange(0, width, 2) / width)
+        self.register_buffer("positions", torch.cat([position.sin(), position.cos()], 1))
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({
+                "norm1": nn.LayerNorm(width), "qkv": nn.Linear(width, 3 * width), "proj": nn.Linear(width, width),
+                "norm2": nn.LayerNorm(width), "up": nn.Linear(width, 4 * width), "down": nn.Linear(4 * width, width),
+            })
+            for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, VOCABULARY)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        n, t = ids.shape
+        h = self.embed(ids) + self.positions[:t]
+        for block in self.blocks:
+            q, k, v = block["qkv"](block["norm1"](h)).reshape(n, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            context = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(n, t, -1)
+            h = h + block["proj"](context)
+            h = h + block["down"](F.gelu(block["up"](block["norm2"](h))))
+        return self.head(self.norm(h))
+
+
 MODELS = {
     "small conv net (ConvNet 32-64, 1x8x8)": (lambda: ConvNet(input_shape=(1, 8, 8), channels=[32, 64]), (1, 8, 8), 10),
     "demo ResNet (8 blocks, width 32, 1x8x8)": (lambda: ResNet(input_shape=(1, 8, 8), num_blocks=8, width=32), (1, 8, 8), 10),
     "torchvision ResNet-18 (3x32x32)": (None, (3, 32, 32), 10),
     "Transformer text classifier (2 layers, width 64, 32 tokens)": (TextClassifier, (32,), 4),
+    "causal LM (GPT-style, 2 layers, width 128, vocabulary 1000, 64 tokens)": (CausalLM, (64,), VOCABULARY),
 }
+TOKEN_MODELS = (TextClassifier, CausalLM)
 
 
 def build(name: str) -> nn.Module:
@@ -73,11 +110,18 @@ def build(name: str) -> nn.Module:
     return factory()
 
 
+def log_likelihoods(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """log p(y_i | x_i) per sample: (N, C) logits and (N,) labels, or (N, T, C) and (N, T), summed over positions."""
+    picked = output.log_softmax(-1).gather(-1, y[..., None]).squeeze(-1)
+    return picked.flatten(1).sum(1) if picked.ndim > 1 else picked
+
+
 def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     optimizer.zero_grad()
-    F.cross_entropy(model(x), y).backward()
+    output = model(x)
+    F.cross_entropy(output.flatten(0, -2), y.flatten()).backward()
     optimizer.step()
     model.eval()
     return float("nan")
@@ -87,7 +131,7 @@ def naive(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     params = [p for p in model.parameters() if p.requires_grad]
     total = 0.0
     for i in range(len(x)):
-        log_p = model(x[i : i + 1]).log_softmax(-1)[0, y[i]]
+        log_p = log_likelihoods(model(x[i : i + 1]), y[i : i + 1])[0]
         total += sum(g.square().sum().item() for g in torch.autograd.grad(log_p, params))
     return total / len(x)
 
@@ -99,7 +143,7 @@ def func_vmap(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     buffers = dict(model.named_buffers())
 
     def log_prob(p, xi, yi):
-        return functional_call(model, (p, buffers), (xi[None],)).log_softmax(-1)[0].gather(0, yi[None]).squeeze(0)
+        return log_likelihoods(functional_call(model, (p, buffers), (xi[None],)), yi[None])[0]
 
     grads = vmap(grad(log_prob), in_dims=(None, 0, 0))(params, x, y)
     return sum(g.flatten(1).square().sum(1) for g in grads.values()).mean().item()
@@ -118,13 +162,50 @@ def backpack_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return total / len(x)
 
 
+_OPACUS_WRAPPED: dict[tuple[int, bool], nn.Module] = {}
+
+
+def _opacus_wrapped(model: nn.Module, ghost: bool) -> nn.Module:
+    """The model wrapped once per process (a second wrap would hook it twice); Opacus's hooks record in train mode
+    only, and ``loss_reduction="sum"`` keeps its per-sample gradients unscaled."""
+    if (id(model), ghost) not in _OPACUS_WRAPPED:
+        from opacus import GradSampleModule
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+        if ghost:
+            wrapped = GradSampleModuleFastGradientClipping(
+                model, batch_first=True, loss_reduction="sum", max_grad_norm=1.0, use_ghost_clipping=True
+            )
+        else:
+            wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+        _OPACUS_WRAPPED[id(model), ghost] = wrapped
+    return _OPACUS_WRAPPED[id(model), ghost].train()
+
+
+def opacus_per_sample_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    wrapped = _opacus_wrapped(model, ghost=False)
+    (-log_likelihoods(wrapped(x), y).sum()).backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = sum(p.grad_sample.flatten(1).square().sum(1) for p in params).mean().item()
+    wrapped.zero_grad(set_to_none=True)
+    return total
+
+
+def opacus_ghost_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    wrapped = _opacus_wrapped(model, ghost=True)
+    (-log_likelihoods(wrapped(x), y).sum()).backward()
+    total = wrapped.get_norm_sample().square().mean().item()
+    wrapped.zero_grad(set_to_none=True)
+    return total
+
+
 def ours(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return fisher_trace(model, x, fisher="empirical", targets=y).total
 
 
 def ours_large_cpu_chunks(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Ours with the accelerator's chunk budget (2^25 numbers) on CPU too: what the 1 MiB CPU chunks save."""
-    import lightning_startwell.fisher as fisher_module
+    import lightning_startwell.fisher.closed_forms as fisher_module
 
     fisher_module._chunk_samples = lambda per_sample, like: max(1, 2**25 // per_sample)
     return ours(model, x, y)
@@ -135,6 +216,8 @@ METHODS: dict[str, Callable[[nn.Module, torch.Tensor, torch.Tensor], float]] = {
     "naive per-sample loop": naive,
     "torch.func vmap(grad)": func_vmap,
     "BackPACK BatchL2Grad": backpack_l2,
+    "Opacus GradSampleModule (per-sample gradients)": opacus_per_sample_gradients,
+    "Opacus ghost clipping (per-sample norms)": opacus_ghost_norms,
     "lightning_startwell (auto)": ours,
 }
 CPU_ONLY = {"lightning_startwell, CPU chunks of 2^25 numbers": ours_large_cpu_chunks}
@@ -154,11 +237,11 @@ def run_one(model_name: str, method: str, batch: int, device: str, repeats: int,
         torch.manual_seed(0)
         model = build(model_name).to(device).eval()
         _, shape, classes = MODELS[model_name]
-        if isinstance(model, TextClassifier):
+        if isinstance(model, TOKEN_MODELS):
             x = torch.randint(0, VOCABULARY, (batch, *shape), device=device)
         else:
             x = torch.randn(batch, *shape, device=device)
-        y = torch.randint(0, classes, (batch,), device=device)
+        y = torch.randint(0, classes, (batch, *shape) if isinstance(model, CausalLM) else (batch,), device=device)
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -206,7 +289,7 @@ def main() -> None:
     print(f"device: {device_name}; torch {torch.__version__}")
     methods = {**METHODS, **(CPU_ONLY if args.device == "cpu" else {})}
     for model_name in (m for m in MODELS if args.models in m):
-        batch = args.batch or (256 if args.device == "cuda" else (128 if "8x8" in model_name else 64))
+        batch = args.batch or default_batch(model_name, args.device)
         print(f"\n### {model_name}, batch {batch}\n")
         print("| method | time (ms) | spread over rounds (ms) | x training step | peak memory (MiB) | trace | rel. diff. from naive |")
         print("|---|---|---|---|---|---|---|")
@@ -226,6 +309,13 @@ def main() -> None:
                 f" {r['peak_bytes'] / 2**20:.0f} | {trace} | {diff} |"
             )
         print("\n" + json.dumps(rounds), flush=True)
+
+
+def default_batch(model_name: str, device: str) -> int:
+    """16 sequences for the causal LM; else 256 on a GPU, 128 (8x8 inputs) or 64 (larger ones) on CPU."""
+    if "causal LM" in model_name:
+        return 16
+    return 256 if device == "cuda" else 128 if "8x8" in model_name else 64
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
