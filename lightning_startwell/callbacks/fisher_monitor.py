@@ -43,6 +43,7 @@ from lightning_startwell.fisher import (
     layer_order,
     owned_parameters,
 )
+from lightning_startwell.fisher.trace import _measurement_mode
 from lightning_startwell.model_call import run, select
 
 
@@ -226,7 +227,7 @@ class FisherTraceMonitor(Callback):
         batch = self._batch
         if self.mask_key is not None or not isinstance(batch, Mapping) or "attention_mask" not in batch:
             return
-        with torch.no_grad():
+        with _measurement_mode(pl_module), torch.no_grad():  # eval mode: no dropout draws from the training streams
             output = run(pl_module, select(model_inputs(batch, self.input_key, pl_module), slice(0, 1)),
                          batch_forward(pl_module))
         if isinstance(output, torch.Tensor) and output.ndim == 3:
