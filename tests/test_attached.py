@@ -11,6 +11,7 @@ from lightning_startwell.callbacks import (
     DeficitInjector,
     DropoutSchedule,
     FisherTraceMonitor,
+    GradientDynamicsMonitor,
     InitScheme,
     SignalPropagationMonitor,
     StochasticDepthSchedule,
@@ -24,6 +25,7 @@ PREFIXES = {
     "StochasticDepthSchedule": "startwell/depth",
     "FisherTraceMonitor": "startwell/fisher",
     "DeficitInjector": "startwell/deficit",
+    "GradientDynamicsMonitor": "startwell/dynamics",
 }
 
 
@@ -55,6 +57,7 @@ def test_every_callback_says_once_what_it_attached_to(tmp_path, caplog):
         StochasticDepthSchedule(drop_rate=0.3),
         FisherTraceMonitor(num_samples=20, batch_size=8, every_n_epochs=1),
         DeficitInjector("blur", start_epoch=0, end_epoch=1, size=2),
+        GradientDynamicsMonitor(num_batches=3, every_n_steps=2),
     ]
     with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
         make_trainer(tmp_path, callbacks, max_epochs=2).fit(model, gaussian_loader(num=32, batch_size=8))
@@ -83,6 +86,8 @@ def test_every_callback_says_once_what_it_attached_to(tmp_path, caplog):
     assert count(line["FisherTraceMonitor"], "layers") == len(with_parameters)
     assert "blur(size=2)" in line["DeficitInjector"] and "[0, 1)" in line["DeficitInjector"]
     assert "(1, 8, 8) per item" in line["DeficitInjector"]
+    assert count(line["GradientDynamicsMonitor"], "parameters tracked") == len(list(model.parameters()))
+    assert "probe: 3 batches of 8" in line["GradientDynamicsMonitor"]
 
 
 def test_init_scheme_says_it_initialised_nothing_on_trained_weights(tmp_path, caplog):

@@ -20,8 +20,11 @@ from lightning_startwell.callbacks._common import (
     batch_forward,
     batch_tensor,
     check_input_key,
+    input_description,
+    listed,
     log_scalars,
     model_inputs,
+    report_attached,
     require_forward,
 )
 from lightning_startwell.dynamics import (
@@ -145,8 +148,21 @@ class GradientDynamicsMonitor(Callback):
             self._initial = {n: t.to(pl_module.device) for n, t in self._initial.items()}
         if self.measure_directions:
             self._probe = self._draw_probe(trainer)
+        self._report(trainer, pl_module)
         if self.every_n_epochs and trainer.global_step == 0:
             self._measure(trainer, pl_module)
+
+    def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        cadence = f"every {self.every_n_steps} steps" if self.every_n_steps else f"every {self.every_n_epochs} epochs"
+        facts = {"parameters tracked": listed([n for n, _ in _trainable(pl_module)]), "measured": cadence}
+        if self.measure_directions:
+            size = self.batch_size or getattr(trainer.train_dataloader, "batch_size", None)
+            inputs = input_description(pl_module, self.input_key)
+            facts["probe"] = (
+                f"{self._probe_count} batches of {size} (seed {self.seed}), {inputs}, targets at"
+                f" target_key={self.target_key!r}, {self.loss} loss"
+            )
+        report_attached(trainer, "startwell/dynamics", "GradientDynamicsMonitor", facts)
 
     def _draw_probe(self, trainer: pl.Trainer) -> list[tuple[int, Any]]:
         """This rank's probe batches: ``num_batches`` x ``batch_size`` training items drawn with ``seed`` (the same
