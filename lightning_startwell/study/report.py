@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+import textwrap
 from pathlib import Path
 from typing import Any, Optional
 
@@ -151,7 +152,7 @@ def _plot_accuracy(experiment: Experiment, results: list[CellResult], rows: list
 
 
 def _finish(fig: Any, ax: Any, experiment: Experiment, path: Path) -> None:
-    ax.set_title(experiment.title, fontsize=10)
+    ax.set_title(textwrap.fill(experiment.title, 75), fontsize=9)  # long titles wrap inside the figure
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -204,11 +205,11 @@ def _plot_fisher_layers(study: Study, experiment: Experiment, fisher: dict[str, 
         image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
         ax.set_yticks(range(len(layers)), layers, fontsize=7)
         ax.set_xlabel("epoch (0: initialisation)")
-        ax.set_title(_describe(cell), fontsize=7)
+        ax.set_title(textwrap.fill(_describe(cell), 45), fontsize=7)
         if cell.deficit != NO_DEFICIT:
             ax.axvline(cell.onset + cell.length, color="white", linestyle="--", linewidth=1)
     fig.colorbar(image, ax=axes[0].tolist(), label="Fisher trace of the layer / its peak over the panels")
-    fig.suptitle(experiment.title, fontsize=10)
+    fig.suptitle(textwrap.fill(experiment.title, 110), fontsize=10, y=1.04)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
