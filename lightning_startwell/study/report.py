@@ -69,6 +69,8 @@ def _label(experiment: Experiment, cell: RunSpec) -> str:
         parts.append(f"{experiment.series} = {getattr(cell, experiment.series)}")
     if cell.deficit != NO_DEFICIT and experiment.x != "deficit":
         parts.append(cell.deficit)
+    if cell.fisher_probe != "clean" and "fisher_probe" not in (experiment.x, experiment.series):
+        parts.append(f"Fisher probe {cell.fisher_probe}")
     return ", ".join(parts)
 
 
@@ -79,6 +81,10 @@ def _describe(cell: RunSpec) -> str:
         lr += f" from epoch {cell.lr_offset} of the decay"
     probe = ", Fisher on the training inputs" if cell.fisher_probe == "training" else ""
     return f"{deficit}, {cell.epochs} epochs, wd {cell.weight_decay:g}, depth {cell.depth}, {lr}{probe}"
+
+
+def _p(p: float, same: bool) -> str:
+    return "–" if same or math.isnan(p) else f"{p:.3g}"
 
 
 def table(experiment: Experiment, results: list[CellResult]) -> str:
@@ -96,7 +102,7 @@ def table(experiment: Experiment, results: list[CellResult]) -> str:
         lines.append(
             f"| {_label(experiment, r.cell)} | {c.seeds} | {_pct(c.mean, c.std)} |"
             f" {'itself' if same else _describe(r.reference)} | {_pct(c.reference_mean, c.reference_std)} |"
-            f" {difference} | {'–' if same else f'{c.p:.3g}'} | {'–' if same else f'{r.p_holm:.3g}'} | {significant} |"
+            f" {difference} | {_p(c.p, same)} | {_p(r.p_holm, same)} | {significant} |"
         )
     return "\n".join(lines)
 
@@ -180,7 +186,7 @@ def _plot_fisher(study: Study, experiment: Experiment, fisher: dict[str, Any], p
     for i, cell in enumerate(experiment.cells(study.defaults)):
         total = _mean_curves(cell, study.seeds, fisher).get("total")
         if total:
-            ax.plot(range(len(total)), total, color=f"C{i}", label=_describe(cell))
+            ax.plot(range(len(total)), total, color=f"C{i}", label=textwrap.fill(_describe(cell), 70))
             _shade_deficit(ax, cell)
     ax.set_yscale("log")
     ax.set_xlabel("epoch (0: initialisation; shaded: deficit)")
