@@ -1,6 +1,7 @@
 """Stochastic depth without module surgery (pure PyTorch, no Lightning): forward hooks drop whole residual branches.
 
-Huang et al. (2016): in training, block l computes x + b_l f_l(x) with b_l ~ Bernoulli(p_l) drawn per sample. We use the
+Huang et al. (2016): in training, block l computes x + b_l f_l(x) with b_l ~ Bernoulli(p_l) drawn for the whole
+mini-batch (timm and torchvision's default draw it per sample; both are offered, ``per``). We use the
 inverted form x + b_l f_l(x) / p_l, so evaluation is the plain x + f_l(x) and the model's eval output does not change.
 A forward hook on the module whose output is f_l(x) does the multiplication, so the model keeps its structure and its
 checkpoints load without this library. The rates live in one tensor on the model's device, updated in place: no host
@@ -18,22 +19,25 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_startwell._validation import check_rate
+from lightning_startwell._validation import check_choice, check_rate
 from lightning_startwell.dropout import RateSlot
 from lightning_startwell.init import find_residual_branches
+from lightning_startwell.schedules import PERS, Per
 
 # Drop-path modules of other libraries, by class name, and the attribute that holds their rate.
 DROP_PATH_CLASSES = {"DropPath": "drop_prob", "StochasticDepth": "p"}
 
 
-def drop_path(x: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
-    """Per-sample inverted drop: ``x * b / (1 - rate)`` with ``b ~ Bernoulli(1 - rate)`` for each sample (dim 0).
+def drop_path(x: torch.Tensor, rate: torch.Tensor, per: str = "sample") -> torch.Tensor:
+    """Inverted drop of a residual branch: ``x * b / (1 - rate)`` with ``b ~ Bernoulli(1 - rate)`` drawn for each
+    sample (dim 0, ``per="sample"``: timm, torchvision ``mode="row"``) or once for the whole mini-batch
+    (``per="batch"``: Huang et al. 2016, torchvision ``mode="batch"``).
 
     ``rate`` is a 0-d tensor in [0, 1) (a Python float works too); nothing is read back to the host. The uniforms are
     drawn in float32 whatever the activations' dtype: in bfloat16 (8 significant bits) ``rand >= rate`` keeps a
     biased fraction (0.898 for 0.9).
     """
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    shape = ((x.shape[0] if per == "sample" else 1),) + (1,) * (x.ndim - 1)
     keep = torch.rand(shape, device=x.device, dtype=torch.float32) >= rate
     return x * keep.to(x.dtype) / (1.0 - rate)
 
@@ -44,21 +48,24 @@ class DropPath(nn.Module):
     schedules it like timm's module of the same name.
 
     Args:
-        drop_prob: probability of dropping the branch for a sample, in [0, 1).
+        drop_prob: probability of dropping the branch for a sample (or the mini-batch), in [0, 1).
+        per: ``sample`` (a draw per sample) or ``batch`` (one draw for the mini-batch).
     """
 
-    def __init__(self, drop_prob: float = 0.0) -> None:
+    def __init__(self, drop_prob: float = 0.0, per: Per = "sample") -> None:
         super().__init__()
         check_rate("drop_prob", drop_prob)
+        check_choice("per", per, PERS)
         self.drop_prob = drop_prob
+        self.per = per
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.drop_prob == 0.0:
             return x
-        return drop_path(x, self.drop_prob)  # a float: no tensor built per forward
+        return drop_path(x, self.drop_prob, self.per)  # a float: no tensor built per forward
 
     def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob}"
+        return f"drop_prob={self.drop_prob}, per={self.per}"
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,7 @@ class DropPathHooks:
     Args:
         model: the model holding the blocks.
         blocks: the blocks, in depth order; block ``l`` is dropped with ``rates[l]``.
+        per: ``sample`` (a draw per sample) or ``batch`` (one draw per branch for the whole mini-batch).
 
     Example::
 
@@ -125,9 +133,11 @@ class DropPathHooks:
         hooks.set_rates(block_drop_rates(0.2, len(hooks.blocks)))
     """
 
-    def __init__(self, model: nn.Module, blocks: Sequence[ResidualBlock]) -> None:
+    def __init__(self, model: nn.Module, blocks: Sequence[ResidualBlock], per: Per = "sample") -> None:
+        check_choice("per", per, PERS)
         self.model = model
         self.blocks = list(blocks)
+        self.per = per
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.rates = torch.zeros(len(self.blocks), device=device)
         self._written: Optional[list[float]] = None  # the rates last copied into ``rates``
@@ -149,7 +159,7 @@ class DropPathHooks:
         def hook(module: nn.Module, _inputs: object, output: torch.Tensor) -> Optional[torch.Tensor]:
             if not module.training:
                 return None
-            return drop_path(output, self.rates[index])
+            return drop_path(output, self.rates[index], self.per)
 
         return hook
 

@@ -15,10 +15,12 @@ from lightning_startwell._validation import check_choice, check_rate
 
 Mode = Literal["standard", "early", "late"]
 Shape = Literal["constant", "linear", "cosine"]
-Rule = Literal["linear", "uniform"]
+Rule = Literal["linear", "linspace", "uniform"]
+Per = Literal["sample", "batch"]
 MODES: tuple[str, ...] = Mode.__args__  # type: ignore[attr-defined]
 SHAPES: tuple[str, ...] = Shape.__args__  # type: ignore[attr-defined]
 RULES: tuple[str, ...] = Rule.__args__  # type: ignore[attr-defined]
+PERS: tuple[str, ...] = Per.__args__  # type: ignore[attr-defined]
 # Liu et al. (2023) cut off at epoch 50 of 300: the cutoff used when none is given.
 DEFAULT_CUTOFF_FRACTION = 50 / 300
 
@@ -126,15 +128,20 @@ def check_cutoff(
 
 
 def block_drop_rates(drop_rate: float, num_blocks: int, rule: str = "linear") -> list[float]:
-    """Drop rate of each of ``num_blocks`` residual blocks (1 - survival).
+    """Drop rate of each of ``num_blocks`` residual blocks (1 - survival), block 1 the nearest the input.
 
-    ``linear`` is Huang et al.'s rule p_l = 1 - (l / L)(1 - p_L) for l = 1..L, so block l drops with rate
-    (l / L) ``drop_rate`` and the last one with ``drop_rate`` = 1 - p_L. (timm's ``linspace(0, rate, L)`` starts at 0 for
-    the first block instead.) ``uniform`` gives every block ``drop_rate``.
+    * ``linear``: Huang et al. (2016), p_l = 1 - (l / L)(1 - p_L) for l = 1..L: block l drops with (l / L)
+      ``drop_rate``, the last with ``drop_rate`` = 1 - p_L (the input, l = 0, always survives);
+    * ``linspace``: ``linspace(0, drop_rate, L)``, block l drops with ((l - 1) / (L - 1)) ``drop_rate``: the first
+      block never drops. What Liu et al.'s code (facebookresearch/dropout, ``models/*.py``) and timm
+      (``drop_path_rate``) build; a single block gets 0, as ``torch.linspace(0, rate, 1)`` gives;
+    * ``uniform``: every block drops with ``drop_rate``.
     """
     check_choice("rule", rule, RULES)
     if rule == "uniform":
         return [drop_rate] * num_blocks
+    if rule == "linspace":
+        return [drop_rate * block / (num_blocks - 1) if num_blocks > 1 else 0.0 for block in range(num_blocks)]
     return [drop_rate * (block + 1) / num_blocks for block in range(num_blocks)]
 
 
@@ -145,6 +152,8 @@ def expected_depth(drop_rates: list[float]) -> float:
 
 __all__ = [
     "DEFAULT_CUTOFF_FRACTION",
+    "PERS",
+    "RULES",
     "block_drop_rates",
     "check_cutoff",
     "check_schedule",

@@ -12,20 +12,24 @@ from lightning_startwell.callbacks._common import listed, report_attached
 from lightning_startwell.callbacks._rate_schedule import RateScheduleCallback
 from lightning_startwell.drop_path import DropPathHooks, existing_drop_path_rates, find_residual_blocks
 from lightning_startwell.dropout import RateSlot
-from lightning_startwell.schedules import RULES, Mode, Rule, Shape, block_drop_rates, expected_depth
+from lightning_startwell.schedules import PERS, RULES, Mode, Per, Rule, Shape, block_drop_rates, expected_depth
 
 
 class StochasticDepthSchedule(RateScheduleCallback):
-    r"""Drop whole residual branches per sample in training, with Huang et al.'s layer rule and a schedule over steps.
+    r"""Drop whole residual branches in training, per sample or per mini-batch, with a layer rule and a schedule over
+    steps.
 
-    Block l of L survives with p_l = 1 - (l / L)(1 - p_L) (``rule="linear"``, ``drop_rate`` = 1 - p_L) or with
-    1 - ``drop_rate`` each (``uniform``); the expected depth of a training pass is sum_l p_l. ``drop_rate`` itself
+    Block l of L survives with p_l = 1 - (l / L)(1 - p_L) (``rule="linear"``, Huang et al., ``drop_rate`` = 1 - p_L),
+    with 1 - ((l - 1) / (L - 1)) ``drop_rate`` (``linspace``: ``linspace(0, drop_rate, L)`` as in Liu et al.'s code and
+    timm, the first block never dropped) or with 1 - ``drop_rate`` each (``uniform``); the expected depth of a training
+    pass is sum_l p_l. ``per="sample"`` draws b_l for each sample (timm, torchvision's ``row``), ``per="batch"`` once
+    for the whole mini-batch (Huang et al.). ``drop_rate`` itself
     follows the same ``standard`` / ``early`` / ``late`` schedule as :class:`DropoutSchedule` (Liu et al. 2023: early
     s.d. 0.5 linear, late s.d. 0.4 constant).
 
     No module is replaced: forward hooks on the modules whose outputs are residual branches multiply them per sample by
     b / p_l, b ~ Bernoulli(p_l) (inverted, so evaluation is the plain network and checkpoints load without this
-    library). Blocks are found automatically — timm ``DropPath`` slots (also the ``nn.Identity`` placeholders of a timm
+    library); with ``per="batch"`` every sample of the mini-batch shares the draw. Blocks are found automatically — timm ``DropPath`` slots (also the ``nn.Identity`` placeholders of a timm
     model built with ``drop_path_rate=0``), torchvision ``StochasticDepth``, the demo ResNet's ``branch`` modules,
     torchvision ``BasicBlock`` / ``Bottleneck`` — or named by ``blocks``. Existing drop-path modules are set to rate 0
     during ``fit`` (the hooks do the dropping) and restored after. Rates live in one device tensor updated in place:
@@ -38,7 +42,7 @@ class StochasticDepthSchedule(RateScheduleCallback):
 
     Args:
         drop_rate: drop rate of the last block, 1 - p_L, in [0, 1).
-        rule: ``linear`` (Huang et al.) or ``uniform``.
+        rule: ``linear`` (Huang et al.), ``linspace`` (Liu et al.'s code, timm) or ``uniform``.
         mode: ``standard``, ``early`` or ``late``.
         shape: ``constant``, ``linear`` or ``cosine`` (``late`` takes ``constant``).
         cutoff_epochs: cutoff in epochs.
@@ -46,6 +50,7 @@ class StochasticDepthSchedule(RateScheduleCallback):
         cutoff_fraction: cutoff as a fraction of training, in [0, 1]. With no cutoff given, ``early`` and ``late``
             use 1/6 of training (the paper's epoch 50 of 300).
         blocks: glob patterns of the modules whose outputs are residual branches, in depth order (default: automatic).
+        per: ``sample`` (a draw per sample) or ``batch`` (one draw per block for the mini-batch, Huang et al.).
         log_images: draw the schedule picture.
 
     Example::
@@ -66,10 +71,13 @@ class StochasticDepthSchedule(RateScheduleCallback):
         cutoff_fraction: Optional[float] = None,
         blocks: Optional[list[str]] = None,
         log_images: bool = True,
+        per: Per = "sample",
     ) -> None:
         super().__init__(drop_rate, mode, shape, cutoff_epochs, cutoff_steps, cutoff_fraction, log_images=log_images)
         check_choice("rule", rule, RULES)
+        check_choice("per", per, PERS)
         self.rule = rule
+        self.per = per
         self.blocks = blocks
         self._hooks: Optional[DropPathHooks] = None
         self._existing: list[RateSlot] = []
@@ -88,11 +96,11 @@ class StochasticDepthSchedule(RateScheduleCallback):
         self._original = {s.name: s.get() for s in self._existing}
         for slot in self._existing:
             slot.set(0.0)
-        self._hooks = DropPathHooks(pl_module, blocks).attach()
+        self._hooks = DropPathHooks(pl_module, blocks, self.per).attach()
         facts = {
             "residual branches (blocks, in depth order)": listed([", ".join(b.outputs) for b in blocks]),
             "the model's own drop-path rates set to 0 during fit": listed([s.name for s in self._existing]),
-            "schedule": f"{self.schedule_description()}, rule {self.rule}",
+            "schedule": f"{self.schedule_description()}, rule {self.rule}, a draw per {self.per}",
         }
         report_attached(trainer, "startwell/depth", "StochasticDepthSchedule", facts)
 
