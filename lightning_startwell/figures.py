@@ -103,10 +103,15 @@ def fisher_heatmap(steps: Sequence[int], layers: Sequence[str], values: Sequence
     return render(figure)
 
 
-def _thinned(items: Sequence[SignalMeasurement], count: int) -> list[SignalMeasurement]:
-    if len(items) <= count:
-        return list(items)
-    return [items[i] for i in np.unique(np.linspace(0, len(items) - 1, count).round().astype(int))]
+def spread_over_steps(measurements: Sequence[SignalMeasurement], count: int) -> list[SignalMeasurement]:
+    """All ``measurements`` if there are at most ``count``, else those nearest to ``count`` evenly spaced steps from the
+    first measurement's to the last's (both kept)."""
+    if len(measurements) <= count:
+        return list(measurements)
+    steps = np.array([m[0] for m in measurements], dtype=float)
+    targets = np.linspace(steps[0], steps[-1], count)
+    chosen = np.unique(np.abs(steps[None, :] - targets[:, None]).argmin(axis=1))
+    return [measurements[i] for i in chosen]
 
 
 def signal_profile(measurements: Sequence[SignalMeasurement]) -> np.ndarray:
@@ -125,7 +130,7 @@ def signal_profile(measurements: Sequence[SignalMeasurement]) -> np.ndarray:
     figure = Figure(figsize=(WIDTH if len(directions) == 2 else WIDTH * 0.6, 4.5), dpi=DPI, layout="constrained")
     axes = figure.subplots(1, len(directions), squeeze=False)[0]
     depth = np.arange(1, len(layers) + 1)
-    earlier = _thinned(measurements[:-1], MAX_EARLIER_PROFILES)
+    earlier = spread_over_steps(measurements[:-1], MAX_EARLIER_PROFILES)
     for ax, (direction, index, reference) in zip(axes, directions):
         for age, measurement in enumerate(earlier):
             variances = [measurement[index].get(n, math.nan) for n in layers]
@@ -136,7 +141,7 @@ def signal_profile(measurements: Sequence[SignalMeasurement]) -> np.ndarray:
         ax.plot(depth, relative_to(variances, variances[reference]), "o-", color="black", label=f"step {latest[0]}")
         ax.axhline(1.0, color="tab:green", linestyle="--", label="variance preserved")
         ax.set_yscale("log")
-        # Plain tick labels ("0.001"): matplotlib's default 10^k labels go through its TeX parser, most of a picture's cost.
+        # Plain tick labels ("0.001"): the default 10^k labels go through matplotlib's TeX parser, most of the cost.
         ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         ax.yaxis.set_minor_locator(NullLocator())
         every = _label_every(len(layers))
@@ -167,7 +172,8 @@ def schedule_overview(
         windows: deficit windows ``(start, end, name)`` in optimizer steps, ``end`` exclusive.
         now: the current optimizer step, marked with a line.
     """
-    panels = [name for name, given in (("dropout", dropout), ("depth", block_rates)) if given is not None] or ["deficit"]
+    given = {"dropout": dropout, "depth": block_rates}
+    panels = [name for name, values in given.items() if values is not None] or ["deficit"]
     figure = Figure(figsize=(WIDTH, 1.0 + 2.2 * len(panels)), dpi=DPI, layout="constrained")
     axes = figure.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     for ax, panel in zip(axes, panels):
@@ -210,4 +216,4 @@ def _draw_block_rates(ax: Axes, steps: Sequence[int], rates: np.ndarray) -> Axes
     return depth_axis
 
 
-__all__ = ["fisher_heatmap", "normalise_by_row_max", "relative_to", "render", "schedule_overview", "signal_profile"]
+__all__ = ["fisher_heatmap", "normalise_by_row_max", "relative_to", "render", "schedule_overview", "signal_profile", "spread_over_steps"]

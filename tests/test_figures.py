@@ -16,6 +16,7 @@ from lightning_startwell.figures import (
     relative_to,
     schedule_overview,
     signal_profile,
+    spread_over_steps,
 )
 
 NAN = math.nan
@@ -37,6 +38,18 @@ def test_heatmap_cells_are_centred_on_the_measurement_steps():
     np.testing.assert_allclose(cell_edges([0, 10, 20]), [-5, 5, 15, 25])
     np.testing.assert_allclose(cell_edges([0, 1, 5]), [-0.5, 0.5, 3, 7])
     np.testing.assert_allclose(cell_edges([7]), [6.5, 7.5])
+
+
+def test_a_history_is_thinned_to_the_measurements_nearest_evenly_spaced_steps():
+    def measured_at(steps):
+        return [(step, {}, {}) for step in steps]
+
+    def steps_of(measurements):
+        return [m[0] for m in measurements]
+
+    assert steps_of(spread_over_steps(measured_at(range(4)), 4)) == [0, 1, 2, 3]
+    assert steps_of(spread_over_steps(measured_at(range(10)), 4)) == [0, 3, 6, 9]
+    assert steps_of(spread_over_steps(measured_at([0, 1, 2, 3, 50, 100]), 3)) == [0, 50, 100]
 
 
 def _is_picture(image: np.ndarray, min_size: tuple[int, int] = (300, 400)) -> None:

@@ -4,14 +4,17 @@ with ``log_images=False``; kept across a resume."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import ddp_spawn_flake, gaussian_loader, make_trainer, read_images, read_scalars
+from conftest import REPO, ddp_spawn_flake, gaussian_loader, make_trainer, read_images, read_scalars
 from lightning_startwell.callbacks import (
     DeficitInjector,
     DropoutSchedule,
@@ -83,6 +86,17 @@ def test_every_picture_is_a_png_written_once_per_measurement(tmp_path):
         for _, pixels in images[tag]:
             assert 300 <= pixels.shape[0] <= 1600 and 400 <= pixels.shape[1] <= 1000
             assert pixels.std() > 0
+
+    spec = importlib.util.spec_from_file_location("export", REPO / "examples" / "export_pictures.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    written = script.export(tmp_path / "lightning_logs", tmp_path / "png")
+    assert sorted(p.name for p in written) == ["fisher_heatmap.png", "init_profile.png", "schedule_overview.png",
+                                               "signal_profile.png"]
+    for path in written:  # the last picture of its tag
+        last = images["startwell/" + path.stem.replace("_", "/", 1)][-1][1]
+        with Image.open(path) as picture:
+            np.testing.assert_array_equal(np.asarray(picture), last)
 
 
 def test_the_pictures_draw_the_logged_numbers_and_the_schedule_formulas(tmp_path, spies):

@@ -252,7 +252,8 @@ class DeficitInjector(ScheduleDrawing):
         """The deficit windows in optimizer steps, for the schedule picture (none when the epoch length is unknown)."""
         if not steps_per_epoch:
             return {}
-        return {"windows": [(start * steps_per_epoch, end * steps_per_epoch, self.deficit) for start, end in self.windows]}
+        windows = [(start * steps_per_epoch, end * steps_per_epoch, self.deficit) for start, end in self.windows]
+        return {"windows": windows}
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

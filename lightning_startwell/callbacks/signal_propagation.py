@@ -18,7 +18,7 @@ from lightning_startwell.callbacks._common import (
     report_attached,
     tensorboard_experiments,
 )
-from lightning_startwell.figures import SignalMeasurement, signal_profile
+from lightning_startwell.figures import MAX_EARLIER_PROFILES, SignalMeasurement, signal_profile, spread_over_steps
 from lightning_startwell.init import weight_layers
 from lightning_startwell.propagation import SignalRecorder, propagation_ratios, unscale_backward, variances_by_name
 
@@ -76,7 +76,7 @@ class SignalPropagationMonitor(Callback):
         self.exclude = exclude
         self.log_histograms = log_histograms
         self.log_images = log_images
-        self._profiles: list[SignalMeasurement] = []  # every measurement, for the picture
+        self._profiles: list[SignalMeasurement] = []  # for the picture: the measurements, thinned as they accumulate
         self._recorder: Optional[SignalRecorder] = None
         self._last_measured_step = -1
 
@@ -130,6 +130,8 @@ class SignalPropagationMonitor(Callback):
                 writer.add_histogram(f"startwell/signal/{direction}_hist/{name}", values.cpu(), global_step=step)
         if self.log_images:
             self._profiles.append((step, forward, backward))
+            if len(self._profiles) > 4 * MAX_EARLIER_PROFILES:  # bounded memory and checkpoint on a long run
+                self._profiles = spread_over_steps(self._profiles, 2 * MAX_EARLIER_PROFILES)
             log_image(trainer, "startwell/signal/profile", lambda: signal_profile(self._profiles), step)
 
     @override
