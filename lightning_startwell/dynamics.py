@@ -47,7 +47,8 @@ def gradient_norm(gradients: Iterable[Optional[torch.Tensor]]) -> torch.Tensor:
     norms = [torch.linalg.vector_norm(g.detach(), dtype=torch.float32) for g in gradients if g is not None]
     if not norms:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+    device = norms[0].device  # parameters on several devices (model parallel) meet on the first one's
+    return torch.linalg.vector_norm(torch.stack([n if n.device == device else n.to(device) for n in norms]))
 
 
 def parameter_distance(parameters: Sequence[torch.Tensor], initial: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -25,6 +25,7 @@ from lightning_startwell import (
     DeficitInjector,
     DropoutSchedule,
     FisherTraceMonitor,
+    GradientDynamicsMonitor,
     InitScheme,
     ResNet,
     SignalPropagationMonitor,
@@ -102,6 +103,7 @@ def every_callback() -> list[pl.Callback]:
         DropoutSchedule(p=0.1, mode="early", shape="linear", cutoff_steps=10),  # a new rate at every step
         StochasticDepthSchedule(drop_rate=0.2),
         FisherTraceMonitor(num_samples=16, every_n_epochs=1),
+        GradientDynamicsMonitor(every_n_epochs=1),  # a gradient norm summed at every step, read at the epoch end
         DeficitInjector("label_permutation", start_epoch=0, end_epoch=5),  # one injector per trainer
     ]
 

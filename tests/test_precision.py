@@ -19,6 +19,7 @@ from lightning_startwell import (
     DeficitInjector,
     DropoutSchedule,
     FisherTraceMonitor,
+    GradientDynamicsMonitor,
     InitScheme,
     ResNet,
     SignalPropagationMonitor,
@@ -41,6 +42,7 @@ def every_callback() -> list:
         DropoutSchedule(p=0.1, mode="early", cutoff_steps=3),
         StochasticDepthSchedule(drop_rate=0.4),
         FisherTraceMonitor(num_samples=16, every_n_steps=2),
+        GradientDynamicsMonitor(every_n_steps=2),
         DeficitInjector("noise", start_epoch=0, end_epoch=1, noise_std=0.1),
     ]
 

@@ -215,7 +215,7 @@ class GradientDynamicsMonitor(Callback):
         if self.every_n_steps:
             self._log(trainer, {PREFIX + "grad_norm": norm.item()}, step)
             return
-        self._norm_sum = norm if self._norm_sum is None else self._norm_sum + norm.to(self._norm_sum.device)
+        self._norm_sum = norm if self._norm_sum is None else self._norm_sum + norm  # on the first parameter's device
         self._norm_count += 1
 
     @override
