@@ -25,6 +25,7 @@ from lightning_startwell.callbacks import (
 )
 from lightning_startwell.callbacks import _schedule_overview, fisher_monitor, init_scheme, signal_propagation
 from lightning_startwell.models import MLP, ResNet
+from test_fisher_callback import StopAt
 
 TAGS = ("startwell/init/profile", "startwell/signal/profile", "startwell/fisher/heatmap", "startwell/schedule/overview")
 
@@ -152,15 +153,6 @@ def test_log_images_false_writes_no_picture_and_the_same_scalars(tmp_path):
 def test_log_images_must_be_a_bool(make, value):
     with pytest.raises(ValueError, match="`log_images` must be True or False"):
         make(log_images=value)
-
-
-class StopAt(pl.Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
 
 
 def test_a_resumed_run_draws_the_whole_history(tmp_path, spies):
