@@ -294,3 +294,15 @@ def test_half_precision_runs_measure_finite_values(tmp_path, precision):
     values = logged(tmp_path)
     assert all(sorted(values[tag]) == [0, 1] and all(map(math.isfinite, values[tag].values())) for tag in TAGS)
     assert 0 < values["direction_variance"][1] < 1
+
+
+def test_says_once_what_it_attached_to(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        make_trainer(tmp_path, [GradientDynamicsMonitor(num_batches=3, every_n_steps=1)], max_steps=1).fit(
+            MLP(depth=1), loader()
+        )
+    lines = [r.getMessage() for r in caplog.records if "GradientDynamicsMonitor attached" in r.getMessage()]
+    assert len(lines) == 1
+    assert "4 (net.1.weight, net.1.bias, net.4.weight, net.4.bias)" in lines[0] and "3 batches of 16" in lines[0]
