@@ -166,7 +166,8 @@ def early_phase_means(dynamics: list[dict[str, Any]], cutoff: int) -> dict[str, 
         for arm in ARMS:
             for seed, points in curves(dynamics, arm, tag, "step").items():
                 values = [v for s, v in points.items() if s < cutoff and (s > 0 or tag != "distance")]
-                means.setdefault(tag, {}).setdefault(arm, {})[seed] = statistics.mean(values)
+                if values:  # a cadence coarser than the cutoff measures nothing before it
+                    means.setdefault(tag, {}).setdefault(arm, {})[seed] = statistics.mean(values)
     return means
 
 
