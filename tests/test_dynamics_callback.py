@@ -18,6 +18,7 @@ from conftest import ddp_spawn_flake, make_trainer, read_scalars
 from lightning_startwell.callbacks import GradientDynamicsMonitor
 from lightning_startwell.cli import main
 from lightning_startwell.models import MLP, Classifier, ResNet
+from test_fisher_callback import StopAt
 
 G = torch.Generator().manual_seed(0)
 X, Y = torch.randn(96, 1, 8, 8, generator=G), torch.randint(0, 10, (96,), generator=G)
@@ -126,15 +127,6 @@ def test_training_is_the_same_with_and_without_the_monitor(tmp_path):
     values = logged(tmp_path / "monitored")
     assert sorted(values["direction_variance"]) == list(range(7))
     assert all(0 < v < 1 for v in values["direction_variance"].values())  # random labels: near 0.5
-
-
-class StopAt(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
 
 
 @pytest.mark.parametrize("cadence", [{"every_n_steps": 2}, {"every_n_epochs": 1}])
