@@ -57,6 +57,16 @@ def test_fit_initialises_by_the_formula_of_each_argument_and_logs_the_report(tmp
     assert scalars["startwell/init/forward_ratio/net.4"][0][1] == pytest.approx(z2.var().item() / z1.var().item(), rel=1e-4)
 
 
+def test_include_initialises_only_the_layers_it_names(tmp_path):
+    model, snapshot = MLP(depth=2, width=32), Snapshot()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    make_trainer(tmp_path, [InitScheme("he_normal", include=["net.4"], seed=0), snapshot], max_steps=1).fit(
+        model, gaussian_loader()
+    )
+    changed = {n for n, p in snapshot.params.items() if not torch.equal(p, before[n])}
+    assert changed == {"net.4.weight", "net.4.bias"}
+
+
 def test_same_seed_gives_the_same_start_and_another_seed_another(tmp_path):
     starts = []
     for i, seed in enumerate((7, 7, 8)):
