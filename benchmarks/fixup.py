@@ -7,7 +7,7 @@ normalisation-free network, and ``he_normal`` on the same depth with BatchNorm (
 normalised network gives. Per arm: the mean training loss of the first and last epoch, validation accuracy after the
 last epoch, and how many seeds diverged (a non-finite loss: that run stops there), mean ± std over seeds.
 
-    python benchmarks/fixup.py [--blocks 32] [--width 8] [--epochs 8] [--seeds 0 1 2]
+    python benchmarks/fixup.py [--blocks 32] [--width 8] [--epochs 8] [--seeds 0 1 2] [--arms he fixup batch]
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import torch
 from lightning_startwell import DigitsDataModule, InitScheme, ResNet
 
 ARMS = {
-    "norm: none, he_normal": ("none", "he_normal"),
-    "norm: none, fixup": ("none", "fixup"),
-    "norm: batch, he_normal (reference)": ("batch", "he_normal"),
+    "he": ("norm: none, he_normal", "none", "he_normal"),
+    "fixup": ("norm: none, fixup", "none", "fixup"),
+    "batch": ("norm: batch, he_normal (reference)", "batch", "he_normal"),
 }
 
 
@@ -83,13 +83,14 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     header = ["arm", "train loss, epoch 1", f"train loss, epoch {args.epochs}", "final val acc (%)", "diverged"]
     header.append("s per run")
     print("| " + " | ".join(header) + " |")
     print("|---" * len(header) + "|")
-    for name, (norm, scheme) in ARMS.items():
+    for name, norm, scheme in (ARMS[arm] for arm in args.arms):
         start = time.perf_counter()
         records = [run(norm, scheme, args.blocks, args.width, seed, args.epochs) for seed in args.seeds]
         seconds = (time.perf_counter() - start) / len(args.seeds)
