@@ -302,7 +302,7 @@ def init_weights(
         if scheme == "fixup" and min(len(b.layers) for b in branches) < 2:
             raise ValueError("`fixup` needs residual branches of at least 2 weight layers (the exponent is -1/(2m-2)).")
         if scheme == "fixup":
-            _warn_fixup_with_norms(module, branches)
+            _warn_fixup_with_norms(branches)
     if scheme == "lsuv" and lsuv_inputs is None:
         raise ValueError("scheme 'lsuv' needs `lsuv_inputs`, a batch of training inputs.")
     if generator is None:  # seeded from the global stream, so `seed_everything` makes it reproducible
@@ -329,11 +329,10 @@ def init_weights(
     ]
 
 
-def _warn_fixup_with_norms(module: nn.Module, branches: list[ResidualBranch]) -> None:
+def _warn_fixup_with_norms(branches: list[ResidualBranch]) -> None:
     """Fixup is for networks without normalisation: a norm layer after a branch's convolutions makes their weights
     scale-invariant and undoes the L^(-1/(2m-2)) rescaling within a few steps."""
-    norms = [n for n, m in module.named_modules() if isinstance(m, NORM_LAYERS)]
-    normed = [b.name for b in branches if any(n.startswith(b.name + ".") for n in norms)]
+    normed = [b.name for b in branches if b.last_norm]
     if normed:
         warnings.warn(
             f"scheme 'fixup' is an initialisation for residual networks without normalisation (Zhang et al. 2019), but"
