@@ -146,61 +146,6 @@ def test_mid_epoch_resume_has_the_uninterrupted_rate_trajectory(tmp_path, cls):
     np.testing.assert_allclose([v for _, v in full], _official(0.4, 14, 12, "early", "linear"), atol=1e-7)
 
 
-class CountDrops(Callback):
-    """Counts, per residual branch, the samples whose branch output was dropped (all zeros) in training passes."""
-
-    def __init__(self) -> None:
-        self.dropped: dict[str, int] = {}
-        self.samples: dict[str, int] = {}
-        self.handles = []
-
-    def on_train_start(self, trainer, pl_module):
-        for name, module in pl_module.named_modules():
-            if name.endswith(".branch"):
-                self.handles.append(module.register_forward_hook(self._count(name)))
-
-    def _count(self, name):
-        def hook(module, inputs, output):
-            if module.training:
-                zero = (output.flatten(1) == 0).all(1)
-                self.dropped[name] = self.dropped.get(name, 0) + int(zero.sum())
-                self.samples[name] = self.samples.get(name, 0) + len(zero)
-
-        return hook
-
-    def on_train_end(self, trainer, pl_module):
-        for handle in self.handles:
-            handle.remove()
-
-
-def test_stochastic_depth_in_a_fit_drops_at_the_scheduled_rates(tmp_path):
-    counter = CountDrops()
-    model = ResNet(num_blocks=3, width=4)
-    reference = ResNet(num_blocks=3, width=4)
-    trainer = make_trainer(tmp_path, [StochasticDepthSchedule(drop_rate=0.6, rule="linear"), counter],
-                           max_epochs=3, limit_val_batches=1, num_sanity_val_steps=0)
-    trainer.fit(model, gaussian_loader(num=1024, batch_size=128), gaussian_loader(num=16, batch_size=16))
-    for l, name in enumerate(["blocks.0.branch", "blocks.1.branch", "blocks.2.branch"], start=1):
-        rate = 0.6 * l / 3
-        n = counter.samples[name]
-        assert n == 3 * 1024
-        assert abs(counter.dropped[name] / n - rate) < 4 * math.sqrt(rate * (1 - rate) / n)
-    logged = read_scalars(tmp_path / "lightning_logs")["startwell/depth/expected_depth"]
-    assert logged[0][1] == pytest.approx(sum(1 - 0.6 * l / 3 for l in range(1, 4)))
-    # After fit: no hook left, and eval output is that of the same weights without the callback.
-    reference.load_state_dict(model.state_dict())
-    model.eval(), reference.eval()
-    x = torch.randn(4, 1, 8, 8)
-    assert torch.equal(model(x), reference(x))
-    assert all(not m._forward_hooks for m in model.modules())
-
-
-class Wrapped(Classifier):
-    def __init__(self, net, input_shape):
-        super().__init__(input_shape=input_shape, num_classes=10)
-        self.net = net
-
-
 class CountZeroSamples(Callback):
     """Counts, per named module, the training samples whose output is all zeros (a dropped residual branch). Its hooks
     are registered at train start, after the schedule's own, so they see the output after dropping."""
@@ -234,6 +179,32 @@ class CountZeroSamples(Callback):
             n = self.samples[name]
             assert n > 0, name
             assert abs(self.dropped[name] / n - rate) < 4 * math.sqrt(rate * (1 - rate) / n), (name, rate)
+
+
+def test_stochastic_depth_in_a_fit_drops_at_the_scheduled_rates(tmp_path):
+    branches = ["blocks.0.branch", "blocks.1.branch", "blocks.2.branch"]
+    counter = CountZeroSamples(branches)
+    model = ResNet(num_blocks=3, width=4)
+    reference = ResNet(num_blocks=3, width=4)
+    trainer = make_trainer(tmp_path, [StochasticDepthSchedule(drop_rate=0.6, rule="linear"), counter],
+                           max_epochs=3, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(model, gaussian_loader(num=1024, batch_size=128), gaussian_loader(num=16, batch_size=16))
+    assert all(counter.samples[name] == 3 * 1024 for name in branches)
+    counter.assert_rates([0.6 * l / 3 for l in range(1, 4)])
+    logged = read_scalars(tmp_path / "lightning_logs")["startwell/depth/expected_depth"]
+    assert logged[0][1] == pytest.approx(sum(1 - 0.6 * l / 3 for l in range(1, 4)))
+    # After fit: no hook left, and eval output is that of the same weights without the callback.
+    reference.load_state_dict(model.state_dict())
+    model.eval(), reference.eval()
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.equal(model(x), reference(x))
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+class Wrapped(Classifier):
+    def __init__(self, net, input_shape):
+        super().__init__(input_shape=input_shape, num_classes=10)
+        self.net = net
 
 
 def _fit_and_count(tmp_path, model, names, drop_rate, shape, samples=768, batch_size=256):
