@@ -5,6 +5,7 @@ elsewhere, the paired statistics and the report."""
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import signal
@@ -24,7 +25,7 @@ from lightning_startwell.study.config import RunSpec, load_study, parse_study
 from lightning_startwell.study.record import accuracy
 from lightning_startwell.study.report import write_report
 from lightning_startwell.study.results import RESULT_COLUMNS, merge, read_fisher, read_results
-from lightning_startwell.study.runner import fit_cell, run_study, write_cells
+from lightning_startwell.study.runner import _die_with_parent, fit_cell, run_study, write_cells
 from lightning_startwell.study.stats import holm, paired_comparison
 
 TINY = {
@@ -198,10 +199,77 @@ def test_interrupted_study_resumes_without_redoing_finished_runs(interrupted_stu
 
 
 @pytest.mark.slow
-def test_killed_study_resumes(tmp_path):
+def test_two_worker_processes_train_the_study_once_as_one_process_does(interrupted_study, tmp_path):
+    study, serial_out = interrupted_study[:2]
+    out = tmp_path / "parallel"
+    stream = io.StringIO()
+    assert run_study(study, out, stream=stream, jobs=2) == 6
+    assert "6 runs in 2 worker processes" in stream.getvalue() and stream.getvalue().count("test acc") == 6
+    serial, parallel = {r["run_id"]: r for r in read_results(serial_out)}, {r["run_id"]: r for r in read_results(out)}
+    assert sorted(parallel) == sorted(serial) == sorted(r.run_id for r in study.runs())
+    test_size = 360  # the digits test split: one example is 1/360
+    for run_id, row in parallel.items():  # one torch thread per worker against pytest's: the last float bits differ
+        assert row["test_acc"] == pytest.approx(serial[run_id]["test_acc"], abs=1.01 / test_size), run_id
+    serial_fisher, parallel_fisher = read_fisher(serial_out), read_fisher(out)
+    for run_id, curves in parallel_fisher.items():  # the same seed's run: its Fisher curve to the float32 rounding
+        assert curves.keys() == serial_fisher[run_id].keys()
+        for layer, values in curves.items():
+            assert values == pytest.approx(serial_fisher[run_id][layer], rel=1e-4), (run_id, layer)
+    assert run_study(study, out, jobs=2) == 0
+
+
+def test_a_failing_run_in_a_worker_stops_the_study_with_its_error(tmp_path):
+    broken = yaml.safe_load(yaml.safe_dump(TINY["base"]))
+    broken["model"]["init_args"]["channels"] = "four"  # refused by the CLI with SystemExit, in the worker
+    study = tiny(seeds=[0, 1], experiments=[TINY["experiments"][0]], base=broken)
+    with pytest.raises(RuntimeError, match="the run of .*cell.yaml failed: SystemExit"):
+        run_study(study, tmp_path, jobs=2)
+    assert not (tmp_path / "results.csv").exists()
+
+
+def test_bad_jobs_is_refused_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match="`jobs` must be a positive integer, got 0"):
+        run_study(tiny(), tmp_path, jobs=0)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_worker_dies_with_its_parent():
+    grandchild = (
+        "import os, time; from lightning_startwell.study.runner import _die_with_parent;"
+        " _die_with_parent(os.getppid()); print('ready', flush=True); time.sleep(300)"
+    )
+    parent_code = (
+        "import subprocess, sys, time;"
+        f" child = subprocess.Popen([sys.executable, '-c', {grandchild!r}], stdout=subprocess.PIPE);"
+        " child.stdout.readline(); print(child.pid, flush=True); time.sleep(300)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True, env=env)
+    worker = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 60
+    while _alive(worker):  # without the request the worker sleeps on for 300 s
+        assert time.time() < deadline, "the worker outlived its killed parent by 60 s"
+        time.sleep(0.05)
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()  # a zombie waits for init to reap it: it runs no more
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_killed_study_resumes(tmp_path, jobs):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({**TINY, "seeds": [0, 1], "experiments": TINY["experiments"][:1]}))
-    command = [sys.executable, "-m", "lightning_startwell.study", "run", "--config", str(config), "--out", "out"]
+    command = [sys.executable, "-m", "lightning_startwell.study", "run", "--config", str(config), "--out", "out",
+               "--jobs", str(jobs)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     results = tmp_path / "out" / "results.csv"
@@ -209,13 +277,17 @@ def test_killed_study_resumes(tmp_path):
     while not (results.exists() and len(results.read_text().splitlines()) >= 2) and process.poll() is None:
         assert time.time() < deadline, "the study wrote no result in 900 s"
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
+    process.send_signal(signal.SIGKILL)  # with 2 jobs its workers die with it
     process.wait()
     before = _rows(tmp_path / "out")
     assert 1 <= len(before) < 4
+    # a worker may have finished a run after the parent's last row: the restart reads it back from its directory
+    finished_unlisted = [d for d in (tmp_path / "out" / "runs").iterdir()
+                         if (d / "result.json").exists() and d.name not in {r["run_id"] for r in before}]
+    done = len(before) + len(finished_unlisted)
     again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
-    assert f"{len(before)}/4 runs already done" in again.stdout
-    assert again.stdout.count("test acc") == 4 - len(before)
+    assert f"{done}/4 runs already done" in again.stdout
+    assert again.stdout.count("test acc") == 4 - done
     assert "[4/4]" in again.stdout and "ETA" in again.stdout
     after = _rows(tmp_path / "out")
     assert after[: len(before)] == before and len({r["run_id"] for r in after}) == len(after) == 4

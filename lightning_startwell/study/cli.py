@@ -1,6 +1,7 @@
 """``python -m lightning_startwell.study``: run, spread, merge and report a critical-period study.
 
     python -m lightning_startwell.study run                     # the quick profile into critical_period_study/
+    python -m lightning_startwell.study run --jobs 4            # 4 runs at a time (default: the cores, at most 8)
     python -m lightning_startwell.study run --profile full --out full_study
     python -m lightning_startwell.study cells --out big         # only write runs/<id>/cell.yaml and cells.txt
     python -m lightning_startwell.study merge --out big --from /scratch/runs   # gather runs trained elsewhere
@@ -21,7 +22,7 @@ from typing import Optional
 from lightning_startwell.study.config import PROFILES, load_study
 from lightning_startwell.study.report import estimate_seconds, write_report
 from lightning_startwell.study.results import merge
-from lightning_startwell.study.runner import format_seconds, run_study, write_cells
+from lightning_startwell.study.runner import default_jobs, format_seconds, run_study, write_cells
 
 COMMANDS = ("run", "cells", "merge", "report", "plan")
 
@@ -35,6 +36,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--from", dest="sources", type=Path, nargs="*", default=[],
                         help="merge: directories holding run directories <run_id>/ trained elsewhere")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="run: runs trained at a time, each in its own process (default: the CPU cores this"
+                             " process may use, at most 8; 1 trains in this process)")
     parser.add_argument("--seconds-per-epoch", type=float, help="plan: measured seconds per epoch at the default depth")
     return parser.parse_args(argv)
 
@@ -61,7 +65,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        run_study(study, args.out)
+        jobs = default_jobs() if args.jobs is None else args.jobs
+        run_study(study, args.out, jobs=jobs, threads=args.threads)
     elif args.command == "merge":
         merged = merge(args.out, study.runs(), args.sources)
         print(f"merged {len(merged)} finished runs into {args.out / 'results.csv'}.")

@@ -1,14 +1,19 @@
 """Run a study: every run not yet in ``results.csv`` is trained by ``startwell fit --config`` of its cell, in this
-process, and appended as soon as it finishes; a study stopped at any point starts again where it stopped."""
+process or in ``jobs`` worker processes side by side, and appended by this process as soon as it finishes; a study
+stopped at any point starts again where it stopped."""
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import shutil
+import signal
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from contextlib import closing
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -41,23 +46,33 @@ def format_seconds(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
+MAX_DEFAULT_JOBS = 8  # each worker holds its own torch (about 1 GB here): more only when asked for
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def default_jobs() -> int:
+    """The CPU cores this process may run on (its affinity, e.g. a SLURM or container allocation), at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, MAX_DEFAULT_JOBS))
+
+
 class Progress:
-    """Runs done / total and an ETA from the seconds per epoch of the runs trained so far in this session."""
+    """Runs done / total and an ETA from the wall time per epoch since the study (re)started, which counts runs
+    trained side by side."""
 
     def __init__(self, runs: list[RunSpec], done: set[str], stream: TextIO) -> None:
         self.total = len(runs)
         self.done = len(done)
         self.epochs_left = sum(run.epochs or 0 for run in runs if run.run_id not in done)
         self.epochs_trained = 0
-        self.seconds = 0.0
+        self.started = time.time()
         self.stream = stream
 
     def update(self, run: RunSpec, seconds: float, test_acc: float) -> None:
         self.done += 1
         self.epochs_left -= run.epochs or 0
         self.epochs_trained += run.epochs or 0
-        self.seconds += seconds
-        eta = self.seconds / max(self.epochs_trained, 1) * self.epochs_left
+        eta = (time.time() - self.started) / max(self.epochs_trained, 1) * self.epochs_left
         print(
             f"[{self.done}/{self.total}] {run.run_id}: test acc {test_acc:.4f} in {seconds:.1f} s;"
             f" ETA {format_seconds(eta)}",
@@ -66,37 +81,97 @@ class Progress:
         )
 
 
+def _die_with_parent(parent: int) -> None:
+    """Have Linux kill this process when its parent dies (a killed study must not leave a worker writing into a run
+    directory that the restarted study re-creates); elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _start_worker(parent: int, threads: int) -> None:
+    _die_with_parent(parent)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _fit_in_worker(cell: Path) -> Path:
+    """:func:`fit_cell` in a pool worker. A ``SystemExit`` (a config the CLI refuses, Lightning's Ctrl-C handling)
+    would end the worker without an answer and leave the pool waiting for it: it comes back as an error instead."""
+    try:
+        fit_cell(cell)
+    except BaseException as error:  # noqa: BLE001 - re-raised as an Exception the pool returns
+        raise RuntimeError(f"the run of {cell} failed: {error!r}") from None
+    return cell
+
+
+def _fit_in_pool(cells: list[Path], jobs: int, threads: int) -> Iterator[Path]:
+    """Train ``cells`` in ``jobs`` spawned worker processes of ``threads`` torch threads each; yields each cell as its
+    run finishes. Leaving early (an error, Ctrl-C) kills the workers."""
+    context = multiprocessing.get_context("spawn")  # fork after torch's threads started is unsafe
+    pool = context.Pool(jobs, initializer=_start_worker, initargs=(os.getpid(), threads))
+    try:
+        yield from pool.imap_unordered(_fit_in_worker, cells)
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
 def run_study(
     study: Study,
     out: Path,
     fit: Callable[[Path], None] = fit_cell,
     stream: TextIO = sys.stdout,
+    jobs: int = 1,
+    threads: int = 1,
 ) -> int:
     """Train every run of ``study`` that ``out`` does not hold yet; returns how many were trained here.
 
-    Finished runs found under ``out/runs`` but not yet in the tables (a study killed between a run's end and its
-    row) are merged, not trained again; a run stopped half-way is started afresh.
+    With ``jobs`` > 1 the runs are trained by that many worker processes (never more than the runs left), each with
+    ``threads`` torch threads, and ``fit`` is not used: workers run :func:`fit_cell`. This process alone writes the
+    tables, in the order runs finish. Finished runs found under ``out/runs`` but not yet in the tables (a study killed
+    between a run's end and its row) are merged, not trained again; a run stopped half-way is started afresh.
     """
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"`jobs` must be a positive integer, got {jobs!r}.")
     out.mkdir(parents=True, exist_ok=True)
     runs = study.runs()
     merge(out, runs)
     done = {row["run_id"] for row in read_results(out)}
     progress = Progress(runs, done, stream)
     print(f"{len(done)}/{len(runs)} runs already done in {out}; {progress.epochs_left} epochs to train.", file=stream)
-    trained = 0
+    pending = {}
     for run in runs:
         if run.run_id in done:
             continue
         run_dir = out / "runs" / run.run_id
         if run_dir.exists():  # left half-way by a stopped study
             shutil.rmtree(run_dir)
-        cell = write_cell(study, run, run_dir)
-        start = time.time()
+        pending[write_cell(study, run, run_dir)] = run
+    jobs = min(jobs, len(pending))
+    if jobs > 1:
+        print(f"training {len(pending)} runs in {jobs} worker processes.", file=stream, flush=True)
+        finished = _fit_in_pool(list(pending), jobs, threads)
+    else:
+        finished = _fit_each(list(pending), fit)
+    with closing(finished):  # a failure here stops the workers at once
+        for cell in finished:
+            run, run_dir = pending[cell], cell.parent
+            if not run_finished(run_dir):
+                raise RuntimeError(f"run {run.run_id} ended without writing {run_dir / 'result.json'}.")
+            row, fisher = read_run(run, run_dir)
+            append_run(out, row, fisher)
+            progress.update(run, row["seconds"], row["test_acc"])
+    return len(pending)
+
+
+def _fit_each(cells: list[Path], fit: Callable[[Path], None]) -> Iterator[Path]:
+    for cell in cells:
         fit(cell)
-        if not run_finished(run_dir):
-            raise RuntimeError(f"run {run.run_id} ended without writing {run_dir / 'result.json'}.")
-        row, fisher = read_run(run, run_dir)
-        append_run(out, row, fisher)
-        trained += 1
-        progress.update(run, time.time() - start, row["test_acc"])
-    return trained
+        yield cell
