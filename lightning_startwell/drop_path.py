@@ -5,7 +5,9 @@ mini-batch (timm and torchvision's default draw it per sample; both are offered,
 inverted form x + b_l f_l(x) / p_l, so evaluation is the plain x + f_l(x) and the model's eval output does not change.
 A forward hook on the module whose output is f_l(x) does the multiplication, so the model keeps its structure and its
 checkpoints load without this library. The rates live in one tensor on the model's device, updated in place: no host
-sync per block, and a ``torch.compile``d model sees the same graph whatever the rates.
+sync per block, and a ``torch.compile``d model sees the same graph whatever the rates. Dynamo does not guard on hooks:
+attaching and detaching the hooks of a compiled model drops its compiled code, so that the next call is traced with the
+hooks it has (:mod:`lightning_startwell._compile`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_startwell._compile import forget_compiled_code
 from lightning_startwell._validation import check_choice, check_rate
 from lightning_startwell.dropout import RateSlot
 from lightning_startwell.init import find_residual_branches
@@ -148,11 +151,14 @@ class DropPathHooks:
         for index, block in enumerate(self.blocks):
             for output in block.outputs:
                 self._handles.append(modules[output].register_forward_hook(self._hook(index)))
+        forget_compiled_code(self.model)  # code compiled before the hooks would never call them
         return self
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
+        if self._handles:
+            forget_compiled_code(self.model)  # code compiled with the hooks would go on calling them
         self._handles.clear()
 
     def _hook(self, index: int):  # noqa: ANN202

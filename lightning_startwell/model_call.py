@@ -11,6 +11,8 @@ One convention for every function that runs a model (:func:`~lightning_startwell
   model (a LightningModule's ``startwell_forward(batch)``); it gets the inputs whole.
 * The output is read through: an object with ``.logits`` (a Hugging Face ``ModelOutput``) or a dict with ``"logits"``
   gives that tensor.
+* The call runs eagerly on a ``torch.compile``d model (:func:`lightning_startwell._compile.eager`): a measurement
+  compiles nothing and sees every hook.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
+
+from lightning_startwell._compile import eager
 
 Inputs = Union[torch.Tensor, tuple, list, Mapping]
 Forward = Callable[[Any], Any]
@@ -87,11 +91,14 @@ def logits(output: Any) -> Any:
 def routed(model: nn.Module, forward: Optional[Forward]) -> Iterator[None]:
     """Inside, ``model(inputs)`` runs ``forward(inputs)``: an instance attribute shadows the class's ``forward``, so
     module hooks and ``torch.func.functional_call`` see the same call as a plain one. A ``forward`` that calls the model
-    itself (``self(x)``) reaches the class's own ``forward``. Nothing changes when ``forward`` is None."""
+    itself (``self(x)``) reaches the class's own ``forward``. An instance ``forward`` it shadows (Lightning's compiled
+    ``forward`` of a model given as ``torch.compile(model)``) is put back after. Nothing changes when ``forward`` is
+    None."""
     if forward is None or getattr(vars(model).get("forward"), "startwell_routed", False):
         yield
         return
     own_forward = type(model).forward
+    shadowed = vars(model).get("forward")
     depth = [0]
 
     def route(*args: Any, **kwargs: Any) -> Any:
@@ -108,13 +115,16 @@ def routed(model: nn.Module, forward: Optional[Forward]) -> Iterator[None]:
     try:
         yield
     finally:
-        del model.forward
+        if shadowed is None:
+            del model.forward
+        else:
+            model.forward = shadowed  # type: ignore[method-assign]
 
 
 def run(model: nn.Module, inputs: Any, forward: Optional[Forward] = None) -> Any:
     """The model's output on ``inputs`` (read through ``.logits``), by the convention of the module doc."""
     args, kwargs = call_arguments(inputs, forward)
-    with routed(model, forward):
+    with routed(model, forward), eager():
         return logits(model(*args, **kwargs))
 
 

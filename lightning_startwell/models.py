@@ -98,11 +98,15 @@ class Classifier(pl.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
+        self._log_loss_and_accuracy(stage, loss, logits, y)
+        return loss
+
+    @torch.compiler.disable  # torchmetrics' Python counters would recompile a compiled step at every step
+    def _log_loss_and_accuracy(self, stage: str, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         metric = self.metrics[f"{stage}_acc"]
         metric(logits, y)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "train", sync_dist=stage != "train")
         self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
-        return loss
 
     @override
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
-"""Precision: every callback trains under ``bf16-true`` and ``bf16-mixed`` on CPU; the Fisher trace of a model in
-bfloat16 stays close to the float64 trace of the same (bfloat16-rounded) weights; the monitors run without any float64
-tensor where the device has none (forced on CPU); drop path keeps the right fraction in bfloat16; backward variances
-are unscaled under a GradScaler (a stub: no scaler runs on CPU)."""
+"""Precision: every callback trains under ``bf16-true``, ``bf16-mixed`` and ``16-true`` on CPU; the Fisher trace of a
+model in bfloat16 stays close to the float64 trace of the same (bfloat16-rounded) weights; the monitors run without any
+float64 tensor where the device has none (forced on CPU); drop path keeps the right fraction in bfloat16; backward
+variances are unscaled under a GradScaler (a stub: no scaler runs on CPU)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def every_callback() -> list:
     ]
 
 
-@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed", "16-true"])
 def test_every_callback_trains_in_half_precision(tmp_path, precision):
     torch.manual_seed(0)
     trainer = make_trainer(tmp_path, every_callback(), precision=precision, max_steps=4)

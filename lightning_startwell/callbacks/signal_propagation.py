@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -10,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_startwell._compile import eager
 from lightning_startwell._validation import check_bool, check_int
 from lightning_startwell.callbacks._common import (
     listed,
@@ -30,7 +32,9 @@ class SignalPropagationMonitor(Callback):
     the variance of every Linear/conv layer's output z^l (forward) and of the gradient dL/dz^l (backward).
 
     Hooks are attached in ``on_train_batch_start`` of a measured step and removed after its backward, so the other
-    steps run untouched and nothing is computed twice. Under DDP the moments of all ranks are summed before the variance
+    steps run untouched and nothing is computed twice. On a ``torch.compile``d model the measured step runs eagerly
+    (compiled code would skip hooks it was not traced with); the other steps run the compiled code, which never saw
+    the hooks, and nothing is recompiled. Under DDP the moments of all ranks are summed before the variance
     is taken, so the numbers are those of the global batch. Under ``16-mixed`` with a GradScaler the gradients the
     hooks see are multiplied by the loss scale: the backward moments are divided by it (the variance by scale^2), so
     the logged variances are those of the true gradients whatever the scale. With gradient accumulation the first
@@ -78,6 +82,7 @@ class SignalPropagationMonitor(Callback):
         self.log_images = log_images
         self._profiles: list[SignalMeasurement] = []  # for the picture: the measurements, thinned as they accumulate
         self._recorder: Optional[SignalRecorder] = None
+        self._measuring = ExitStack()  # the recorder's hooks and the eager stance, from batch start to backward
         self._last_measured_step = -1
 
     @override
@@ -97,15 +102,22 @@ class SignalPropagationMonitor(Callback):
         if step % self.every_n_steps or step == self._last_measured_step:
             return
         layers = weight_layers(pl_module, self.include, self.exclude)
-        self._recorder = SignalRecorder(layers, keep_values=_HISTOGRAM_VALUES if self.log_histograms else 0).attach()
+        recorder = SignalRecorder(layers, keep_values=_HISTOGRAM_VALUES if self.log_histograms else 0)
+        self._measuring.enter_context(eager())
+        self._recorder = self._measuring.enter_context(recorder)
         self._last_measured_step = step
+
+    def _stop_measuring(self) -> Optional[SignalRecorder]:
+        """Remove the hooks and leave the eager stance; the recorder of the step, or None outside a measured step."""
+        recorder, self._recorder = self._recorder, None
+        self._measuring.close()
+        return recorder
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        recorder, self._recorder = self._recorder, None
+        recorder = self._stop_measuring()
         if recorder is None:
             return
-        recorder.detach()
         names = list(recorder.layers)  # the same order on every rank, for the all-reduce
         local = unscale_backward(recorder.stacked_moments(names, pl_module.device), _grad_scale(trainer))
         stacked = trainer.strategy.reduce(local, reduce_op="sum")
@@ -138,9 +150,11 @@ class SignalPropagationMonitor(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._recorder is not None:  # the step skipped its backward (e.g. the loss was None)
-            self._recorder.detach()
-            self._recorder = None
+        self._stop_measuring()  # the step skipped its backward (e.g. the loss was None)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._stop_measuring()
 
     @override
     def state_dict(self) -> dict[str, Any]:

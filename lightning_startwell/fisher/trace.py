@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from lightning_startwell._compile import eager
 from lightning_startwell._validation import check_int
 from lightning_startwell.fisher.checks import check_fisher_arguments
 from lightning_startwell.fisher.fallbacks import (
@@ -94,7 +95,7 @@ def fisher_trace_sums(
     module_chunk = chunk_size or DEFAULT_CHUNK
     hooks = method == "auto" and not _whole_model_pass_is_cheaper(model, module_chunk)
     totals: dict[str, torch.Tensor] = {}
-    with _measurement_mode(model), routed(model, forward):
+    with _measurement_mode(model), routed(model, forward), eager():  # compiled models too: see _compile
         if hooks and count:
             hooks = _samples_along_dim_0(model, _model_input(select(inputs, slice(0, 1)), device, dtype), forward)
         for start in range(0, count, step):
