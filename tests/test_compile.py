@@ -5,11 +5,26 @@ no more graphs than the model without it (hooks honoured, measurements outside t
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from torch import nn
 
-from lightning_startwell import MLP, DropoutSchedule
+from conftest import gaussian_loader, make_trainer, read_scalars
+from lightning_startwell import (
+    MLP,
+    DeficitInjector,
+    DropoutSchedule,
+    FisherTraceMonitor,
+    GradientDynamicsMonitor,
+    InitScheme,
+    ResNet,
+    SignalPropagationMonitor,
+    StochasticDepthSchedule,
+)
+from lightning_startwell._compile import eager, forget_compiled_code, is_compiled
 from lightning_startwell.callbacks.dropout_schedule import COMPILED_RATE_LEVELS
+from lightning_startwell.model_call import routed
 from test_schedule_callbacks import _count_compiles
 
 
@@ -40,19 +55,19 @@ def test_an_eager_model_keeps_exact_rates():
 STEPS = 6
 
 
-def _fit_after_a_compiled_step(root, callbacks, compiled):
-    """The scalars the second fit logged and the graphs compiled over both fits."""
-    import lightning.pytorch as pl
-
-    from conftest import gaussian_loader, make_trainer, read_scalars
-    from lightning_startwell import ResNet
-
+def _counting_backend():
     graphs = []
 
     def counting(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
+    return counting, graphs
+
+
+def _fit_after_a_compiled_step(root, callbacks, compiled):
+    """The scalars the second fit logged and the graphs compiled over both fits."""
+    counting, graphs = _counting_backend()
     torch._dynamo.reset()
     pl.seed_everything(0)
     model = ResNet(num_blocks=2, width=4, dropout=0.1)
@@ -65,16 +80,6 @@ def _fit_after_a_compiled_step(root, callbacks, compiled):
 
 
 def _every_callback():
-    from lightning_startwell import (
-        DeficitInjector,
-        DropoutSchedule,
-        FisherTraceMonitor,
-        GradientDynamicsMonitor,
-        InitScheme,
-        SignalPropagationMonitor,
-        StochasticDepthSchedule,
-    )
-
     return {
         "stochastic_depth": (lambda: StochasticDepthSchedule(drop_rate=0.5), "startwell/depth/"),
         "signal": (lambda: SignalPropagationMonitor(every_n_steps=2), "startwell/signal/backward/"),
@@ -110,21 +115,7 @@ def test_a_callback_on_a_compiled_model_logs_the_eager_numbers(tmp_path, compile
     assert graphs <= allowed.get(name, compiled_baseline), (graphs, compiled_baseline)
 
 
-def _counting_backend():
-    graphs = []
-
-    def counting(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    return counting, graphs
-
-
 def test_is_compiled_sees_each_way_of_compiling():
-    from torch import nn
-
-    from lightning_startwell._compile import is_compiled
-
     assert not is_compiled(nn.Sequential(nn.Linear(2, 2)))
     assert is_compiled(nn.Sequential(torch.compile(nn.Linear(2, 2), backend="eager")))  # a compiled submodule
     in_place = nn.Sequential(nn.Linear(2, 2))
@@ -135,17 +126,21 @@ def test_is_compiled_sees_each_way_of_compiling():
     assert is_compiled(lightning)
 
 
-def test_eager_runs_the_hooks_compiled_code_skips_and_compiles_nothing():
-    from torch import nn
-
-    from lightning_startwell._compile import eager
-
+@pytest.fixture
+def compiled_linear():
+    """A Linear layer, its compiled form called once (one graph), an input, and the list of graphs compiled."""
     counting, graphs = _counting_backend()
     torch._dynamo.reset()
     layer = nn.Linear(3, 3)
     compiled = torch.compile(layer, backend=counting)
     x = torch.randn(2, 3)
     compiled(x)
+    yield layer, compiled, x, graphs
+    torch._dynamo.reset()
+
+
+def test_eager_runs_the_hooks_compiled_code_skips_and_compiles_nothing(compiled_linear):
+    layer, compiled, x, graphs = compiled_linear
     seen = []
     layer.register_forward_hook(lambda *args: seen.append(1))
     compiled(x)
@@ -154,34 +149,19 @@ def test_eager_runs_the_hooks_compiled_code_skips_and_compiles_nothing():
         compiled(x)
         compiled(torch.randn(5, 3, 1).squeeze(-1))  # a new shape, which compiled code would recompile for
     assert seen == [1, 1] and len(graphs) == 1
-    torch._dynamo.reset()
 
 
-def test_forget_compiled_code_drops_a_compiled_models_code_only():
-    from torch import nn
-
-    from lightning_startwell._compile import forget_compiled_code
-
-    counting, graphs = _counting_backend()
-    torch._dynamo.reset()
-    layer = nn.Linear(3, 3)
-    compiled = torch.compile(layer, backend=counting)
-    x = torch.randn(2, 3)
-    compiled(x)
+def test_forget_compiled_code_drops_a_compiled_models_code_only(compiled_linear):
+    _, compiled, x, graphs = compiled_linear
     forget_compiled_code(nn.Linear(3, 3))  # not compiled: the other compiled code stays
     compiled(x)
     assert len(graphs) == 1
     forget_compiled_code(nn.Sequential(compiled))
     compiled(x)
     assert len(graphs) == 2
-    torch._dynamo.reset()
 
 
 def test_routed_puts_back_the_instance_forward_it_shadows():
-    from torch import nn
-
-    from lightning_startwell.model_call import routed
-
     layer = nn.Linear(2, 2)
     own = lambda x: torch.zeros(1)  # noqa: E731 - what Lightning puts there for a compiled module
     layer.forward = own

@@ -4,6 +4,7 @@ stopped at any point starts again where it stopped."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
@@ -100,23 +101,23 @@ def _start_worker(parent: int, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _fit_in_worker(cell: Path) -> Path:
-    """:func:`fit_cell` in a pool worker. A ``SystemExit`` (a config the CLI refuses, Lightning's Ctrl-C handling)
-    would end the worker without an answer and leave the pool waiting for it: it comes back as an error instead."""
+def _fit_in_worker(fit: Callable[[Path], None], cell: Path) -> Path:
+    """``fit(cell)`` in a pool worker. A ``SystemExit`` (a config the CLI refuses, Lightning's Ctrl-C handling) would
+    end the worker without an answer and leave the pool waiting for it: it comes back as an error instead."""
     try:
-        fit_cell(cell)
+        fit(cell)
     except BaseException as error:  # noqa: BLE001 - re-raised as an Exception the pool returns
         raise RuntimeError(f"the run of {cell} failed: {error!r}") from None
     return cell
 
 
-def _fit_in_pool(cells: list[Path], jobs: int, threads: int) -> Iterator[Path]:
-    """Train ``cells`` in ``jobs`` spawned worker processes of ``threads`` torch threads each; yields each cell as its
-    run finishes. Leaving early (an error, Ctrl-C) kills the workers."""
+def _fit_in_pool(cells: list[Path], fit: Callable[[Path], None], jobs: int, threads: int) -> Iterator[Path]:
+    """Train ``cells`` with ``fit`` in ``jobs`` spawned worker processes of ``threads`` torch threads each; yields each
+    cell as its run finishes. Leaving early (an error, Ctrl-C) kills the workers."""
     context = multiprocessing.get_context("spawn")  # fork after torch's threads started is unsafe
     pool = context.Pool(jobs, initializer=_start_worker, initargs=(os.getpid(), threads))
     try:
-        yield from pool.imap_unordered(_fit_in_worker, cells)
+        yield from pool.imap_unordered(functools.partial(_fit_in_worker, fit), cells)
         pool.close()
     finally:
         pool.terminate()
@@ -134,7 +135,7 @@ def run_study(
     """Train every run of ``study`` that ``out`` does not hold yet; returns how many were trained here.
 
     With ``jobs`` > 1 the runs are trained by that many worker processes (never more than the runs left), each with
-    ``threads`` torch threads, and ``fit`` is not used: workers run :func:`fit_cell`. This process alone writes the
+    ``threads`` torch threads (``fit`` must then pickle: a module-level function). This process alone writes the
     tables, in the order runs finish. Finished runs found under ``out/runs`` but not yet in the tables (a study killed
     between a run's end and its row) are merged, not trained again; a run stopped half-way is started afresh.
     """
@@ -157,7 +158,7 @@ def run_study(
     jobs = min(jobs, len(pending))
     if jobs > 1:
         print(f"training {len(pending)} runs in {jobs} worker processes.", file=stream, flush=True)
-        finished = _fit_in_pool(list(pending), jobs, threads)
+        finished = _fit_in_pool(list(pending), fit, jobs, threads)
     else:
         finished = _fit_each(list(pending), fit)
     with closing(finished):  # a failure here stops the workers at once
