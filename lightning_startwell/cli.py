@@ -7,9 +7,9 @@ the datamodule.
 
 from __future__ import annotations
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing import NoReturn
 
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 from lightning_startwell.data import ArrayDataModule, DigitsDataModule, MNIST1DDataModule

@@ -26,7 +26,7 @@ def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return scalars
 
 
-def read_images(log_dir: Path) -> dict[str, list[tuple[int, "np.ndarray"]]]:
+def read_images(log_dir: Path) -> dict[str, list[tuple[int, np.ndarray]]]:
     """All images of the TensorBoard event files under ``log_dir``, decoded from their PNG, as
     ``{tag: [(step, (H, W, C) uint8 array), ...]}``."""
     import io

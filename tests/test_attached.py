@@ -7,6 +7,7 @@ import logging
 import re
 
 from conftest import gaussian_loader, make_trainer
+
 from lightning_startwell.callbacks import (
     DeficitInjector,
     DropoutSchedule,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import QUICKSTART, read_images, read_scalars
+
 from lightning_startwell.cli import main
 
 

@@ -17,11 +17,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import ddp_spawn_flake, gaussian_loader, make_trainer
 from lightning.pytorch.callbacks import Callback
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from conftest import ddp_spawn_flake, gaussian_loader, make_trainer
 from lightning_startwell import (
     DeficitInjector,
     DropoutSchedule,

@@ -8,9 +8,10 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import gaussian_loader, make_trainer, read_scalars
+from test_schedule_callbacks import _count_compiles
 from torch import nn
 
-from conftest import gaussian_loader, make_trainer, read_scalars
 from lightning_startwell import (
     MLP,
     DeficitInjector,
@@ -25,7 +26,6 @@ from lightning_startwell import (
 from lightning_startwell._compile import eager, forget_compiled_code, is_compiled
 from lightning_startwell.callbacks.dropout_schedule import COMPILED_RATE_LEVELS
 from lightning_startwell.model_call import routed
-from test_schedule_callbacks import _count_compiles
 
 
 def test_dropout_schedule_defaults_compile_a_bounded_number_of_times():

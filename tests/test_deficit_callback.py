@@ -6,10 +6,10 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import ddp_spawn_flake, make_trainer, read_scalars
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import ddp_spawn_flake, make_trainer, read_scalars
 from lightning_startwell.callbacks import DeficitInjector
 from lightning_startwell.deficits import blur, class_permutation
 from lightning_startwell.models import MLP

@@ -9,10 +9,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import gaussian_loader, make_trainer, read_scalars
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from conftest import gaussian_loader, make_trainer, read_scalars
 from lightning_startwell.callbacks import StochasticDepthSchedule
 from lightning_startwell.cli import main
 from lightning_startwell.drop_path import DropPath, DropPathHooks, ResidualBlock, drop_path

@@ -11,14 +11,14 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ddp_spawn_flake, make_trainer, read_scalars
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from test_fisher_callback import StopAt
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import ddp_spawn_flake, make_trainer, read_scalars
 from lightning_startwell.callbacks import GradientDynamicsMonitor
 from lightning_startwell.cli import main
 from lightning_startwell.models import MLP, Classifier, ResNet
-from test_fisher_callback import StopAt
 
 G = torch.Generator().manual_seed(0)
 X, Y = torch.randn(96, 1, 8, 8, generator=G), torch.randint(0, 10, (96,), generator=G)
@@ -265,7 +265,8 @@ def test_third_party_models(tmp_path):
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, num_classes=10,
                             depth=2, drop_rate=0.1, in_chans=1)
-    from torchvision.models.resnet import BasicBlock, ResNet as TorchvisionResNet
+    from torchvision.models.resnet import BasicBlock
+    from torchvision.models.resnet import ResNet as TorchvisionResNet
 
     resnet = TorchvisionResNet(BasicBlock, [1, 1, 1, 1], num_classes=10)  # BatchNorm, in-place ReLU, out += identity
     data = {"vit": (vit, (1, 16, 16)), "resnet": (resnet, (3, 16, 16))}

@@ -8,7 +8,6 @@ import importlib.util
 import statistics
 
 import pytest
-
 from conftest import REPO
 
 

@@ -8,10 +8,10 @@ import warnings
 
 import pytest
 import torch
+from conftest import gaussian_loader, make_trainer, read_scalars
 from lightning.pytorch.callbacks import LearningRateFinder
 from lightning.pytorch.tuner import Tuner
 
-from conftest import gaussian_loader, make_trainer, read_scalars
 from lightning_startwell import (
     DeficitInjector,
     DropoutSchedule,

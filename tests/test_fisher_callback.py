@@ -7,14 +7,14 @@ import copy
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import ddp_spawn_flake, make_trainer, read_scalars
+from test_fisher import naive_fisher
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import ddp_spawn_flake, make_trainer, read_scalars
 from lightning_startwell.callbacks import DeficitInjector, FisherTraceMonitor
 from lightning_startwell.deficits import blur
 from lightning_startwell.fisher import fisher_trace
 from lightning_startwell.models import MLP, ConvNet
-from test_fisher import naive_fisher
 
 G = torch.Generator().manual_seed(0)
 X, Y = torch.randn(96, 1, 8, 8, generator=G), torch.randint(0, 10, (96,), generator=G)

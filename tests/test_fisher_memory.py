@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_trainer
+from test_fisher import naive_fisher
 from torch import nn
 
 import lightning_startwell.fisher.fallbacks as fallbacks
-from conftest import make_trainer
 from lightning_startwell.callbacks import FisherTraceMonitor
 from lightning_startwell.fisher import fisher_trace
 from lightning_startwell.models import MLP
-from test_fisher import naive_fisher
 
 
 class Scaled(nn.Module):

@@ -11,11 +11,11 @@ import itertools
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import make_trainer, read_scalars
 from torch import nn
 from torch.utils.data import DataLoader
 
 import lightning_startwell.fisher.hooks as fisher_hooks
-from conftest import make_trainer, read_scalars
 from lightning_startwell.callbacks import FisherTraceMonitor
 from lightning_startwell.fisher import fisher_trace
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import gaussian_loader, make_trainer
 
 import lightning_startwell
-from conftest import gaussian_loader, make_trainer
 from lightning_startwell import (
     DeficitInjector,
     DropoutSchedule,

@@ -9,12 +9,13 @@ import importlib.util
 import lightning.pytorch as pl
 import numpy as np
 import pytest
+from conftest import REPO, ddp_spawn_flake, gaussian_loader, make_trainer, read_images, read_scalars
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
+from test_fisher_callback import StopAt
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import REPO, ddp_spawn_flake, gaussian_loader, make_trainer, read_images, read_scalars
 from lightning_startwell.callbacks import (
     DeficitInjector,
     DropoutSchedule,
@@ -22,10 +23,12 @@ from lightning_startwell.callbacks import (
     InitScheme,
     SignalPropagationMonitor,
     StochasticDepthSchedule,
+    _schedule_overview,
+    fisher_monitor,
+    init_scheme,
+    signal_propagation,
 )
-from lightning_startwell.callbacks import _schedule_overview, fisher_monitor, init_scheme, signal_propagation
 from lightning_startwell.models import MLP, ResNet
-from test_fisher_callback import StopAt
 
 TAGS = ("startwell/init/profile", "startwell/signal/profile", "startwell/fisher/heatmap", "startwell/schedule/overview")
 

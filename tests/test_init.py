@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lightning_startwell.init import fans, find_residual_branches, init_weights
-from lightning_startwell.models import ConvNet, MLP, ResNet
+from lightning_startwell.models import MLP, ConvNet, ResNet
 
 # Layers with fan_in != fan_out, both ways, so Glorot, LeCun, He fan_in and He fan_out all aim at different stds.
 LAYERS_AND_FANS = [

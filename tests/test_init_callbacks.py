@@ -9,9 +9,9 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import ddp_spawn_flake, gaussian_loader, make_trainer, read_scalars
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from conftest import ddp_spawn_flake, gaussian_loader, make_trainer, read_scalars
 from lightning_startwell.callbacks import InitScheme, SignalPropagationMonitor
 from lightning_startwell.init import init_weights
 from lightning_startwell.models import MLP

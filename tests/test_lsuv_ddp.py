@@ -7,11 +7,11 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import ddp_spawn_flake
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import ddp_spawn_flake
 from lightning_startwell import MLP, InitScheme
 from lightning_startwell.callbacks._common import first_train_batch
 from lightning_startwell.init import calibration_mode, lsuv_rescale

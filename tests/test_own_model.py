@@ -5,10 +5,10 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import gaussian_loader, make_trainer
 from torch import nn
 from torch.utils.data import DataLoader
 
-from conftest import gaussian_loader, make_trainer
 from lightning_startwell.callbacks import DeficitInjector, FisherTraceMonitor, InitScheme
 from lightning_startwell.init import init_weights
 

@@ -10,11 +10,12 @@ import math
 
 import pytest
 import torch
+from conftest import gaussian_loader, make_trainer, read_scalars
+from test_fisher import naive_fisher
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from conftest import gaussian_loader, make_trainer, read_scalars
 from lightning_startwell import (
     DeficitInjector,
     DropoutSchedule,
@@ -26,7 +27,6 @@ from lightning_startwell import (
     StochasticDepthSchedule,
     fisher_trace,
 )
-from test_fisher import naive_fisher
 
 # Relative error of a bfloat16 Fisher trace against the float64 trace of the same weights and inputs. bfloat16 keeps 8
 # significant bits (rounding 2^-9 = 0.2% per operation); measured on these models (8 or 16 inputs, both methods): at most

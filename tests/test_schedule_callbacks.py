@@ -10,10 +10,10 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from conftest import ddp_spawn_flake, gaussian_loader, make_trainer, read_scalars
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from conftest import ddp_spawn_flake, gaussian_loader, make_trainer, read_scalars
 from lightning_startwell.callbacks import DropoutSchedule, StochasticDepthSchedule
 from lightning_startwell.models import MLP, Classifier, ResNet
 

@@ -17,15 +17,15 @@ import time
 import pytest
 import torch
 import yaml
-
 from conftest import REPO
+
 from lightning_startwell.cli import main as startwell
 from lightning_startwell.study import config as study_config
 from lightning_startwell.study.config import RunSpec, load_study, parse_study
 from lightning_startwell.study.record import accuracy
 from lightning_startwell.study.report import write_report
 from lightning_startwell.study.results import RESULT_COLUMNS, merge, read_fisher, read_results
-from lightning_startwell.study.runner import _die_with_parent, fit_cell, run_study, write_cells
+from lightning_startwell.study.runner import fit_cell, run_study, write_cells
 from lightning_startwell.study.stats import holm, paired_comparison
 
 TINY = {

@@ -10,10 +10,11 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import gaussian_loader, make_trainer, read_scalars
+from test_fisher_sequences import model_draws, per_position_loop
 from torch import nn
 from torch.utils.data import DataLoader
 
-from conftest import gaussian_loader, make_trainer, read_scalars
 from lightning_startwell.callbacks import (
     DeficitInjector,
     DropoutSchedule,
@@ -24,7 +25,6 @@ from lightning_startwell.callbacks import (
 )
 from lightning_startwell.fisher import fisher_trace
 from lightning_startwell.models import Classifier
-from test_fisher_sequences import model_draws, per_position_loop
 
 transformers = pytest.importorskip("transformers")
 

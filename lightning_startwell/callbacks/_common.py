@@ -4,8 +4,8 @@ a batch, one batch from the train loader, writing scalars and images, saying wha
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch

@@ -13,7 +13,6 @@ from lightning_startwell.callbacks._rate_schedule import RateScheduleCallback
 from lightning_startwell.dropout import RateSlot, find_dropout, set_rates
 from lightning_startwell.schedules import Mode, Shape
 
-
 #: Rate levels of a compiled model when ``rate_levels`` is not given: Dynamo's default recompile limit is 8, after which
 #: it falls back to eager for good.
 COMPILED_RATE_LEVELS = 5

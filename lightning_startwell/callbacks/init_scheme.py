@@ -27,6 +27,7 @@ from lightning_startwell.callbacks._common import (
     report_attached,
     require_forward,
 )
+from lightning_startwell.figures import signal_profile
 from lightning_startwell.fisher import owned_parameters
 from lightning_startwell.init import (
     Mode,
@@ -38,7 +39,6 @@ from lightning_startwell.init import (
     init_weights,
     weight_layers,
 )
-from lightning_startwell.figures import signal_profile
 
 # Strategies that shard parameters: each rank holds a slice, so a per-layer std or an orthogonal draw would be wrong.
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")

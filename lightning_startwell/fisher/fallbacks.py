@@ -3,7 +3,8 @@ recorded inputs, or per-sample gradients of the whole model; one sample at a tim
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 from torch import nn

@@ -3,9 +3,9 @@ turn them into per-sample norms by the closed forms (or the per-module fallback)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn

@@ -13,8 +13,8 @@ import signal
 import sys
 import time
 import warnings
-from contextlib import closing
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import TextIO
 
