@@ -10,7 +10,8 @@ caller decides where they go). Images are ``(N, C, H, W)``, signals ``(N, C, L)`
   sensory deprivation: nothing of the input is left, only its first two moments).
 * :func:`vertical_flip`: images upside down (rows reversed); for signals, the signal mirrored about zero (x -> -x),
   the 1-D analogue of flipping the picture vertically. The information is all there, in another form.
-* :func:`label_permutation`: classes relabelled by a fixed random permutation, drawn once from a seed.
+* :func:`label_permutation`: classes relabelled by a fixed random permutation, drawn once from a seed; ignored targets
+  (``ignore_index``, -100 by default, and any negative target) are kept.
 """
 
 from __future__ import annotations
@@ -89,12 +90,16 @@ def class_permutation(num_classes: int, seed: int) -> torch.Tensor:
     return torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed))
 
 
-def label_permutation(y: torch.Tensor, permutation: torch.Tensor) -> torch.Tensor:
-    """Class ``c`` becomes ``permutation[c]``. Keep ``permutation`` on the labels' device: otherwise it is copied there
-    at every call."""
+def label_permutation(y: torch.Tensor, permutation: torch.Tensor, ignore_index: Optional[int] = -100) -> torch.Tensor:
+    """Class ``c`` becomes ``permutation[c]``; targets equal to ``ignore_index`` (the padding of a per-token target
+    tensor, -100 as in ``F.cross_entropy``) and negative targets stay as they are (``None``: only negative ones). Keep
+    ``permutation`` on the labels' device: otherwise it is copied there at every call."""
     if permutation.device != y.device:
         permutation = permutation.to(y.device)
-    return permutation[y]
+    keep = y < 0
+    if ignore_index is not None:
+        keep = keep | (y == ignore_index)
+    return torch.where(keep, y, permutation[y.masked_fill(keep, 0)])
 
 
 __all__ = [

@@ -220,3 +220,53 @@ def test_two_process_ddp_applies_the_deficit_on_the_same_epochs(tmp_path):
     trainer.fit(Witness(expected_active={1}), loaders()[0])  # asserts inside training_step, on both ranks
     active = read_scalars(tmp_path / "lightning_logs")["startwell/deficit/active"]
     assert [v for _, v in active] == [0.0] * 4 + [1.0] * 4 + [0.0] * 4
+
+
+class TinyTokenModel(pl.LightningModule):
+    """Next-token model over a 5-token vocabulary, one target per token, padded targets at -100 (or ``pad``)."""
+
+    num_classes = 5
+
+    def __init__(self, ignore_index=-100):
+        super().__init__()
+        self.embed = torch.nn.Embedding(5, 8)
+        self.head = torch.nn.Linear(8, 5)
+        self.ignore_index = ignore_index
+        self.seen: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):
+        tokens, targets = batch
+        self.seen.append(targets.clone())
+        logits = self.head(self.embed(tokens))
+        loss = torch.nn.functional.cross_entropy
+        return loss(logits.flatten(0, 1), targets.flatten(), ignore_index=self.ignore_index)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def token_loader(pad):
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 5, (8, 6), generator=g)
+    targets = torch.randint(0, 5, (8, 6), generator=g)
+    targets[:, 4:] = pad  # right padding
+    targets[0, 0] = pad
+    return DataLoader(TensorDataset(tokens, targets), batch_size=4, shuffle=False), targets
+
+
+@pytest.mark.parametrize("pad", [-100, 7])
+def test_label_permutation_keeps_ignored_per_token_targets(tmp_path, pad):
+    loader, targets = token_loader(pad)
+    model = TinyTokenModel(ignore_index=pad)
+    callback = DeficitInjector("label_permutation", 0, 1, seed=5, ignore_index=pad)
+    make_trainer(tmp_path, [callback], max_epochs=1).fit(model, loader)
+    perm = class_permutation(5, 5).tolist()
+    expected = [[t if t == pad else perm[t] for t in row] for row in targets.tolist()]  # naive loop
+    assert torch.cat(model.seen).tolist() == expected
+
+
+@pytest.mark.parametrize("bad", [2, 0, True, 1.5, "-100"])
+def test_ignore_index_is_validated(tmp_path, bad):
+    with pytest.raises(ValueError, match="ignore_index"):
+        callback = DeficitInjector("label_permutation", 0, 1, ignore_index=bad)
+        make_trainer(tmp_path, [callback, FailIfTrained()], max_epochs=1).fit(TinyTokenModel(), token_loader(-100)[0])

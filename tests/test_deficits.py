@@ -107,3 +107,11 @@ def test_moments_against_numpy_float64():
     mean, std = moments(x)
     assert mean == pytest.approx(values.mean(), rel=1e-12)
     assert std == pytest.approx(values.std(ddof=1), rel=1e-12)
+
+
+def test_label_permutation_keeps_ignored_targets():
+    perm = class_permutation(300, seed=1)  # a vocabulary larger than 100: -100 would index a real token
+    y = torch.tensor([[5, -100, 299], [-100, -100, 0]])
+    out = label_permutation(y, perm)
+    assert out.tolist() == [[perm[5].item(), -100, perm[299].item()], [-100, -100, perm[0].item()]]
+    assert label_permutation(torch.tensor([300, 2]), perm, ignore_index=300).tolist() == [300, perm[2].item()]

@@ -71,7 +71,7 @@ class DeficitInjector(ScheduleDrawing):
     ``noise`` (additive Gaussian, ``noise_std``), ``deprivation`` (the input replaced by Gaussian noise with the mean and
     standard deviation of the training inputs, measured at the start of fit on the first 4,096 training examples of
     this process), ``vertical_flip``, ``label_permutation`` (a fixed random permutation of the classes drawn from
-    ``seed``; acts on the targets).
+    ``seed``; acts on the targets; ``ignore_index`` and negative targets are kept).
 
     Logs ``startwell/deficit/active`` (1 or 0) every ``log_every_n_steps`` optimizer steps and, with ``log_images``,
     shades the deficit windows in the run's schedule picture ``startwell/schedule/overview`` (TensorBoard only, at the
@@ -92,6 +92,9 @@ class DeficitInjector(ScheduleDrawing):
         target_key: where the targets are in a batch.
         lr_warning_ratio: warn when the LR at removal is below this fraction of the LR at onset; 0 disables.
         log_images: draw the deficit windows in the schedule picture.
+        ignore_index: for ``label_permutation``, the target value the loss ignores (the padding of per-token targets,
+            -100 as in ``F.cross_entropy``): kept as it is, like any negative target. Negative or >= the number of
+            classes.
 
     Example::
 
@@ -111,6 +114,7 @@ class DeficitInjector(ScheduleDrawing):
         target_key: BatchKey = 1,
         lr_warning_ratio: float = 0.5,
         log_images: bool = True,
+        ignore_index: int = -100,
     ) -> None:
         check_choice("deficit", deficit, DEFICITS)
         self.windows = _windows(start_epoch, end_epoch)
@@ -122,6 +126,11 @@ class DeficitInjector(ScheduleDrawing):
         if not 0.0 <= lr_warning_ratio <= 1.0:
             raise ValueError(f"`lr_warning_ratio` must be in [0, 1], got {lr_warning_ratio!r}.")
         check_bool("log_images", log_images)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise ValueError(
+                f"`ignore_index` must be an integer (the target value the loss ignores, -100 for F.cross_entropy),"
+                f" got {ignore_index!r}."
+            )
         self.deficit = deficit
         self.size = size
         self.noise_std = noise_std
@@ -131,6 +140,7 @@ class DeficitInjector(ScheduleDrawing):
         self.target_key = target_key
         self.lr_warning_ratio = lr_warning_ratio
         self.log_images = log_images
+        self.ignore_index = ignore_index
         self._permutation: Optional[torch.Tensor] = None
         self._moments: Optional[tuple[float, float]] = None  # mean and std of the training inputs, for deprivation
         self._onset_lr: dict[int, float] = {}
@@ -159,6 +169,13 @@ class DeficitInjector(ScheduleDrawing):
             num_classes = self.num_classes or getattr(pl_module, "num_classes", None)
             if not isinstance(num_classes, int):
                 raise ValueError("`num_classes` is needed for 'label_permutation' (the model has no `num_classes`).")
+            if 0 <= self.ignore_index < num_classes:
+                raise ValueError(
+                    f"`ignore_index`={self.ignore_index} is one of the {num_classes} classes: the permutation would"
+                    " move other classes onto it. Give the value the loss ignores: negative (-100 for F.cross_entropy)"
+                    " or"
+                    f" >= `num_classes` ({num_classes})."
+                )
             self._permutation = class_permutation(num_classes, self.seed).to(pl_module.device)  # moved once
         elif self.deficit == "blur":
             check_blur_size(value.shape, self.size)
@@ -222,7 +239,7 @@ class DeficitInjector(ScheduleDrawing):
         if self.deficit == "vertical_flip":
             return vertical_flip(value)
         assert self._permutation is not None
-        return label_permutation(value, self._permutation)
+        return label_permutation(value, self._permutation, self.ignore_index)
 
     @property
     def acts_on_targets(self) -> bool:
