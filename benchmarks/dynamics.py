@@ -85,9 +85,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--resnet18", action="store_true", help="also torchvision's ResNet-18 (slow on CPU)")
     args = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"batch {args.batch_size}, K = {args.num_batches} probe batches of the same size; median over {args.rounds}"
-          f" rounds of the median of {args.repeats} repetitions")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads,"
+        f" torch {torch.__version__}"
+    )
+    print(
+        f"batch {args.batch_size}, K = {args.num_batches} probe batches of the same size; median over {args.rounds}"
+        f" rounds of the median of {args.repeats} repetitions"
+    )
     for name, (model, shape) in models(args.resnet18).items():
         ops = operations(copy.deepcopy(model), shape, args.batch_size, args.num_batches)
         results: dict[str, list[float]] = {op: [] for op in ops}
@@ -96,8 +101,10 @@ def main() -> None:
                 results[op].append(timed(fn, args.repeats))
         size = sum(p.numel() for p in model.parameters())
         step = statistics.median(results["training step"])
-        print(f"\n### {name}: {size:,} parameters; w_0 copy {4 * size / 2**20:.1f} MiB, direction sums"
-              f" {16 * size / 2**20:.1f} MiB\n")
+        print(
+            f"\n### {name}: {size:,} parameters; w_0 copy {4 * size / 2**20:.1f} MiB, direction sums"
+            f" {16 * size / 2**20:.1f} MiB\n"
+        )
         print("| operation | ms (median of rounds) | spread over rounds (ms) | x a training step |")
         print("|---|---|---|---|")
         for op, values in results.items():

@@ -11,8 +11,9 @@
 Models: a small conv net (the demo ConvNet on 8x8 digits), the demo ResNet (8x8), torchvision's ResNet-18 at CIFAR size
 (3x32x32), a small Transformer text classifier on token ids (attention, embedding and a position parameter: the
 per-module fallback's ground), and a GPT-style causal language model (batch 16 x 64 tokens, vocabulary 1000): one
-categorical likelihood per token, the sample's log-likelihood the sum over its tokens. Each (model, method) runs in its own process so that its peak memory (peak RSS above the model and inputs,
-on CPU; peak CUDA allocation on a GPU) is its own; in a process, time is the median of ``--repeats`` runs after one
+categorical likelihood per token, the sample's log-likelihood the sum over its tokens. Each (model, method) runs in its
+own process so that its peak memory (peak RSS above the model and inputs, on CPU; peak CUDA allocation on a GPU) is its
+own; in a process, time is the median of ``--repeats`` runs after one
 warm-up. The methods of a model run one after another in each of ``--rounds`` rounds (so that a slow spell of a shared
 machine hits them all) and the table shows the median over rounds, with the spread (max - min) of the rounds.
 Agreement is the relative difference of the total trace from the naive loop's.
@@ -94,7 +95,11 @@ class CausalLM(nn.Module):
 
 MODELS = {
     "small conv net (ConvNet 32-64, 1x8x8)": (lambda: ConvNet(input_shape=(1, 8, 8), channels=[32, 64]), (1, 8, 8), 10),
-    "demo ResNet (8 blocks, width 32, 1x8x8)": (lambda: ResNet(input_shape=(1, 8, 8), num_blocks=8, width=32), (1, 8, 8), 10),
+    "demo ResNet (8 blocks, width 32, 1x8x8)": (
+        lambda: ResNet(input_shape=(1, 8, 8), num_blocks=8, width=32),
+        (1, 8, 8),
+        10,
+    ),
     "torchvision ResNet-18 (3x32x32)": (None, (3, 32, 32), 10),
     "Transformer text classifier (2 layers, width 64, 32 tokens)": (TextClassifier, (32,), 4),
     "causal LM (GPT-style, 2 layers, width 128, vocabulary 1000, 64 tokens)": (CausalLM, (64,), VOCABULARY),
@@ -284,17 +289,28 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--models", default="", help="only the models whose name contains this text")
-    parser.add_argument("--batch", type=int, default=None, help="default: 256 on a GPU; 128 (8x8) / 64 (ResNet-18) on CPU")
+    parser.add_argument(
+        "--batch", type=int, default=None, help="default: 256 on a GPU; 128 (8x8) / 64 (ResNet-18) on CPU"
+    )
     args = parser.parse_args()
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    device_name = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    )
     print(f"device: {device_name}; torch {torch.__version__}")
     methods = {**METHODS, **(CPU_ONLY if args.device == "cpu" else {})}
     for model_name in (m for m in MODELS if args.models in m):
         batch = args.batch or default_batch(model_name, args.device)
         print(f"\n### {model_name}, batch {batch}\n")
-        print("| method | time (ms) | spread over rounds (ms) | x training step | peak memory (MiB) | trace | rel. diff. from naive |")
+        print(
+            "| method | time (ms) | spread over rounds (ms) | x training step | peak memory (MiB) | trace"
+            " | rel. diff. from naive |"
+        )
         print("|---|---|---|---|---|---|---|")
-        rounds = [{m: measure(model_name, m, batch, args.device, args.repeats) for m in methods} for _ in range(args.rounds)]
+        rounds = [
+            {m: measure(model_name, m, batch, args.device, args.repeats) for m in methods} for _ in range(args.rounds)
+        ]
         results = {m: summarize([r[m] for r in rounds]) for m in methods}
         step = results["training step"].get("seconds")
         reference = results["naive per-sample loop"].get("value")
@@ -304,7 +320,9 @@ def main() -> None:
                 continue
             ratio = r["seconds"] / step if step else float("nan")
             trace = "" if method == "training step" else f"{r['value']:.6g}"
-            diff = "" if method == "training step" or not reference else f"{abs(r['value'] - reference) / reference:.1e}"
+            diff = (
+                "" if method == "training step" or not reference else f"{abs(r['value'] - reference) / reference:.1e}"
+            )
             print(
                 f"| {method} | {1e3 * r['seconds']:.1f} | {1e3 * r['spread']:.1f} | {ratio:.2f} |"
                 f" {r['peak_bytes'] / 2**20:.0f} | {trace} | {diff} |"

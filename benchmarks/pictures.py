@@ -118,8 +118,14 @@ def synthetic(repeats: int) -> list[tuple[str, str, float]]:
 
     def signal(layers: int, measurements: int, backward: bool = True):  # noqa: ANN202
         names = [f"layer{i // 3}.block{i % 3}.conv" for i in range(layers)]
-        data = [(10 * m, dict(zip(names, rng.random(layers) + 0.1)),
-                 dict(zip(names, rng.random(layers) + 0.1)) if backward else {}) for m in range(measurements)]
+        data = [
+            (
+                10 * m,
+                dict(zip(names, rng.random(layers) + 0.1, strict=True)),
+                dict(zip(names, rng.random(layers) + 0.1, strict=True)) if backward else {},
+            )
+            for m in range(measurements)
+        ]
         return lambda: signal_profile(data)
 
     def schedule(total: int, blocks: int):  # noqa: ANN202
@@ -159,8 +165,10 @@ def main() -> None:
     parser.add_argument("--log-dir", type=Path, help="keep the quickstart's logs here (pictures for the docs)")
     args = parser.parse_args()
     runs = [quickstart(args.log_dir) for _ in range(args.runs)]
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads,"
-          f" torch {torch.__version__}, matplotlib {matplotlib.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads,"
+        f" torch {torch.__version__}, matplotlib {matplotlib.__version__}"
+    )
     print(f"\nquickstart, {args.runs} run(s); medians over all runs")
     print("| picture | per run | ms per picture | s per run |\n|---|---|---|---|")
     for tag in sorted(runs[0]["pictures"]):

@@ -34,7 +34,9 @@ class StepTimer(pl.Callback):
 
 CONFIGS = {
     "bare model": lambda: [],
-    "DropoutSchedule (early linear)": lambda: [DropoutSchedule(p=0.1, mode="early", shape="linear", cutoff_fraction=0.5)],
+    "DropoutSchedule (early linear)": lambda: [
+        DropoutSchedule(p=0.1, mode="early", shape="linear", cutoff_fraction=0.5)
+    ],
     "StochasticDepthSchedule (0.1, linear rule)": lambda: [StochasticDepthSchedule(drop_rate=0.1)],
 }
 
@@ -43,8 +45,15 @@ def time_config(make_callbacks, steps: int) -> float:
     pl.seed_everything(0, verbose=False)
     timer = StepTimer()
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[*make_callbacks(), timer],
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[*make_callbacks(), timer],
     )
     model = ResNet(num_blocks=8, width=32, dropout=0.1)
     trainer.fit(model, DigitsDataModule(batch_size=64))
@@ -61,8 +70,14 @@ def main() -> None:
         for name, make in CONFIGS.items():
             results[name].append(time_config(make, args.steps))
     bare = statistics.median(results["bare model"])
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"model: demo ResNet, 8 blocks, width 32, digits batch 64; median of {args.steps - 10} steps x {args.rounds} rounds")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads,"
+        f" torch {torch.__version__}"
+    )
+    print(
+        f"model: demo ResNet, 8 blocks, width 32, digits batch 64; median of {args.steps - 10} steps"
+        f" x {args.rounds} rounds"
+    )
     print("| configuration | ms / step (median of rounds) | spread over rounds (ms) | overhead vs bare |")
     print("|---|---|---|---|")
     for name, values in results.items():

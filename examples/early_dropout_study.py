@@ -2,9 +2,9 @@
 seeds; final training loss, validation accuracy and the gradient dynamics of GradientDynamicsMonitor.
 
 Every arm trains the same seeded small MLP on MNIST-1D (generated offline) with the same data order per seed; only the
-dropout schedule differs (DropoutSchedule: ``standard`` p all along, ``early`` linear from p to 0 at the cutoff, ``late``
-0 then p; the cutoff is the paper's epoch 50 of 300, 1/6 of training). The monitor measures the gradient norm, the
-distance from the initial weights and the gradient direction variance and error on a fixed probe of 8 mini-batches.
+dropout schedule differs (DropoutSchedule: ``standard`` p all along, ``early`` linear from p to 0 at the cutoff,
+``late`` 0 then p; the cutoff is the paper's epoch 50 of 300, 1/6 of training). The monitor measures the gradient norm,
+the distance from the initial weights and the gradient direction variance and error on a fixed probe of 8 mini-batches.
 After training, the training loss and accuracy are measured on the whole training split in eval mode (no dropout), and
 the validation and test accuracy likewise.
 
@@ -174,7 +174,7 @@ def comparison_table(measure: str, by_arm: dict[str, dict[int, float]], scale: f
     """Rows ``arm | mean ± std | difference vs none | p | p (Holm)`` for one measure."""
     others = [arm for arm in ARMS if arm != "none" and arm in by_arm]
     comparisons = {arm: paired_comparison(by_arm[arm], by_arm["none"]) for arm in others}
-    adjusted = dict(zip(others, holm([comparisons[arm].p for arm in others])))
+    adjusted = dict(zip(others, holm([comparisons[arm].p for arm in others]), strict=True))
     fmt = lambda mean, std: f"{scale * mean:.4g} ± {scale * std:.2g}"  # noqa: E731
     none_values = list(by_arm["none"].values())
     lines = [f"| {measure} | none | {fmt(statistics.mean(none_values), statistics.stdev(none_values))} | – | – | – |"]
@@ -201,11 +201,16 @@ def plot(out: Path, results: list[dict[str, Any]], dynamics: list[dict[str, Any]
         mean = [statistics.mean(v) for v in values]
         std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
         ax.plot(xs, mean, color=color, label=label, linewidth=1.2)
-        ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=color,
-                        alpha=0.15)
+        ax.fill_between(
+            xs,
+            [m - s for m, s in zip(mean, std, strict=True)],
+            [m + s for m, s in zip(mean, std, strict=True)],
+            color=color,
+            alpha=0.15,
+        )
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    for ax, tag in zip(axes.flat, DYNAMICS):
+    for ax, tag in zip(axes.flat, DYNAMICS, strict=True):
         for i, arm in enumerate(ARMS):
             band(ax, curves(dynamics, arm, tag, "step"), f"C{i}", arm)
         ax.axvline(cutoff, color="grey", linestyle="--", linewidth=1)
@@ -231,12 +236,20 @@ def plot(out: Path, results: list[dict[str, Any]], dynamics: list[dict[str, Any]
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, measure, label in ((axes[0], "train_loss", "final training loss (eval mode)"),
-                               (axes[1], "val_acc", "final validation accuracy")):
+    for ax, measure, label in (
+        (axes[0], "train_loss", "final training loss (eval mode)"),
+        (axes[1], "val_acc", "final validation accuracy"),
+    ):
         for i, arm in enumerate(ARMS):
             values = [r[measure] for r in results if r["arm"] == arm]
-            ax.bar(i, statistics.mean(values), yerr=statistics.stdev(values) if len(values) > 1 else 0, capsize=3,
-                   color=f"C{i}", alpha=0.6)
+            ax.bar(
+                i,
+                statistics.mean(values),
+                yerr=statistics.stdev(values) if len(values) > 1 else 0,
+                capsize=3,
+                color=f"C{i}",
+                alpha=0.6,
+            )
             ax.scatter([i] * len(values), values, s=10, color="black")
         ax.set_xticks(range(len(ARMS)), ARMS)
         ax.set_title(label, fontsize=10)

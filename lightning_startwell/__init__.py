@@ -1,4 +1,5 @@
-"""lightning_startwell: PyTorch Lightning callbacks that get the first steps of training right, and show what they do."""
+"""lightning_startwell: PyTorch Lightning callbacks that get the first steps of training right, and show what they
+do."""
 
 from lightning_startwell.callbacks import (
     DeficitInjector,

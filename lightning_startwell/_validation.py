@@ -1,4 +1,5 @@
-"""Argument checks shared by the models, datamodules and callbacks: each error names the argument and what is accepted."""
+"""Argument checks shared by the models, datamodules and callbacks: each error names the argument and what is
+accepted."""
 
 from __future__ import annotations
 

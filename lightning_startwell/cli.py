@@ -1,8 +1,8 @@
 """The ``startwell`` command: LightningCLI over the demo models and the embedded datamodules.
 
 ``startwell fit --config examples/configs/quickstart.yaml`` trains; ``validate`` and ``test`` evaluate. Models and
-datamodules are named by class (``model.class_path: ResNet``); ``input_shape`` and ``num_classes`` of the model come from
-the datamodule.
+datamodules are named by class (``model.class_path: ResNet``); ``input_shape`` and ``num_classes`` of the model come
+from the datamodule.
 """
 
 from __future__ import annotations

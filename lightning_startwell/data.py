@@ -5,8 +5,8 @@
 * :class:`MNIST1DDataModule`: MNIST-1D (Greydanus, 2020), generated offline by the ``mnist1d`` package: 4,000 train and
   1,000 test signals of length 40, shaped ``(N, 1, 40)``.
 
-Both split deterministically from ``seed`` and normalise with the mean and standard deviation of the training split only,
-so no statistic of the validation or test data leaks into training.
+Both split deterministically from ``seed`` and normalise with the mean and standard deviation of the training split
+only, so no statistic of the validation or test data leaks into training.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def split_sizes(num_examples: int, val_fraction: float, test_fraction: float = 0
     check_rate("test_fraction", test_fraction)
     if val_fraction + test_fraction >= 1.0:
         raise ValueError(
-            f"`val_fraction` + `test_fraction` must stay below 1 to leave a train split, got {val_fraction} + {test_fraction}."
+            "`val_fraction` + `test_fraction` must stay below 1 to leave a train split, got"
+            f" {val_fraction} + {test_fraction}."
         )
     num_val = round(num_examples * val_fraction)
     num_test = round(num_examples * test_fraction)
@@ -63,8 +64,8 @@ def standardize(train: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tenso
 class ArrayDataModule(pl.LightningDataModule):
     """Base of the embedded datamodules: deterministic split, train-only normalisation, in-memory tensor loaders.
 
-    Subclasses set :attr:`input_shape`, :attr:`num_classes` and :attr:`num_examples` (the size of the pool that is split)
-    and implement :meth:`load_arrays`.
+    Subclasses set :attr:`input_shape`, :attr:`num_classes` and :attr:`num_examples` (the size of the pool that is
+    split) and implement :meth:`load_arrays`.
 
     Args:
         batch_size: examples per batch, for every split.

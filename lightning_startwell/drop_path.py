@@ -82,7 +82,9 @@ class ResidualBlock:
 
 def _is_drop_path_slot(name: str, module: nn.Module) -> bool:
     short = name.rpartition(".")[2]
-    return type(module).__name__ in DROP_PATH_CLASSES or (isinstance(module, nn.Identity) and short.startswith("drop_path"))
+    return type(module).__name__ in DROP_PATH_CLASSES or (
+        isinstance(module, nn.Identity) and short.startswith("drop_path")
+    )
 
 
 def find_residual_blocks(model: nn.Module, patterns: Optional[Sequence[str]] = None) -> list[ResidualBlock]:
@@ -180,4 +182,11 @@ class DropPathHooks:
         self._written = rates
 
 
-__all__ = ["DropPath", "DropPathHooks", "ResidualBlock", "drop_path", "existing_drop_path_rates", "find_residual_blocks"]
+__all__ = [
+    "DropPath",
+    "DropPathHooks",
+    "ResidualBlock",
+    "drop_path",
+    "existing_drop_path_rates",
+    "find_residual_blocks",
+]

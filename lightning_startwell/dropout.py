@@ -57,7 +57,9 @@ def find_dropout(
             slots.append(RateSlot(name, module, "dropout"))
     for pattern in include or ():
         if not any(fnmatch.fnmatchcase(s.module_name, pattern) for s in slots):
-            raise ValueError(f"`include` pattern {pattern!r} matches no dropout module; they are {[s.name for s in slots]}.")
+            raise ValueError(
+                f"`include` pattern {pattern!r} matches no dropout module; they are {[s.name for s in slots]}."
+            )
     if include:
         slots = [s for s in slots if _matches(s.module_name, include)]
     slots = [s for s in slots if not _matches(s.module_name, exclude)]

@@ -55,7 +55,9 @@ def parameter_distance(parameters: Sequence[torch.Tensor], initial: Sequence[tor
     """||w - w_0||_2 over all the tensors (``parameters[i]`` against ``initial[i]``), a 0-d float32 tensor."""
     if len(parameters) != len(initial):
         raise ValueError(f"`initial` must hold one tensor per parameter, got {len(initial)} for {len(parameters)}.")
-    return gradient_norm(p.detach().float() - w0.to(p.device).float() for p, w0 in zip(parameters, initial))
+    return gradient_norm(
+        p.detach().float() - w0.to(p.device).float() for p, w0 in zip(parameters, initial, strict=True)
+    )
 
 
 def direction_sums(gradients: Iterable[torch.Tensor], sums: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -153,9 +155,12 @@ def probe_gradient(
         with torch.autocast(device_type=device.type, enabled=False):
             value = LOSSES[loss](run(model, inputs, forward).float(), targets)
         grads = torch.autograd.grad(value, list(parameters), allow_unused=True)
-    return torch.cat([
-        (g if g is not None else torch.zeros_like(p)).detach().reshape(-1).float() for g, p in zip(grads, parameters)
-    ])
+    return torch.cat(
+        [
+            (g if g is not None else torch.zeros_like(p)).detach().reshape(-1).float()
+            for g, p in zip(grads, parameters, strict=True)
+        ]
+    )
 
 
 __all__ = [

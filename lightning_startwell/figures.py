@@ -131,7 +131,7 @@ def signal_profile(measurements: Sequence[SignalMeasurement]) -> np.ndarray:
     axes = figure.subplots(1, len(directions), squeeze=False)[0]
     depth = np.arange(1, len(layers) + 1)
     earlier = spread_over_steps(measurements[:-1], MAX_EARLIER_PROFILES)
-    for ax, (direction, index, reference) in zip(axes, directions):
+    for ax, (direction, index, reference) in zip(axes, directions, strict=True):
         for age, measurement in enumerate(earlier):
             variances = [measurement[index].get(n, math.nan) for n in layers]
             alpha = 0.15 + 0.55 * (age + 1) / len(earlier)
@@ -176,7 +176,7 @@ def schedule_overview(
     panels = [name for name, values in given.items() if values is not None] or ["deficit"]
     figure = Figure(figsize=(WIDTH, 1.0 + 2.2 * len(panels)), dpi=DPI, layout="constrained")
     axes = figure.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, panel in zip(axes, panels):
+    for ax, panel in zip(axes, panels, strict=True):
         legend_axes = [ax]
         if panel == "dropout":
             ax.plot(steps, dropout, drawstyle="steps-post", color="tab:blue", label="dropout rate")
@@ -216,4 +216,12 @@ def _draw_block_rates(ax: Axes, steps: Sequence[int], rates: np.ndarray) -> Axes
     return depth_axis
 
 
-__all__ = ["fisher_heatmap", "normalise_by_row_max", "relative_to", "render", "schedule_overview", "signal_profile", "spread_over_steps"]
+__all__ = [
+    "fisher_heatmap",
+    "normalise_by_row_max",
+    "relative_to",
+    "render",
+    "schedule_overview",
+    "signal_profile",
+    "spread_over_steps",
+]

@@ -98,7 +98,12 @@ def gain(nonlinearity: str, negative_slope: float = 0.0) -> float:
 
 
 def target_std(
-    scheme: str, fan_in: int, fan_out: int, mode: str = "fan_in", nonlinearity: str = "relu", negative_slope: float = 0.0
+    scheme: str,
+    fan_in: int,
+    fan_out: int,
+    mode: str = "fan_in",
+    nonlinearity: str = "relu",
+    negative_slope: float = 0.0,
 ) -> float:
     """Standard deviation of the weights that ``scheme`` aims at for a layer with these fans.
 
@@ -124,7 +129,8 @@ def target_std(
 
 
 def _draw(shape: torch.Size, scheme: str, std: float, generator: torch.Generator) -> torch.Tensor:
-    """Weights of ``shape`` with standard deviation ``std``: normal, uniform U(-sqrt(3) std, sqrt(3) std) or orthogonal."""
+    """Weights of ``shape`` with standard deviation ``std``: normal, uniform U(-sqrt(3) std, sqrt(3) std) or
+    orthogonal."""
     if scheme.endswith("uniform"):
         bound = math.sqrt(3.0) * std
         return torch.empty(shape).uniform_(-bound, bound, generator=generator)
@@ -136,8 +142,9 @@ def _draw(shape: torch.Size, scheme: str, std: float, generator: torch.Generator
 
 
 def matrix_fans(layer: nn.Module) -> tuple[int, int]:
-    """``(columns, rows)`` of a layer's weight as the matrix an orthogonal draw makes semi-orthogonal (one row per output
-    unit, as ``torch.nn.init.orthogonal_`` flattens it): equal to :func:`fans` for a Linear, not for a convolution."""
+    """``(columns, rows)`` of a layer's weight as the matrix an orthogonal draw makes semi-orthogonal (one row per
+    output unit, as ``torch.nn.init.orthogonal_`` flattens it): equal to :func:`fans` for a Linear, not for a
+    convolution."""
     weight = _stored_layout(layer, layer.weight)
     return math.prod(weight.shape[1:]), weight.shape[0]
 
@@ -150,7 +157,8 @@ def _stored_layout(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class ResidualBranch:
     """A residual branch: its name, its weight layers in forward order (the last one closes the branch), its last
-    normalisation layer, and ``output``, the module whose output is the branch's output (what stochastic depth drops)."""
+    normalisation layer, and ``output``, the module whose output is the branch's output (what stochastic depth
+    drops)."""
 
     name: str
     layers: tuple[str, ...]
@@ -161,9 +169,9 @@ class ResidualBranch:
 def find_residual_branches(model: nn.Module, names: Optional[Sequence[str]] = None) -> list[ResidualBranch]:
     """Residual branches of ``model``: modules named by ``names`` (glob patterns), else found by structure.
 
-    Found automatically: a child named ``branch`` (the demo :class:`~lightning_startwell.models.ResNet`), and torchvision's
-    ``BasicBlock`` / ``Bottleneck`` (``conv1``, ``conv2`` [, ``conv3``] with their ``bn*``; the ``downsample`` shortcut is
-    not part of the branch).
+    Found automatically: a child named ``branch`` (the demo :class:`~lightning_startwell.models.ResNet`), and
+    torchvision's ``BasicBlock`` / ``Bottleneck`` (``conv1``, ``conv2`` [, ``conv3``] with their ``bn*``; the
+    ``downsample`` shortcut is not part of the branch).
     """
     modules = dict(model.named_modules())
     branches = []
@@ -204,7 +212,8 @@ def weight_layers(
         for pattern in include:
             if not any(fnmatch.fnmatchcase(n, pattern) for n in layers):
                 raise ValueError(
-                    f"`include` pattern {pattern!r} matches no Linear or convolution layer; layers are: {sorted(layers)}."
+                    f"`include` pattern {pattern!r} matches no Linear or convolution layer; layers are:"
+                    f" {sorted(layers)}."
                 )
         layers = {n: m for n, m in layers.items() if any(fnmatch.fnmatchcase(n, p) for p in include)}
     if exclude:
@@ -244,8 +253,8 @@ def init_weights(
 ) -> list[LayerInit]:
     """Initialise the Linear and convolution layers of ``module`` in place and report, per layer, what was done.
 
-    Biases become 0 (unless ``keep_bias``); normalisation layers get weight 1 and bias 0. Every argument is checked before
-    any weight changes.
+    Biases become 0 (unless ``keep_bias``); normalisation layers get weight 1 and bias 0. Every argument is checked
+    before any weight changes.
 
     Args:
         module: the model.
@@ -296,8 +305,8 @@ def init_weights(
         if not branches:
             what = "`residual_branches` patterns match" if residual_branches else "automatic search finds"
             raise ValueError(
-                f"scheme {scheme!r} / `zero_init_residual` needs residual branches, but the {what} none; name the branch"
-                " modules in `residual_branches` (glob patterns)."
+                f"scheme {scheme!r} / `zero_init_residual` needs residual branches, but the {what} none; name the"
+                " branch modules in `residual_branches` (glob patterns)."
             )
         if scheme == "fixup" and min(len(b.layers) for b in branches) < 2:
             raise ValueError("`fixup` needs residual branches of at least 2 weight layers (the exponent is -1/(2m-2)).")

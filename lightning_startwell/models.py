@@ -56,8 +56,8 @@ class Classifier(pl.LightningModule):
     """Base of the demo models: loss, accuracy, logging and optimizer; subclasses build ``self.net``.
 
     Args:
-        input_shape: shape of one example without the batch dimension, ``(C, L)`` or ``(C, H, W)``. LightningCLI fills it
-            from the datamodule.
+        input_shape: shape of one example without the batch dimension, ``(C, L)`` or ``(C, H, W)``. LightningCLI
+            fills it from the datamodule.
         num_classes: number of classes. LightningCLI fills it from the datamodule.
         optimizer: callable that makes the optimizer from the parameters; default SGD(lr=0.05, momentum=0.9).
         lr_scheduler: callable that makes an epoch-wise LR scheduler from the optimizer, or None for a constant LR.
@@ -105,7 +105,9 @@ class Classifier(pl.LightningModule):
     def _log_loss_and_accuracy(self, stage: str, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         metric = self.metrics[f"{stage}_acc"]
         metric(logits, y)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "train", sync_dist=stage != "train")
+        self.log(
+            f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "train", sync_dist=stage != "train"
+        )
         self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
 
     @override
@@ -133,7 +135,10 @@ class Classifier(pl.LightningModule):
         optimizer = self.optimizer(self.parameters())
         if self.lr_scheduler is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "epoch"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "epoch"},
+        }
 
     def _layer(self, kind: str) -> type[nn.Module]:
         """The 1-D, 2-D or 3-D version of ``Conv``, ``BatchNorm``, ``MaxPool`` or ``AdaptiveAvgPool`` for the input."""
@@ -238,7 +243,12 @@ class ConvNet(Classifier):
                 layers.append(pool(2))
                 size //= 2
             in_channels = out_channels
-        layers += [self._layer("AdaptiveAvgPool")(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(in_channels, num_classes)]
+        layers += [
+            self._layer("AdaptiveAvgPool")(1),
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(in_channels, num_classes),
+        ]
         self.net = nn.Sequential(*layers)
 
 

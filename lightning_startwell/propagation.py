@@ -1,11 +1,11 @@
 """Forward and backward signal propagation, layer by layer (pure PyTorch, no Lightning).
 
 The lecture's condition (1) asks that the variance of the pre-activations z^l stay the same through depth in the forward
-pass, and that of the errors delta^l = dL/dz^l stay the same in the backward pass (exercise 1: dL/dw^l = a^{l-1} delta^l,
-so a vanishing delta starves the first layers of gradient). :class:`SignalRecorder` measures both on a real step: a forward
-hook on each layer takes the moments of its output and registers a tensor hook on that output for the gradient. Tensor
-hooks on layer outputs, unlike module full-backward hooks, work with in-place ops after the layer (torchvision's
-``ReLU(inplace=True)``, ``out += identity``).
+pass, and that of the errors delta^l = dL/dz^l stay the same in the backward pass (exercise 1: dL/dw^l = a^{l-1}
+delta^l, so a vanishing delta starves the first layers of gradient). :class:`SignalRecorder` measures both on a real
+step: a forward hook on each layer takes the moments of its output and registers a tensor hook on that output for the
+gradient. Tensor hooks on layer outputs, unlike module full-backward hooks, work with in-place ops after the layer
+(torchvision's ``ReLU(inplace=True)``, ``out += identity``).
 
 Moments are kept as float64 sums (float32 on a device without float64) on the layer's device, reduced from the values
 in place (no float64 copy of an activation or a gradient) and with no host transfer per layer, so sums from several
@@ -119,8 +119,8 @@ class SignalRecorder:
     def stacked_moments(
         self, names: Optional[Sequence[str]] = None, device: Optional[torch.device] = None
     ) -> torch.Tensor:
-        """Moments as one ``(layers, 2, 3)`` tensor (direction 0 forward, 1 backward; zeros where nothing was seen), ready
-        for one all-reduce across processes: on ``device`` (default: where the moments are, else the CPU), which a
+        """Moments as one ``(layers, 2, 3)`` tensor (direction 0 forward, 1 backward; zeros where nothing was seen),
+        ready for one all-reduce across processes: on ``device`` (default: where the moments are, else the CPU), which a
         collective needs whether or not this process recorded anything (NCCL takes CUDA tensors only)."""
         names = self.names() if names is None else names
         if device is None:
@@ -143,7 +143,7 @@ class SignalRecorder:
 def variances_by_name(names: Sequence[str], stacked: torch.Tensor) -> tuple[dict[str, float], dict[str, float]]:
     """Forward and backward variance per layer from ``(layers, 2, 3)`` moments (one host transfer)."""
     var = variance_from_moments(stacked).cpu().tolist()
-    return {n: v[0] for n, v in zip(names, var)}, {n: v[1] for n, v in zip(names, var)}
+    return {n: v[0] for n, v in zip(names, var, strict=True)}, {n: v[1] for n, v in zip(names, var, strict=True)}
 
 
 def propagation_ratios(forward: dict[str, float], backward: dict[str, float]) -> tuple[float, float]:

@@ -1,5 +1,5 @@
-"""Rate schedules over optimizer steps: standard, early and late dropout (Liu et al. 2023) and the stochastic-depth layer
-rule (Huang et al. 2016). Pure functions of the step, so a resumed run recomputes exactly the same rates.
+"""Rate schedules over optimizer steps: standard, early and late dropout (Liu et al. 2023) and the stochastic-depth
+layer rule (Huang et al. 2016). Pure functions of the step, so a resumed run recomputes exactly the same rates.
 
 Early dropout uses the rate p until the cutoff and 0 after it; its ``linear`` shape is ``numpy.linspace(p, 0,
 cutoff_steps)`` as in the official code (facebookresearch/dropout, ``drop_scheduler.py``), ``cosine`` follows

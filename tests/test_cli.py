@@ -91,7 +91,7 @@ def test_config_round_trips(tmp_path, capsys):
     callbacks = original["trainer"].pop("callbacks")
     assert original["trainer"].items() <= parsed["trainer"].items()
     assert [c["class_path"] for c in callbacks] == [c["class_path"] for c in parsed["trainer"]["callbacks"]]
-    for given, dumped in zip(callbacks, parsed["trainer"]["callbacks"]):
+    for given, dumped in zip(callbacks, parsed["trainer"]["callbacks"], strict=True):
         assert given["init_args"].items() <= dumped["init_args"].items()
 
 

@@ -83,7 +83,10 @@ def _every_callback():
     return {
         "stochastic_depth": (lambda: StochasticDepthSchedule(drop_rate=0.5), "startwell/depth/"),
         "signal": (lambda: SignalPropagationMonitor(every_n_steps=2), "startwell/signal/backward/"),
-        "fisher": (lambda: FisherTraceMonitor(num_samples=16, batch_size=8, every_n_steps=2), "startwell/fisher/layer/"),
+        "fisher": (
+            lambda: FisherTraceMonitor(num_samples=16, batch_size=8, every_n_steps=2),
+            "startwell/fisher/layer/",
+        ),
         "lsuv": (lambda: InitScheme("lsuv"), "startwell/init/forward_ratio/"),
         "dynamics": (lambda: GradientDynamicsMonitor(every_n_steps=2, num_batches=2), "startwell/dynamics/"),
         "deficit": (lambda: DeficitInjector("noise", start_epoch=0, end_epoch=1, noise_std=0.5), "startwell/deficit/"),

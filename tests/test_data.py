@@ -69,7 +69,7 @@ def test_mnist1d_is_generated_once_per_process_and_data_seed(monkeypatch):
 def test_same_seed_same_split_other_seed_other_split(cls):
     a, b, c = (_set_up(cls(seed=s)) for s in (7, 7, 8))
     for split in ("train_set", "val_set", "test_set"):
-        for ta, tb in zip(getattr(a, split).tensors, getattr(b, split).tensors):
+        for ta, tb in zip(getattr(a, split).tensors, getattr(b, split).tensors, strict=True):
             assert torch.equal(ta, tb)
     assert not torch.equal(a.val_set.tensors[0], c.val_set.tensors[0])
 

@@ -24,7 +24,7 @@ RULES = ("linear", "linspace", "uniform")
 
 def closed_form_rates(rule, rate, num_blocks):
     if rule == "linear":  # Huang et al.: p_l = 1 - (l / L)(1 - p_L), l = 1..L
-        return [rate * l / num_blocks for l in range(1, num_blocks + 1)]
+        return [rate * block / num_blocks for block in range(1, num_blocks + 1)]
     if rule == "linspace":  # Liu et al.'s code, timm: numpy/torch linspace(0, rate, L)
         return list(np.linspace(0.0, rate, num_blocks))
     return [rate] * num_blocks
@@ -87,7 +87,7 @@ def test_measured_drop_frequencies_within_binomial_error(rule, per):
         trials_per_block = dropped.shape[0] * dropped.shape[2]
         frequencies = dropped.float().mean((0, 2))
         assert not bool(((dropped.all(-1)) | (~dropped.any(-1))).all())  # samples drawn apart
-    for rate, frequency in zip(closed_form_rates(rule, 0.6, 4), frequencies.tolist()):
+    for rate, frequency in zip(closed_form_rates(rule, 0.6, 4), frequencies.tolist(), strict=True):
         assert abs(frequency - rate) <= 4 * math.sqrt(rate * (1 - rate) / trials_per_block)
         if rate == 0:
             assert frequency == 0.0

@@ -42,7 +42,7 @@ def probe_set():
         model.weight.copy_(torch.randn(C, D, generator=g))
         model.bias.copy_(torch.randn(C, generator=g))
     x, y = torch.randn(K * B, D, generator=g), torch.randint(0, C, (K * B,), generator=g)
-    return model, list(zip(x.split(B), y.split(B))), (x, y)
+    return model, list(zip(x.split(B), y.split(B), strict=True)), (x, y)
 
 
 def test_probe_gradient_is_the_closed_form_gradient_of_softmax_regression(probe_set):
@@ -102,7 +102,7 @@ def test_gradient_norm_and_distance_against_float64_sums():
     expected = math.sqrt(sum(float(v) ** 2 for t in tensors for v in t.double().reshape(-1)))
     assert gradient_norm([tensors[0], None, tensors[1]]).item() == pytest.approx(expected, rel=1e-6)
     initial = [torch.randn(4, 3, generator=g), torch.randn(5, generator=g)]
-    distance = math.sqrt(sum(float((a - b).double().pow(2).sum()) for a, b in zip(tensors, initial)))
+    distance = math.sqrt(sum(float((a - b).double().pow(2).sum()) for a, b in zip(tensors, initial, strict=True)))
     assert parameter_distance(tensors, initial).item() == pytest.approx(distance, rel=1e-6)
     with pytest.raises(ValueError, match="initial"):
         parameter_distance(tensors, initial[:1])
@@ -133,7 +133,7 @@ def test_probe_gradient_leaves_grad_buffers_and_random_streams_alone(probe_set):
     rng = torch.get_rng_state()
     probe_gradient(model, *batches[0], params, seed=11)
     assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in params[:-1]) and params[-1].grad is None
-    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))
     assert torch.equal(torch.get_rng_state(), rng)
     assert model.training and all(m.training for m in model.modules())
 

@@ -61,18 +61,24 @@ def test_logged_values_equal_a_hand_run_sgd_loop(tmp_path):
     assert all(sorted(values[tag]) == [0, 2, 4] for tag in TAGS)
 
     chosen = torch.randperm(96, generator=torch.Generator().manual_seed(0))[:30]
-    probe = list(zip(X[chosen].split(10), Y[chosen].split(10)))
+    probe = list(zip(X[chosen].split(10), Y[chosen].split(10), strict=True))
     initial = [p.detach().clone() for p in net.parameters()]
     for step, (x, y) in enumerate(itertools.islice(loader(), 5)):
         if step % 2 == 0:
             grads = [flat_grad(net, px, py) for px, py in probe]
             whole = flat_grad(net, X[chosen], Y[chosen])  # the whole probe set in one pass
             pairs = [cosine_distance(a, b) for a, b in itertools.combinations(grads, 2)]
-            distance = math.sqrt(sum(float((p.detach() - w0).double().pow(2).sum()) for p, w0 in zip(net.parameters(), initial)))
+            distance = math.sqrt(
+                sum(
+                    float((p.detach() - w0).double().pow(2).sum())
+                    for p, w0 in zip(net.parameters(), initial, strict=True)
+                )
+            )
             assert values["distance"][step] == pytest.approx(distance, rel=1e-5, abs=1e-7)
             assert values["direction_variance"][step] == pytest.approx(sum(pairs) / 3, rel=1e-5)
-            assert values["direction_error"][step] == pytest.approx(sum(cosine_distance(g, whole) for g in grads) / 3,
-                                                                    rel=1e-4)
+            assert values["direction_error"][step] == pytest.approx(
+                sum(cosine_distance(g, whole) for g in grads) / 3, rel=1e-4
+            )
         gradient = flat_grad(net, x, y)
         if step % 2 == 0:
             assert values["grad_norm"][step] == pytest.approx(float(gradient.norm()), rel=1e-5)
@@ -155,7 +161,9 @@ def test_resume_from_a_checkpoint_without_the_monitor_warns_and_measures_from_th
     make_trainer(tmp_path / "first", [checkpoint], max_epochs=1).fit(MLP(), loader())
     monitor = GradientDynamicsMonitor(num_batches=2, every_n_steps=6)
     with pytest.warns(UserWarning, match="no initial weights"):
-        make_trainer(tmp_path, [monitor], max_epochs=2).fit(MLP(), loader(), ckpt_path=tmp_path / "ckpt" / "epoch=0-step=6.ckpt")
+        make_trainer(tmp_path, [monitor], max_epochs=2).fit(
+            MLP(), loader(), ckpt_path=tmp_path / "ckpt" / "epoch=0-step=6.ckpt"
+        )
     assert logged(tmp_path)["distance"] == {6: 0.0}
 
 
@@ -167,8 +175,13 @@ def test_two_process_ddp_logs_the_single_process_directions(tmp_path):
     def run(root, **kwargs):
         pl.seed_everything(0)
         trainer = pl.Trainer(
-            default_root_dir=root, accelerator="cpu", max_steps=2, enable_progress_bar=False,
-            enable_model_summary=False, log_every_n_steps=1, **kwargs,
+            default_root_dir=root,
+            accelerator="cpu",
+            max_steps=2,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            log_every_n_steps=1,
+            **kwargs,
             callbacks=[GradientDynamicsMonitor(num_batches=5, batch_size=8, every_n_steps=1)],
         )
         trainer.fit(MLP(depth=2, width=16, dropout=0.5, optimizer=frozen_sgd), loader())
@@ -247,8 +260,13 @@ def test_without_directions_only_norm_and_distance_are_logged(tmp_path):
 
 
 def test_fast_dev_run_runs_without_warnings(tmp_path, recwarn):
-    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", fast_dev_run=True, enable_progress_bar=False,
-                         callbacks=[GradientDynamicsMonitor(num_batches=20, batch_size=16)])
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        fast_dev_run=True,
+        enable_progress_bar=False,
+        callbacks=[GradientDynamicsMonitor(num_batches=20, batch_size=16)],
+    )
     trainer.fit(MLP(), loader())
     assert not [w for w in recwarn if "GradientDynamicsMonitor" in str(w.message)]
 
@@ -261,10 +279,18 @@ class Wrapped(Classifier):
 
 def test_third_party_models(tmp_path):
     timm = pytest.importorskip("timm")
-    torchvision = pytest.importorskip("torchvision")
+    pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, num_classes=10,
-                            depth=2, drop_rate=0.1, in_chans=1)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=16,
+        patch_size=8,
+        num_classes=10,
+        depth=2,
+        drop_rate=0.1,
+        in_chans=1,
+    )
     from torchvision.models.resnet import BasicBlock
     from torchvision.models.resnet import ResNet as TorchvisionResNet
 

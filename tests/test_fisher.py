@@ -37,7 +37,7 @@ def naive_fisher(model, x, fisher, labels=None):
             pairs = [(int(labels[i]), 1.0)]
         for c, weight in pairs:
             grads = torch.autograd.grad(log_probs[c], list(params.values()), retain_graph=True, allow_unused=True)
-            for (name, _), g in zip(params.items(), grads):
+            for (name, _), g in zip(params.items(), grads, strict=True):
                 if g is not None:
                     per_layer[owner[name]] += weight * g.square().sum().item()
     return {k: v / len(x) for k, v in per_layer.items()}
@@ -348,7 +348,8 @@ def test_sequence_rule_equals_explicit_per_sample_gradients(t, d, p, chunks):
     from lightning_startwell.fisher.closed_forms import _sequence_norms
 
     g = torch.Generator().manual_seed(7)
-    a, delta = torch.randn(5, t, d, generator=g, dtype=torch.float64), torch.randn(5, t, p, generator=g, dtype=torch.float64)
+    a = torch.randn(5, t, d, generator=g, dtype=torch.float64)
+    delta = torch.randn(5, t, p, generator=g, dtype=torch.float64)
     explicit = torch.einsum("ntp,ntd->npd", delta, a).square().sum((1, 2))
     assert torch.allclose(_sequence_norms(a, delta), explicit, rtol=1e-12)
 
@@ -423,7 +424,9 @@ def test_a_parameter_used_by_the_model_itself(chunk_size, monkeypatch):
     reference = naive_fisher(model, x, "exact")
     ours = fisher_trace(model, x, fisher="exact", chunk_size=chunk_size)
     assert ours.per_layer == pytest.approx(reference, rel=1e-5)
-    assert bool(whole_model) == (chunk_size == 32)  # one pass over the whole model when it is cheap, the hooks otherwise
+    assert bool(whole_model) == (
+        chunk_size == 32
+    )  # one pass over the whole model when it is cheap, the hooks otherwise
 
 
 @pytest.fixture
@@ -521,8 +524,15 @@ def test_gaussian_likelihood_for_regression(fisher, squeeze):
     x = torch.randn(9, 1, 10)
     model = _trained_bn(model, x)
     targets = torch.randn(9, dim).squeeze(1) if squeeze else torch.randn(9, dim)
-    ours = fisher_trace(model, x, fisher=fisher, likelihood="gaussian", noise_std=0.5, targets=targets,
-                        generator=torch.Generator().manual_seed(3))
+    ours = fisher_trace(
+        model,
+        x,
+        fisher=fisher,
+        likelihood="gaussian",
+        noise_std=0.5,
+        targets=targets,
+        generator=torch.Generator().manual_seed(3),
+    )
     eps = torch.randn(9, dim, generator=torch.Generator().manual_seed(3))
     expected = naive_gaussian(model, x, fisher, 0.5, targets=targets, eps=eps)
     assert ours.total == pytest.approx(expected, rel=1e-5)

@@ -68,7 +68,9 @@ def test_gaussian_likelihood_through_the_monitor_equals_a_float64_loop(tmp_path)
     for i in chosen:
         # log N(t | f(x), 0.5^2 I) = -||t - f(x)||^2 / (2 x 0.25) + const
         log_p = -(targets[i].double() - initial(X[i : i + 1].double())[0]).square().sum() / (2 * 0.25)
-        for (name, _), g in zip(initial.named_parameters(), torch.autograd.grad(log_p, list(initial.parameters()))):
+        for (name, _), g in zip(
+            initial.named_parameters(), torch.autograd.grad(log_p, list(initial.parameters())), strict=True
+        ):
             layer = name.rpartition(".")[0]
             expected[layer] = expected.get(layer, 0.0) + g.square().sum().item() / 40
     scalars = read_scalars(tmp_path / "lightning_logs")
@@ -184,8 +186,14 @@ def test_two_process_ddp_logs_the_single_process_trace(tmp_path):
     model = MLP(depth=2, width=16, optimizer=frozen_sgd)  # no BatchNorm: nothing changes the model between steps
     expected = fisher_trace(copy.deepcopy(model), *_probe(48)[:1], fisher="empirical", targets=_probe(48)[1])
     trainer = pl.Trainer(
-        default_root_dir=tmp_path, accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2,
-        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=2,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
         callbacks=[FisherTraceMonitor(num_samples=48, batch_size=10, every_n_steps=1, fisher="empirical")],
     )
     trainer.fit(model, loader())

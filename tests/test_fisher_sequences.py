@@ -65,7 +65,7 @@ def per_position_loop(model, ids, mask, fisher, labels=None, logits=lambda model
 
     def add(objective, weight=1.0):
         grads = torch.autograd.grad(objective, list(params.values()), retain_graph=True)
-        for name, g in zip(params, grads):
+        for name, g in zip(params, grads, strict=True):
             per_layer[name.rpartition(".")[0]] += weight * g.square().sum().item()
 
     for i in range(len(ids)):

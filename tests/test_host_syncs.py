@@ -1,5 +1,5 @@
-"""No host synchronisation in a per-step path: 20 training steps with every callback attached, while any read-back to the
-host, host-to-device copy or tensor built from Python data in the library's per-step code fails the test.
+"""No host synchronisation in a per-step path: 20 training steps with every callback attached, while any read-back to
+the host, host-to-device copy or tensor built from Python data in the library's per-step code fails the test.
 
 A CPU run cannot see a GPU stall, so the guard looks at the calls that cause one. Between ``on_train_batch_start`` and
 ``on_train_batch_end`` of steps 1-19 (step 0 sets things up), ``Tensor.item`` / ``__float__`` / ``__int__`` /

@@ -110,7 +110,7 @@ def test_the_pictures_draw_the_logged_numbers_and_the_schedule_formulas(tmp_path
     (steps, layers, values), _ = spies["heatmap"].calls[-1]
     assert len(spies["heatmap"].calls) == 3 and steps == [0, 4, 8]
     assert layers[0] == "stem.0" and layers[-1] == "head.2"  # forward order, not alphabetical ("blocks..." first)
-    for name, row in zip(layers, values):
+    for name, row in zip(layers, values, strict=True):
         assert row == pytest.approx([v for _, v in scalars[f"startwell/fisher/layer/{name}"]], rel=1e-6)
 
     (measurements,), _ = spies["signal"].calls[-1]
@@ -170,7 +170,7 @@ def test_a_resumed_run_draws_the_whole_history(tmp_path, spies):
         trainer.fit(MLP(depth=2, width=16), same_batches, ckpt_path=ckpt_path)
         (steps, layers, values), _ = spies["heatmap"].calls[-1]
         (measurements,), _ = spies["signal"].calls[-1]
-        return steps, dict(zip(layers, values)), measurements
+        return steps, dict(zip(layers, values, strict=True)), measurements
 
     full = run(tmp_path / "full")
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1)

@@ -32,7 +32,9 @@ def _expected_std(scheme, fan_in, fan_out, slope=0.0, mode="fan_in"):
     }[scheme]
 
 
-@pytest.mark.parametrize("scheme", ["glorot_normal", "glorot_uniform", "he_normal", "he_uniform", "lecun_normal", "orthogonal"])
+@pytest.mark.parametrize(
+    "scheme", ["glorot_normal", "glorot_uniform", "he_normal", "he_uniform", "lecun_normal", "orthogonal"]
+)
 @pytest.mark.parametrize("slope", [0.0, 0.5])
 @pytest.mark.parametrize("mode", ["fan_in", "fan_out"])
 def test_std_of_each_scheme_matches_its_formula_within_3_percent(scheme, slope, mode):
@@ -42,7 +44,11 @@ def test_std_of_each_scheme_matches_its_formula_within_3_percent(scheme, slope, 
     for make_layer, (fan_in, fan_out) in LAYERS_AND_FANS:
         layer = make_layer()
         report = init_weights(
-            layer, scheme, mode=mode, nonlinearity=nonlinearity, negative_slope=slope,
+            layer,
+            scheme,
+            mode=mode,
+            nonlinearity=nonlinearity,
+            negative_slope=slope,
             generator=torch.Generator().manual_seed(0),
         )
         expected = _expected_std(scheme, fan_in, fan_out, slope, mode)
@@ -67,8 +73,9 @@ def test_orthogonal_rows_are_orthonormal_times_the_gain():
 def test_orthogonal_convolutions_have_the_singular_values_of_torch_nn_init(shape, nonlinearity, slope, gain):
     in_channels, out_channels, kernel = shape
     ours, reference = nn.Conv2d(in_channels, out_channels, kernel), nn.Conv2d(in_channels, out_channels, kernel)
-    report = init_weights(ours, "orthogonal", nonlinearity=nonlinearity, negative_slope=slope,
-                          generator=torch.Generator().manual_seed(0))
+    report = init_weights(
+        ours, "orthogonal", nonlinearity=nonlinearity, negative_slope=slope, generator=torch.Generator().manual_seed(0)
+    )
     nn.init.orthogonal_(reference.weight, gain=gain)
     singular = torch.linalg.svdvals(ours.weight.detach().double().flatten(1))
     expected = torch.linalg.svdvals(reference.weight.detach().double().flatten(1))
@@ -88,8 +95,13 @@ def _deep_relu_ratio(scheme, slope, seed):
     """Var[z^50] / Var[z^1] of a 50-layer width-256 (leaky) ReLU MLP on Gaussian input, by an explicit loop."""
     layers = [nn.Linear(256, 256) for _ in range(50)]
     nonlinearity = "leaky_relu" if slope else "relu"
-    init_weights(nn.Sequential(*layers), scheme, nonlinearity=nonlinearity, negative_slope=slope,
-                 generator=torch.Generator().manual_seed(seed))
+    init_weights(
+        nn.Sequential(*layers),
+        scheme,
+        nonlinearity=nonlinearity,
+        negative_slope=slope,
+        generator=torch.Generator().manual_seed(seed),
+    )
     x = torch.randn(1024, 256, generator=torch.Generator().manual_seed(100 + seed), dtype=torch.float64)
     variances = []
     with torch.no_grad():
@@ -116,7 +128,7 @@ def test_same_seed_same_weights_and_every_rank_agrees():
     init_weights(a, "he_normal", generator=torch.Generator().manual_seed(5))
     init_weights(b, "he_normal", generator=torch.Generator().manual_seed(5))
     init_weights(c, "he_normal", generator=torch.Generator().manual_seed(6))
-    for pa, pb, pc in zip(a.parameters(), b.parameters(), c.parameters()):
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)
     assert not torch.equal(a.net[1].weight, c.net[1].weight)
 
@@ -183,7 +195,7 @@ def test_fixup_and_zero_init_residual_on_torchvision_resnet():
     with _fixup_warning():
         init_weights(model, "fixup", zero_init_residual=True, generator=torch.Generator().manual_seed(0))
     conv1 = model.layer4[1].conv1.weight.double()
-    assert conv1.std().item() == pytest.approx(math.sqrt(2 / (512 * 9)) * 8 ** -0.5, rel=0.03)
+    assert conv1.std().item() == pytest.approx(math.sqrt(2 / (512 * 9)) * 8**-0.5, rel=0.03)
     for block in (model.layer1[0], model.layer4[1]):
         assert torch.count_nonzero(block.conv2.weight) == 0
         assert torch.count_nonzero(block.bn2.weight) == 0
@@ -209,7 +221,9 @@ def _train_mode_output_variances(model, x):
 
         return hook
 
-    hooks = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    hooks = [
+        m.register_forward_hook(record(n)) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+    ]
     mode = model.training
     model.train()
     with torch.no_grad():

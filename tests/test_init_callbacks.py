@@ -54,7 +54,9 @@ def test_fit_initialises_by_the_formula_of_each_argument_and_logs_the_report(tmp
     w = {n: p.double() for n, p in snapshot.params.items()}
     z1 = x @ w["net.1.weight"].T + w["net.1.bias"]
     z2 = z1.clamp_min(0) @ w["net.4.weight"].T + w["net.4.bias"]
-    assert scalars["startwell/init/forward_ratio/net.4"][0][1] == pytest.approx(z2.var().item() / z1.var().item(), rel=1e-4)
+    assert scalars["startwell/init/forward_ratio/net.4"][0][1] == pytest.approx(
+        z2.var().item() / z1.var().item(), rel=1e-4
+    )
 
 
 def test_include_initialises_only_the_layers_it_names(tmp_path):
@@ -293,16 +295,29 @@ class _RankDependentRandomness(Callback):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("scheme", "seed", "check"),
-    [("orthogonal", 11, _AssertSameAcrossRanks), ("orthogonal", None, _AssertSeedSharedAcrossRanks),
-     ("lsuv", None, _AssertSeedSharedAcrossRanks)],
+    [
+        ("orthogonal", 11, _AssertSameAcrossRanks),
+        ("orthogonal", None, _AssertSeedSharedAcrossRanks),
+        ("lsuv", None, _AssertSeedSharedAcrossRanks),
+    ],
 )
 @ddp_spawn_flake
 def test_two_process_ddp_gives_identical_weights_and_monitor_runs(tmp_path, scheme, seed, check):
     trainer = pl.Trainer(
-        default_root_dir=tmp_path, accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3,
-        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
-        callbacks=[_RankDependentRandomness(), InitScheme(scheme, seed=seed), check(),
-                   SignalPropagationMonitor(every_n_steps=1)],
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=3,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        callbacks=[
+            _RankDependentRandomness(),
+            InitScheme(scheme, seed=seed),
+            check(),
+            SignalPropagationMonitor(every_n_steps=1),
+        ],
     )
     loader = torch.utils.data.DataLoader(gaussian_loader().dataset, batch_size=16, shuffle=True)
     trainer.fit(MLP(depth=2, width=32), loader)

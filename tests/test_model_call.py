@@ -60,7 +60,7 @@ def unpadded_loop(model, ids, mask, fisher, labels=None):
         pairs = [(c, log_probs[c].exp().item()) for c in range(3)] if fisher == "exact" else [(int(labels[i]), 1.0)]
         for c, weight in pairs:
             grads = torch.autograd.grad(log_probs[c], list(params.values()), retain_graph=True)
-            for name, g in zip(params, grads):
+            for name, g in zip(params, grads, strict=True):
                 per_layer[name.rpartition(".")[0]] += weight * g.square().sum().item()
     return {k: v / len(ids) for k, v in per_layer.items()}
 

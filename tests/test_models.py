@@ -42,7 +42,7 @@ def test_normalisation_free_resnet_is_fixups_architecture():
     assert len(biases) == 4 and len(scales) == 1
     assert all(b.shape == () and b.item() == 0 for b in biases) and scales[0].item() == 1
     with torch.no_grad():
-        for value, bias in zip((0.1, -0.2, 0.3, -0.4), biases):
+        for value, bias in zip((0.1, -0.2, 0.3, -0.4), biases, strict=True):
             bias.fill_(value)
         scales[0].fill_(1.5)
     convs = [m for m in branch if isinstance(m, nn.Conv2d)]

@@ -46,7 +46,10 @@ def test_init_scheme_without_forward_initialises_and_warns_once_how_to_get_the_r
 
 @pytest.mark.parametrize(
     ("callback", "who"),
-    [(InitScheme("lsuv", seed=0), r"InitScheme\(scheme='lsuv'\)"), (FisherTraceMonitor(every_n_steps=1), "FisherTraceMonitor")],
+    [
+        (InitScheme("lsuv", seed=0), r"InitScheme\(scheme='lsuv'\)"),
+        (FisherTraceMonitor(every_n_steps=1), "FisherTraceMonitor"),
+    ],
 )
 def test_callbacks_that_run_the_model_refuse_a_module_without_forward_at_fit_start(tmp_path, callback, who):
     model = NoForward()
@@ -120,7 +123,11 @@ def test_startwell_forward_supplies_lsuv_the_ratios_and_the_fisher_probe(tmp_pat
     # seed 1: orthogonal draws from seed 0 would be the QR of these very inputs (the loader draws them from seed 0)
     model, snapshot = NoForwardWithBatchForward(), Snapshot()
     loader = gaussian_loader(num=32, batch_size=32)
-    callbacks = [InitScheme("lsuv", seed=1, lsuv_tol=0.05), FisherTraceMonitor(num_samples=32, every_n_steps=5, fisher="exact"), snapshot]
+    callbacks = [
+        InitScheme("lsuv", seed=1, lsuv_tol=0.05),
+        FisherTraceMonitor(num_samples=32, every_n_steps=5, fisher="exact"),
+        snapshot,
+    ]
     make_trainer(tmp_path, callbacks, max_steps=1).fit(model, loader)
     x = next(iter(loader))[0]
     with torch.no_grad():
@@ -161,7 +168,7 @@ def test_fisher_monitor_calls_the_model_with_the_listed_keys_and_the_mask_is_use
 
     torch.manual_seed(0)
     ids, mask, labels = padded_batch(n=12)
-    items = [{"input_ids": i, "attention_mask": m, "labels": y} for i, m, y in zip(ids, mask, labels)]
+    items = [{"input_ids": i, "attention_mask": m, "labels": y} for i, m, y in zip(ids, mask, labels, strict=True)]
     model = HFStyleClassifier()
     expected = unpadded_loop(model.model, ids, mask, "exact")
     monitor = FisherTraceMonitor(

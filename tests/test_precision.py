@@ -29,8 +29,8 @@ from lightning_startwell import (
 )
 
 # Relative error of a bfloat16 Fisher trace against the float64 trace of the same weights and inputs. bfloat16 keeps 8
-# significant bits (rounding 2^-9 = 0.2% per operation); measured on these models (8 or 16 inputs, both methods): at most
-# 2.3e-4 on the total and 1.5e-3 on a layer's share (of layers carrying > 0.1% of the total). Tolerances: ~7x that.
+# significant bits (rounding 2^-9 = 0.2% per operation); measured on these models (8 or 16 inputs, both methods): at
+# most 2.3e-4 on the total and 1.5e-3 on a layer's share (of layers carrying > 0.1% of the total). Tolerances: ~7x that.
 BF16_TOTAL_RTOL = 2e-3
 BF16_LAYER_RTOL = 1e-2
 

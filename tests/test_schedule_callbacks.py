@@ -62,7 +62,9 @@ def test_applied_and_logged_dropout_rates_follow_the_formula(tmp_path, mode, sha
     # With 3, the last optimizer step of an epoch accumulates the 2 micro-batches left: 3 steps an epoch, not 2.
     steps_per_epoch = math.ceil(8 / accumulate)
     expected = _official(0.2, 3 * steps_per_epoch, steps_per_epoch, mode, shape)
-    assert [step for step, _ in record.seen] == [e * steps_per_epoch + b // accumulate for e in range(3) for b in range(8)]
+    assert [step for step, _ in record.seen] == [
+        e * steps_per_epoch + b // accumulate for e in range(3) for b in range(8)
+    ]
     for step, rates in record.seen:
         assert rates == pytest.approx([expected[step]] * 2, abs=1e-12)
     logged = read_scalars(tmp_path / "lightning_logs")["startwell/dropout/rate"]
@@ -102,8 +104,9 @@ class TinyTransformer(Classifier):
 
 def test_every_dropout_of_a_transformer_follows_the_schedule(tmp_path):
     record = RecordRates()
-    trainer = make_trainer(tmp_path, [DropoutSchedule(p=0.3, mode="early", shape="linear", cutoff_steps=5), record],
-                           max_steps=8)
+    trainer = make_trainer(
+        tmp_path, [DropoutSchedule(p=0.3, mode="early", shape="linear", cutoff_steps=5), record], max_steps=8
+    )
     trainer.fit(TinyTransformer(), gaussian_loader(num=128, shape=(4, 8)))
     expected = _official(0.3, 8, 5, "early", "linear")
     for step, rates in record.seen:
@@ -175,7 +178,7 @@ class CountZeroSamples(Callback):
 
     def assert_rates(self, expected):
         """Each module's drop frequency within 4 binomial standard errors of its expected rate."""
-        for name, rate in zip(self.names, expected):
+        for name, rate in zip(self.names, expected, strict=True):
             n = self.samples[name]
             assert n > 0, name
             assert abs(self.dropped[name] / n - rate) < 4 * math.sqrt(rate * (1 - rate) / n), (name, rate)
@@ -186,13 +189,18 @@ def test_stochastic_depth_in_a_fit_drops_at_the_scheduled_rates(tmp_path):
     counter = CountZeroSamples(branches)
     model = ResNet(num_blocks=3, width=4)
     reference = ResNet(num_blocks=3, width=4)
-    trainer = make_trainer(tmp_path, [StochasticDepthSchedule(drop_rate=0.6, rule="linear"), counter],
-                           max_epochs=3, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer = make_trainer(
+        tmp_path,
+        [StochasticDepthSchedule(drop_rate=0.6, rule="linear"), counter],
+        max_epochs=3,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(model, gaussian_loader(num=1024, batch_size=128), gaussian_loader(num=16, batch_size=16))
     assert all(counter.samples[name] == 3 * 1024 for name in branches)
-    counter.assert_rates([0.6 * l / 3 for l in range(1, 4)])
+    counter.assert_rates([0.6 * block / 3 for block in range(1, 4)])
     logged = read_scalars(tmp_path / "lightning_logs")["startwell/depth/expected_depth"]
-    assert logged[0][1] == pytest.approx(sum(1 - 0.6 * l / 3 for l in range(1, 4)))
+    assert logged[0][1] == pytest.approx(sum(1 - 0.6 * block / 3 for block in range(1, 4)))
     # After fit: no hook left, and eval output is that of the same weights without the callback.
     reference.load_state_dict(model.state_dict())
     model.eval(), reference.eval()
@@ -219,14 +227,24 @@ def _fit_and_count(tmp_path, model, names, drop_rate, shape, samples=768, batch_
 def test_timm_vit_built_with_drop_path_rate_zero_drops_each_slot_at_its_block_rate(tmp_path):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, num_classes=10,
-                            depth=4, drop_path_rate=0.0, in_chans=1, embed_dim=32, num_heads=2)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=16,
+        patch_size=8,
+        num_classes=10,
+        depth=4,
+        drop_path_rate=0.0,
+        in_chans=1,
+        embed_dim=32,
+        num_heads=2,
+    )
     model = Wrapped(vit, (1, 16, 16))
     slots = [f"net.blocks.{i}.drop_path{j}" for i in range(4) for j in (1, 2)]
     counter = _fit_and_count(tmp_path, model, slots, 0.8, (1, 16, 16))
     counter.assert_rates([0.8 * (i + 1) / 4 for i in range(4) for _ in (1, 2)])  # Huang et al.'s l / L per block
     logged = read_scalars(tmp_path / "lightning_logs")["startwell/depth/expected_depth"]
-    assert logged[0][1] == pytest.approx(sum(1 - 0.8 * l / 4 for l in range(1, 5)))
+    assert logged[0][1] == pytest.approx(sum(1 - 0.8 * block / 4 for block in range(1, 5)))
 
 
 def test_torchvision_resnet_drops_each_basic_block_at_its_rate(tmp_path):
@@ -235,11 +253,11 @@ def test_torchvision_resnet_drops_each_basic_block_at_its_rate(tmp_path):
     # torchvision adds the shortcut right after bn2: a dropped branch is an all-zero bn2 output.
     branches = [f"net.layer{k}.{j}.bn2" for k in range(1, 5) for j in range(2)]
     counter = _fit_and_count(tmp_path, model, branches, 0.8, (3, 8, 8), samples=512)
-    counter.assert_rates([0.8 * l / 8 for l in range(1, 9)])
+    counter.assert_rates([0.8 * block / 8 for block in range(1, 9)])
 
 
 def test_torchvision_convnext_stochastic_depth_modules_drop_at_the_schedule_and_are_restored(tmp_path):
-    torchvision = pytest.importorskip("torchvision")
+    pytest.importorskip("torchvision")
     from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 
     settings = [CNBlockConfig(16, 32, 2), CNBlockConfig(32, None, 2)]
@@ -248,7 +266,7 @@ def test_torchvision_convnext_stochastic_depth_modules_drop_at_the_schedule_and_
     before = [m.p for m in model.modules() if type(m).__name__ == "StochasticDepth"]
     assert len(names) == 4 and before != [0.0] * 4
     counter = _fit_and_count(tmp_path, model, names, 0.6, (3, 16, 16))
-    counter.assert_rates([0.6 * l / 4 for l in range(1, 5)])  # not the model's own 0.1 spread, nor on top of it
+    counter.assert_rates([0.6 * block / 4 for block in range(1, 5)])  # not the model's own 0.1 spread, nor on top of it
     assert [m.p for m in model.modules() if type(m).__name__ == "StochasticDepth"] == before
 
 
@@ -261,8 +279,14 @@ def _count_compiles(model, schedule_callback, steps, shape):
 
     torch._dynamo.reset()
     trainer = types.SimpleNamespace(
-        num_training_batches=steps, accumulate_grad_batches=1, estimated_stepping_batches=steps, fast_dev_run=False,
-        fit_loop=types.SimpleNamespace(setup_data=lambda: None), is_global_zero=True, loggers=[], global_step=0,
+        num_training_batches=steps,
+        accumulate_grad_batches=1,
+        estimated_stepping_batches=steps,
+        fast_dev_run=False,
+        fit_loop=types.SimpleNamespace(setup_data=lambda: None),
+        is_global_zero=True,
+        loggers=[],
+        global_step=0,
     )
     schedule_callback.on_fit_start(trainer, model)
     compiled = torch.compile(model, backend=backend)
@@ -345,10 +369,19 @@ class AssertSameRatesAcrossRanks(Callback):
 @ddp_spawn_flake
 def test_two_process_ddp_applies_the_same_rates(tmp_path):
     trainer = pl.Trainer(
-        default_root_dir=tmp_path, accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=6,
-        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
-        callbacks=[DropoutSchedule(p=0.3, mode="early", cutoff_steps=4),
-                   StochasticDepthSchedule(drop_rate=0.4, mode="early", cutoff_steps=4), AssertSameRatesAcrossRanks()],
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=6,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        callbacks=[
+            DropoutSchedule(p=0.3, mode="early", cutoff_steps=4),
+            StochasticDepthSchedule(drop_rate=0.4, mode="early", cutoff_steps=4),
+            AssertSameRatesAcrossRanks(),
+        ],
     )
     trainer.fit(ResNet(num_blocks=2, width=4, dropout=0.1), gaussian_loader())
     logged = read_scalars(tmp_path / "lightning_logs")["startwell/dropout/rate"]
@@ -377,7 +410,9 @@ def test_our_drop_path_modules_are_driven_by_the_schedule_and_restored(tmp_path)
             assert [m.drop_prob for m in pl_module.modules() if isinstance(m, DropPath)] == [0.0, 0.0]
 
     model = Net()
-    make_trainer(tmp_path, [StochasticDepthSchedule(drop_rate=0.3), SeesZero()], max_steps=2).fit(model, gaussian_loader())
+    make_trainer(tmp_path, [StochasticDepthSchedule(drop_rate=0.3), SeesZero()], max_steps=2).fit(
+        model, gaussian_loader()
+    )
     assert [m.drop_prob for m in model.modules() if isinstance(m, DropPath)] == [0.1, 0.1]
     logged = read_scalars(tmp_path / "lightning_logs")["startwell/depth/expected_depth"]
     assert logged[0][1] == pytest.approx((1 - 0.15) + (1 - 0.3))

@@ -52,7 +52,7 @@ def test_cosine_shape_by_formula():
 
 def test_huang_linear_rule_and_expected_depth_of_exercise_6():
     rates = block_drop_rates(0.5, 54, "linear")
-    survival = [1 - (l / 54) * (1 - 0.5) for l in range(1, 55)]
+    survival = [1 - (block / 54) * (1 - 0.5) for block in range(1, 55)]
     np.testing.assert_allclose([1 - r for r in rates], survival, atol=1e-12)
     # Exercise 6: E[depth] = sum_l p_l = L - (1 - p_L)(L + 1)/2 = 54 - 0.5 * 55 / 2 = 40.25.
     assert expected_depth(rates) == pytest.approx(54 - 0.5 * 55 / 2)

@@ -97,7 +97,9 @@ class RateScheduleCallback(ScheduleDrawing):
         return f"the default `cutoff_fraction`={DEFAULT_CUTOFF_FRACTION:.3g}"
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         metrics = self.apply_rate(pl_module, self.rate_at(step))
         if step != self._last_logged_step and step % trainer.log_every_n_steps == 0:

@@ -8,8 +8,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lightning_startwell.callbacks._common import listed, report_attached
+from lightning_startwell.callbacks._common import InstanceStateKey, listed, report_attached
 from lightning_startwell.callbacks._rate_schedule import RateScheduleCallback
+from lightning_startwell.callbacks._strategy import refuse_sharded, sharded_strategy
 from lightning_startwell.dropout import RateSlot, find_dropout, set_rates
 from lightning_startwell.schedules import Mode, Shape
 
@@ -18,14 +19,14 @@ from lightning_startwell.schedules import Mode, Shape
 COMPILED_RATE_LEVELS = 5
 
 
-class DropoutSchedule(RateScheduleCallback):
+class DropoutSchedule(InstanceStateKey, RateScheduleCallback):
     r"""Schedule the dropout rate of a whole model over optimizer steps.
 
     Before every training batch the rate for ``trainer.global_step`` is written into every ``nn.Dropout``-family module,
     every ``nn.MultiheadAttention.dropout`` (so ``nn.TransformerEncoderLayer`` is fully covered) and the float
-    ``attributes`` you name. The rate depends only on the optimizer step: gradient accumulation and mid-epoch resume give
-    the same trajectory. Evaluation is untouched (dropout is off in eval mode). The rates found at the start of ``fit``
-    are put back at its end.
+    ``attributes`` you name. The rate depends only on the optimizer step: gradient accumulation and mid-epoch resume
+    give the same trajectory. Evaluation is untouched (dropout is off in eval mode). The rates found at the start of
+    ``fit`` are put back at its end.
 
     Modes (see :func:`~lightning_startwell.schedules.scheduled_rate`): ``standard`` (p always), ``early`` (p until the
     cutoff, then 0; shape ``constant``, ``linear`` = linspace(p, 0, cutoff) as in the official code, or ``cosine``),
@@ -59,6 +60,8 @@ class DropoutSchedule(RateScheduleCallback):
 
     rate_name = "p"
 
+    state_key_arguments = ("include", "exclude", "attributes")  # they tell two instances apart in a checkpoint
+
     def __init__(
         self,
         p: float = 0.1,
@@ -79,6 +82,20 @@ class DropoutSchedule(RateScheduleCallback):
         self.attributes = attributes
         self._slots: list[RateSlot] = []
         self._original: dict[str, float] = {}
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # It only writes rates into modules, the same on every rank: right under every strategy, except that FSDP
+        # (Lightning's FSDP1) renames the modules it wraps and forwards attribute reads, not writes, to them.
+        if stage == "fit" and (self.exclude or self.attributes) and sharded_strategy(trainer.strategy) == "FSDPStrategy":
+            refuse_sharded(
+                trainer,
+                "DropoutSchedule with `exclude` or `attributes`",
+                "FSDP inserts `_fsdp_wrapped_module.` into the names of the modules it wraps, so an `exclude` pattern"
+                " written for the model can silently match nothing, and an `attributes` pattern can match the wrapper,"
+                " whose attribute writes never reach the wrapped module",
+                "Use `include` patterns (they fail loudly when they match nothing), or DDP.",
+            )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

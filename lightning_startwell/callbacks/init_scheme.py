@@ -14,6 +14,7 @@ from typing_extensions import override
 
 from lightning_startwell._validation import check_bool, check_int
 from lightning_startwell.callbacks._common import (
+    InstanceStateKey,
     InputKey,
     batch_forward,
     check_input_key,
@@ -27,6 +28,7 @@ from lightning_startwell.callbacks._common import (
     report_attached,
     require_forward,
 )
+from lightning_startwell.callbacks._strategy import refuse_sharded
 from lightning_startwell.figures import signal_profile
 from lightning_startwell.fisher import owned_parameters
 from lightning_startwell.init import (
@@ -40,15 +42,11 @@ from lightning_startwell.init import (
     weight_layers,
 )
 
-# Strategies that shard parameters: each rank holds a slice, so a per-layer std or an orthogonal draw would be wrong.
-_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
-
-
-class InitScheme(Callback):
+class InitScheme(InstanceStateKey, Callback):
     r"""Initialise the model with a variance-preserving scheme at the start of a fresh ``fit``.
 
-    Runs in ``on_fit_start``: after ``configure_model`` (layers built there are covered) and after the DDP wrap, in place
-    under ``no_grad`` so the optimizer keeps its tensors. It never runs once trained weights were loaded from a
+    Runs in ``on_fit_start``: after ``configure_model`` (layers built there are covered) and after the DDP wrap, in
+    place under ``no_grad`` so the optimizer keeps its tensors. It never runs once trained weights were loaded from a
     checkpoint (``fit(ckpt_path=...)``, whether or not that run had InitScheme; the tuners' own step-0 restores do not
     count), in validate/test/predict, or on a second ``fit`` of the same trainer. Every DDP rank draws the same weights
     from one seed (``seed``, or one drawn on rank 0 and broadcast), and rank 0's result is then broadcast, so
@@ -90,6 +88,8 @@ class InitScheme(Callback):
             - class_path: lightning_startwell.callbacks.InitScheme
               init_args: {scheme: fixup}
     """
+
+    state_key_arguments = ("scheme", "include", "exclude")  # they tell two instances apart in a checkpoint
 
     def __init__(
         self,
@@ -136,11 +136,13 @@ class InitScheme(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and type(trainer.strategy).__name__ in _SHARDED_STRATEGIES:
-            raise ValueError(
-                f"InitScheme does not support `strategy`={type(trainer.strategy).__name__}: parameters are sharded, so"
-                " per-layer statistics would be computed on slices. Initialise with DDP or a single device, save a"
-                " checkpoint and load it under the sharded strategy."
+        if stage == "fit":
+            refuse_sharded(
+                trainer,
+                "InitScheme",
+                "parameters are sharded, so each rank would draw and rescale its slice of a layer (per-layer"
+                " standard deviations, orthogonal draws and LSUV variances computed on slices)",
+                "Initialise with DDP or a single device, save a checkpoint and load it under the sharded strategy.",
             )
 
     @override

@@ -14,6 +14,7 @@ from typing_extensions import override
 from lightning_startwell._compile import eager
 from lightning_startwell._validation import check_bool, check_int
 from lightning_startwell.callbacks._common import (
+    InstanceStateKey,
     listed,
     log_image,
     log_scalars,
@@ -27,7 +28,7 @@ from lightning_startwell.propagation import SignalRecorder, propagation_ratios, 
 _HISTOGRAM_VALUES = 65536
 
 
-class SignalPropagationMonitor(Callback):
+class SignalPropagationMonitor(InstanceStateKey, Callback):
     r"""Watch vanishing and exploding signals: every ``every_n_steps`` optimizer steps, on the training step itself,
     the variance of every Linear/conv layer's output z^l (forward) and of the gradient dL/dz^l (backward).
 
@@ -64,6 +65,8 @@ class SignalPropagationMonitor(Callback):
         trainer = Trainer(callbacks=[SignalPropagationMonitor(every_n_steps=20)])
     """
 
+    state_key_arguments = ("every_n_steps", "include", "exclude")  # they tell two instances apart in a checkpoint
+
     def __init__(
         self,
         every_n_steps: int = 50,
@@ -97,7 +100,9 @@ class SignalPropagationMonitor(Callback):
         report_attached(trainer, "startwell/signal", "SignalPropagationMonitor", facts)
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if step % self.every_n_steps or step == self._last_measured_step:
             return

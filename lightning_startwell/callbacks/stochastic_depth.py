@@ -8,14 +8,15 @@ import lightning.pytorch as pl
 from typing_extensions import override
 
 from lightning_startwell._validation import check_choice
-from lightning_startwell.callbacks._common import listed, report_attached
+from lightning_startwell.callbacks._common import InstanceStateKey, listed, report_attached
 from lightning_startwell.callbacks._rate_schedule import RateScheduleCallback
+from lightning_startwell.callbacks._strategy import refuse_sharded, sharded_strategy
 from lightning_startwell.drop_path import DropPathHooks, existing_drop_path_rates, find_residual_blocks
 from lightning_startwell.dropout import RateSlot
 from lightning_startwell.schedules import PERS, RULES, Mode, Per, Rule, Shape, block_drop_rates, expected_depth
 
 
-class StochasticDepthSchedule(RateScheduleCallback):
+class StochasticDepthSchedule(InstanceStateKey, RateScheduleCallback):
     r"""Drop whole residual branches in training, per sample or per mini-batch, with a layer rule and a schedule over
     steps.
 
@@ -29,8 +30,9 @@ class StochasticDepthSchedule(RateScheduleCallback):
 
     No module is replaced: forward hooks on the modules whose outputs are residual branches multiply them per sample by
     b / p_l, b ~ Bernoulli(p_l) (inverted, so evaluation is the plain network and checkpoints load without this
-    library); with ``per="batch"`` every sample of the mini-batch shares the draw. Blocks are found automatically — timm ``DropPath`` slots (also the ``nn.Identity`` placeholders of a timm
-    model built with ``drop_path_rate=0``), torchvision ``StochasticDepth``, the demo ResNet's ``branch`` modules,
+    library); with ``per="batch"`` every sample of the mini-batch shares the draw. Blocks are found automatically — timm
+    ``DropPath`` slots (also the ``nn.Identity`` placeholders of a timm model built with ``drop_path_rate=0``),
+    torchvision ``StochasticDepth``, the demo ResNet's ``branch`` modules,
     torchvision ``BasicBlock`` / ``Bottleneck`` — or named by ``blocks``. Existing drop-path modules are set to rate 0
     during ``fit`` (the hooks do the dropping) and restored after. Rates live in one device tensor updated in place:
     no host sync per block, and no recompilation of a ``torch.compile``d model when they change.
@@ -60,6 +62,8 @@ class StochasticDepthSchedule(RateScheduleCallback):
 
     rate_name = "drop_rate"
 
+    state_key_arguments = ("blocks",)  # it tells two instances apart in a checkpoint
+
     def __init__(
         self,
         drop_rate: float = 0.1,
@@ -82,6 +86,21 @@ class StochasticDepthSchedule(RateScheduleCallback):
         self._hooks: Optional[DropPathHooks] = None
         self._existing: list[RateSlot] = []
         self._original: dict[str, float] = {}
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # DeepSpeed (ZeRO) keeps the module tree and splits the data like DDP: supported. FSDP (Lightning's FSDP1)
+        # wraps blocks in new modules, ModelParallel's tensor-parallel ranks must draw the same masks: refused.
+        if stage == "fit" and sharded_strategy(trainer.strategy) != "DeepSpeedStrategy":
+            refuse_sharded(
+                trainer,
+                "StochasticDepthSchedule",
+                "the residual blocks are found by module type and name, which FSDP's wrapping changes (a `blocks`"
+                " pattern can match a wrapper and the module it wraps, dropping a branch twice), and under tensor"
+                " parallelism the ranks that share a batch would draw different per-sample masks; it has not been"
+                " verified on these strategies",
+                "Train with `strategy=\"ddp\"` or DeepSpeed, or on a single device.",
+            )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

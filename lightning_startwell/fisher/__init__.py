@@ -18,8 +18,8 @@ T x C backward passes (see ``likelihoods.py``): ``true`` is the choice for large
 
 The norms are *per sample* (squaring the gradient of a batch mean would be about N times too small). The default method
 never materialises per-sample gradients where a closed form exists. Forward hooks keep each layer's input and register a
-tensor hook on its output, which receives delta_i = d(sum_i log p(y_i|x_i))/d layer output (tensor hooks on outputs, unlike
-module full-backward hooks, survive torchvision's in-place ReLU and ``out += identity``); then, per sample i:
+tensor hook on its output, which receives delta_i = d(sum_i log p(y_i|x_i))/d layer output (tensor hooks on outputs,
+unlike module full-backward hooks, survive torchvision's in-place ReLU and ``out += identity``); then, per sample i:
 
 * Linear on (N, d) inputs: ||g_i||^2 = ||a_i||^2 ||delta_i||^2 (+ ||delta_i||^2 for the bias);
 * Linear on sequences and Conv1d/Conv2d (inputs unfolded to A_i, T x d; output gradients D_i, T x p):

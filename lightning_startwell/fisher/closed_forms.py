@@ -81,7 +81,11 @@ def _conv_norms(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, delta: torch.Tens
     groups, t = layer.groups, delta[0, 0].numel()
     dim_a = layer.weight[0].numel()
     dim_d = layer.out_channels // groups
-    norms = _conv_ghost_norms(layer, x, delta) if t * (dim_a + dim_d) <= dim_a * dim_d else _conv_weight_norms(layer, x, delta)
+    norms = (
+        _conv_ghost_norms(layer, x, delta)
+        if t * (dim_a + dim_d) <= dim_a * dim_d
+        else _conv_weight_norms(layer, x, delta)
+    )
     if layer.bias is not None:
         norms = norms + _per_sample_sq_norm(delta.flatten(2).sum(2))
     return norms
@@ -222,7 +226,8 @@ def _attention_norms(
         return None
     in_bias = layer.in_proj_bias.detach().chunk(3) if layer.in_proj_bias is not None else (None,) * 3
     projected = [
-        F.linear(t, w, b).detach().requires_grad_() for t, w, b in zip(inputs, layer.in_proj_weight.detach().chunk(3), in_bias)
+        F.linear(t, w, b).detach().requires_grad_()
+        for t, w, b in zip(inputs, layer.in_proj_weight.detach().chunk(3), in_bias, strict=True)
     ]
     eye = torch.eye(layer.embed_dim, dtype=delta.dtype, device=delta.device)
     identity = {"in_proj_weight": eye.repeat(3, 1), "out_proj.weight": eye}
@@ -243,6 +248,6 @@ def _attention_norms(
 
     has_in_bias = layer.in_proj_bias is not None
     return {
-        "": sum(linear(a, g, has_in_bias) for a, g in zip(inputs, grads)),
+        "": sum(linear(a, g, has_in_bias) for a, g in zip(inputs, grads, strict=True)),
         "out_proj": linear(context.detach(), delta, layer.out_proj.bias is not None),
     }

@@ -3,7 +3,10 @@
 An output of shape (N, T, D) holds T positions per sample (a language model's tokens), each with its own likelihood
 (categorical over D classes, or Gaussian in D dimensions); the log-likelihood of sample i is the sum over its positions
 t of log p(y_it | x_i), positions left out by ``mask`` (and, for ``empirical``, by a target of -100) excluded. An output
-of shape (N, D) is one position per sample.
+of shape (N, D) is one position per sample. An output of shape (N, D, H, W) (or more spatial dims: (N, D, d1, ..., dk),
+k >= 2) is PyTorch's ``cross_entropy`` layout of a dense prediction (segmentation logits): the classes along dim 1, one
+position per pixel, the pixels taken as the T positions of a sequence in row-major order; its ``mask`` and categorical
+``targets`` are (N, H, W).
 """
 
 from __future__ import annotations
@@ -22,17 +25,49 @@ Pass = tuple[torch.Tensor, Optional[torch.Tensor]]
 
 
 def check_output(output: torch.Tensor, num_inputs: int, likelihood: str) -> torch.Tensor:
-    """The model output as (N, D) or (N, T, D): logits with C >= 2 classes for ``categorical``; (N,), (N, D) or
-    (N, T, D) for ``gaussian``."""
+    """The model output as (N, D), (N, T, D) or (N, D, H, W, ...): logits with C >= 2 classes for ``categorical``;
+    (N,), (N, D), (N, T, D) or (N, D, H, W, ...) for ``gaussian``."""
     if isinstance(output, torch.Tensor) and likelihood == "gaussian" and output.ndim == 1 and len(output) == num_inputs:
         return output[:, None]
-    ok = isinstance(output, torch.Tensor) and output.ndim in (2, 3) and output.shape[0] == num_inputs
-    if not ok or (likelihood == "categorical" and output.shape[-1] < 2):
+    ok = isinstance(output, torch.Tensor) and output.ndim >= 2 and output.shape[0] == num_inputs
+    if not ok or (likelihood == "categorical" and _classes(output.shape) < 2):
         shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-        categorical = likelihood == "categorical"
-        expected = "(N, C) or (N, T, C) logits with C >= 2" if categorical else "(N,), (N, D) or (N, T, D) outputs"
+        expected = (
+            "(N, C), (N, T, C) or per-pixel (N, C, H, W) logits with C >= 2"
+            if likelihood == "categorical"
+            else "(N,), (N, D), (N, T, D) or per-pixel (N, D, H, W) outputs"
+        )
         raise ValueError(f"fisher_trace needs the model to return {expected} for N={num_inputs} inputs, got {shape}.")
     return output
+
+
+def _classes(shape: tuple) -> int:
+    """The number of classes (or output dimensions) of an output of ``shape``: along dim 1 for a dense prediction
+    (4 dims or more), else along the last dim."""
+    return shape[1] if len(shape) >= 4 else shape[-1]
+
+
+def _position_shape(shape: tuple) -> tuple:
+    """The shape of one value per position (a mask, categorical targets) for an output of ``shape``: (N,), (N, T), or
+    (N, H, W, ...) for (N, C, H, W, ...)."""
+    return (shape[0], *shape[2:]) if len(shape) >= 4 else tuple(shape[:-1])
+
+
+def _per_position(t: torch.Tensor) -> torch.Tensor:
+    """An output (or a tensor of its layout) as (N, T, D): positions along dim 1, classes last; (N, D, H, W, ...)
+    becomes (N, H x W x ..., D), the pixels in row-major order."""
+    if t.ndim == 2:
+        return t[:, None]
+    if t.ndim >= 4:
+        return t.movedim(1, -1).reshape(t.shape[0], -1, t.shape[1])
+    return t
+
+
+def _as_output(v: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """``v`` (N, T, D) back in the layout of an output of ``shape`` (the inverse of :func:`_per_position`)."""
+    if len(shape) >= 4:
+        return v.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
+    return v.reshape(shape)
 
 
 def _positions(
@@ -43,21 +78,26 @@ def _positions(
     n, t, _ = f.shape
     keep = torch.ones(n, t, device=f.device)
     if mask is not None:
-        if mask.shape != (n, t) or len(shape) != 3:
+        if tuple(mask.shape) != _position_shape(shape) or len(shape) < 3:
             raise ValueError(
-                f"`mask` must be (N, T) for (N, T, C) outputs, got a mask of {tuple(mask.shape)} for {tuple(shape)}."
+                "`mask` must be (N, T) for (N, T, C) outputs, or (N, H, W) for per-pixel (N, C, H, W) outputs, got a"
+                f" mask of {tuple(mask.shape)} for {tuple(shape)}."
             )
-        keep = keep * (mask.to(f.device) != 0)
+        keep = keep * (mask.to(f.device).reshape(n, t) != 0)
     if targets is None:
         return None, keep
     targets = targets.to(f.device)
     if ignore:
         if targets.numel() != n * t:
-            expected, got = tuple(shape[:-1]), tuple(targets.shape)
+            expected, got = _position_shape(shape), tuple(targets.shape)
             raise ValueError(f"`targets` must hold one label per position, {expected}, got {got}.")
         targets = targets.reshape(n, t).long()
         keep = keep * (targets != IGNORE_INDEX)
         return targets.clamp(min=0), keep
+    if len(shape) >= 4:
+        if tuple(targets.shape) != tuple(shape):
+            raise ValueError(f"`targets` must be shaped as the outputs, {tuple(shape)}, got {tuple(targets.shape)}.")
+        return _per_position(targets.float()), keep
     return targets.float().reshape(f.shape), keep
 
 
@@ -87,7 +127,7 @@ class _PositionPasses(Sequence):
         v[:, t] = -self.centre[:, t]
         v[:, t, k] += self.scale
         v[:, t] *= self.keep[:, t, None]
-        return v.reshape(self.shape), None if self.weights is None else accumulate(self.weights[:, t, k])
+        return _as_output(v, self.shape), None if self.weights is None else accumulate(self.weights[:, t, k])
 
     def __iter__(self) -> Iterator[Pass]:
         return (self[i] for i in range(len(self)))
@@ -111,14 +151,13 @@ def _cotangents(
     N(f, noise_std^2 I): d log p(y) / df = (y - f) / noise_std^2; ``true`` draws y = f + noise_std * eps, so
     v = eps / noise_std; ``exact`` runs every position and output dimension k with v = e_k / noise_std.
     """
-    f = output.detach().float()
-    f = f[:, None] if f.ndim == 2 else f  # (N, T, D)
+    f = _per_position(output.detach().float())  # (N, T, D); the pixels of (N, D, H, W) as T positions
     n, t, d = f.shape
     labels, keep = _positions(f, output.shape, mask, targets if fisher == "empirical" else None,
                               ignore=likelihood == "categorical")
 
     def one(v: torch.Tensor) -> list[Pass]:
-        return [((v * keep[..., None]).reshape(output.shape), None)]
+        return [(_as_output(v * keep[..., None], output.shape), None)]
 
     if likelihood == "categorical":
         probs = f.softmax(-1)

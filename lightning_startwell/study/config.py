@@ -114,7 +114,7 @@ class Experiment:
         keys = list(self.grid)
         cells = []
         for values in itertools.product(*(self.grid[k] for k in keys)):
-            params = {**defaults, **self.fixed, **dict(zip(keys, values)), "seed": -1}
+            params = {**defaults, **self.fixed, **dict(zip(keys, values, strict=True)), "seed": -1}
             cell = RunSpec(**params).normalised()
             if cell not in cells:
                 cells.append(cell)
@@ -295,7 +295,10 @@ def cell_config(study: Study, run: RunSpec, run_dir: Path) -> dict[str, Any]:
         }
     )
     callbacks.append(
-        {"class_path": "lightning_startwell.study.record.StudyRecord", "init_args": {"path": str(run_dir / "result.json")}}
+        {
+            "class_path": "lightning_startwell.study.record.StudyRecord",
+            "init_args": {"path": str(run_dir / "result.json")},
+        }
     )
     trainer["callbacks"] = callbacks
     return config

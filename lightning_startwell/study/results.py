@@ -26,7 +26,11 @@ def run_finished(run_dir: Path) -> bool:
 def read_run(run: RunSpec, run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The results row and the Fisher rows of a finished run (epoch 0 is the initialisation, epoch k after k epochs)."""
     result = json.loads((run_dir / "result.json").read_text())
-    row = {"run_id": run.run_id, **dataclasses.asdict(run), **{k: result[k] for k in ("test_acc", "val_acc", "seconds")}}
+    row = {
+        "run_id": run.run_id,
+        **dataclasses.asdict(run),
+        **{k: result[k] for k in ("test_acc", "val_acc", "seconds")},
+    }
     with open(run_dir / "metrics.csv", newline="") as f:
         measured = [r for r in csv.DictReader(f) if r.get(TRACE_TAG)]
     measured.sort(key=lambda r: int(r["step"]))
@@ -91,14 +95,19 @@ def read_fisher(out: Path) -> dict[str, dict[str, list[float]]]:
     if path.exists():
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
-                curves.setdefault(row["run_id"], {}).setdefault(row["layer"], {})[int(row["epoch"])] = float(row["value"])
-    return {run: {layer: [v for _, v in sorted(points.items())] for layer, points in layers.items()}
-            for run, layers in curves.items()}
+                curves.setdefault(row["run_id"], {}).setdefault(row["layer"], {})[int(row["epoch"])] = float(
+                    row["value"]
+                )
+    return {
+        run: {layer: [v for _, v in sorted(points.items())] for layer, points in layers.items()}
+        for run, layers in curves.items()
+    }
 
 
 def merge(out: Path, runs: list[RunSpec], sources: Optional[list[Path]] = None) -> list[str]:
     """Append to ``out``'s tables every finished run of ``runs`` not yet there, looked for in ``out/runs/<run_id>``
-    and in ``<source>/<run_id>`` (or ``<source>/runs/<run_id>``) for every directory in ``sources``; the run ids merged."""
+    and in ``<source>/<run_id>`` (or ``<source>/runs/<run_id>``) for every directory in ``sources``; the run ids
+    merged."""
     done = {row["run_id"] for row in read_results(out)}
     merged = []
     for run in runs:
