@@ -26,7 +26,7 @@ from lightning_startwell.study.record import accuracy
 from lightning_startwell.study.report import write_report
 from lightning_startwell.study.results import RESULT_COLUMNS, merge, read_fisher, read_results
 from lightning_startwell.study.runner import fit_cell, run_study, write_cells
-from lightning_startwell.study.stats import holm, paired_comparison
+from lightning_startwell.study.stats import detectable_effect, holm, paired_comparison, sign_flip_p
 
 TINY = {
     "name": "tiny",
@@ -146,10 +146,49 @@ def test_paired_t_test_against_the_formula():
     from scipy.stats import t as student
 
     assert result.seeds == 3 and result.difference_mean == pytest.approx(mean) and result.t == pytest.approx(t)
-    assert result.p == pytest.approx(2 * student.sf(t, df=2))
+    assert result.p_t == pytest.approx(2 * student.sf(t, df=2)) and result.p == result.p_t
+    half_width = 4.302652729911275 * sd / math.sqrt(3)  # t_{0.975, 2} from a printed table of Student's t
+    assert (result.ci_low, result.ci_high) == pytest.approx((mean - half_width, mean + half_width))
     assert result.std == pytest.approx(1.0) and result.reference_std == pytest.approx(statistics.stdev([0.5, 1, 2.9]))
-    assert paired_comparison({0: 1.0, 1: 2.0}, {0: 0.5, 1: 1.5}).p == 0.0  # the same difference every seed
     assert math.isnan(paired_comparison({0: 1.0}, {0: 0.5}).p)
+
+
+def test_sign_flip_test_counts_the_sign_patterns():
+    # d = (0.5, 1.0, 0.1), sum 1.6: of the 8 sign patterns only (+,+,+) and its negation reach |sum| >= 1.6
+    # ((+,+,-) gives 1.4).
+    assert paired_comparison({0: 1.0, 1: 2.0, 2: 3.0}, {0: 0.5, 1: 1.0, 2: 2.9}).p_sign_flip == pytest.approx(2 / 8)
+    # d = (1, -1, 2, 3), sum 5: (+,+,+,+) = 5, (+,-,+,+) = 7, (-,-,+,+) = 5 and their negations: 6 of 16.
+    assert sign_flip_p([1.0, -1.0, 2.0, 3.0]) == pytest.approx(6 / 16)
+    assert sign_flip_p([0.0, 0.0, 0.0]) == 1.0
+
+
+def test_a_difference_without_spread_is_not_p_zero():
+    # The same difference on every seed (reachable on a 0.1-point accuracy grid): the t-test is undefined, and the
+    # exact test says what 2 or 8 equal signs can say: p = 2 / 2^n.
+    two = paired_comparison({0: 1.0, 1: 2.0}, {0: 0.5, 1: 1.5})
+    assert math.isnan(two.p_t) and math.isnan(two.t) and two.p == pytest.approx(0.5)
+    eight = paired_comparison({s: 0.9 for s in range(8)}, {s: 0.8 for s in range(8)})
+    assert eight.p == pytest.approx(2 / 256) and (eight.ci_low, eight.ci_high) == pytest.approx((0.1, 0.1))
+    assert math.isnan(eight.detectable)  # no spread: no power statement
+    assert paired_comparison({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0}).p == 1.0
+
+
+def test_detectable_effect_has_the_power_it_claims():
+    # Monte Carlo, independent of the non-central t: at the returned effect, the paired t-test on normal
+    # differences rejects at 5 % in 80 % of 20,000 simulated designs, for 3 and 10 seeds.
+    import numpy as np
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    for seeds in (3, 10):
+        effect = detectable_effect(seeds, 2.0)
+        d = rng.normal(effect, 2.0, size=(20_000, seeds))
+        t = d.mean(axis=1) / (d.std(axis=1, ddof=1) / math.sqrt(seeds))
+        rejected = np.mean(2 * stats.t.sf(np.abs(t), df=seeds - 1) < 0.05)
+        assert rejected == pytest.approx(0.8, abs=0.012)
+    # Textbook value (Cohen 1988; G*Power): a paired t-test with 10 pairs has 80 % power at d = 1.0.
+    assert detectable_effect(10, 1.0) == pytest.approx(1.0, abs=0.01)
+    assert math.isnan(detectable_effect(1, 1.0)) and math.isnan(detectable_effect(5, 0.0))
 
 
 def test_holm_against_a_hand_computed_example():
@@ -197,7 +236,8 @@ def interrupted_study(tmp_path_factory):
 def test_interrupted_study_resumes_without_redoing_finished_runs(interrupted_study):
     study, out, first, finished, second, trained = interrupted_study
     assert [r["run_id"] for r in finished] == first.calls[:2]
-    assert trained == 4 and second.calls == [r.run_id for r in study.runs()][2:]  # the stopped run afresh, then the rest
+    # the stopped run afresh, then the rest
+    assert trained == 4 and second.calls == [r.run_id for r in study.runs()][2:]
     rows = _rows(out)
     assert rows[:2] == finished and sorted(r["run_id"] for r in rows) == sorted(r.run_id for r in study.runs())
     assert run_study(study, out, fit=Counting()) == 0
@@ -311,8 +351,8 @@ def test_cells_run_elsewhere_by_startwell_fit_are_merged(tmp_path):
     fisher = read_fisher(home)
     epochs = {r.run_id: r.epochs for r in study.runs()}
     assert len(fisher) == 3 and all(len(c["total"]) == epochs[run] + 1 for run, c in fisher.items())  # init + epochs
-    for run_id, curves in fisher.items():
-        layers = [sum(v) for v in zip(*(c for name, c in curves.items() if name != "total"))]
+    for curves in fisher.values():
+        layers = [sum(v) for v in zip(*(c for name, c in curves.items() if name != "total"), strict=True)]
         assert layers == pytest.approx(curves["total"], rel=1e-6)
     assert [r["run_id"] for r in read_results(home)] == merged
 
@@ -326,6 +366,12 @@ def test_report_tables_and_figures(interrupted_study):
     assert f"{100 * statistics.mean(blurred):.2f} ± {100 * statistics.stdev(blurred):.2f}" in report
     assert f"{100 * statistics.mean(clean):.2f} ± {100 * statistics.stdev(clean):.2f}" in report
     assert "paired t-test" in report and "Holm" in report
+    # The seed count and degrees of freedom come from the data, and so does the power statement.
+    assert "pair 3 seeds: the t-test has 2 degrees of freedom" in report
+    assert "a mean difference of (3 seeds: 3.3 standard deviations)" in report
+    blur_row = next(line for line in report.splitlines() if line.startswith("| length = 1"))
+    d = [b - c for b, c in zip(blurred, clean, strict=True)]  # rows come in seed order for both cells
+    assert f"{100 * statistics.mean(d):.2f} ± {100 * statistics.stdev(d):.2f}" in blur_row
     for name in ("length", "layers"):
         assert f"]({name}.png)" in report and (out / f"{name}.png").stat().st_size > 5_000
 

@@ -12,15 +12,30 @@ from typing import Any, Optional
 
 from lightning_startwell.study.config import NO_DEFICIT, Experiment, RunSpec, Study
 from lightning_startwell.study.results import read_fisher, read_results
-from lightning_startwell.study.stats import ALPHA, Comparison, holm, paired_comparison
+from lightning_startwell.study.stats import ALPHA, Comparison, detectable_effect, holm, paired_comparison
 
-TEST_STATEMENT = (
-    f"Each cell is compared with its reference seed by seed (same seed: same initialisation, split and data order) by a"
-    f" two-sided paired t-test (scipy.stats.ttest_rel) on the final test accuracy; a difference is called significant"
-    f" when its p-value, Holm–Bonferroni adjusted over the comparisons of its experiment, is below {ALPHA}. With 3"
-    f" seeds the test has 2 degrees of freedom: only large, consistent differences reach significance, and 'not"
-    f" significant' does not mean 'no effect'."
-)
+
+def method_statement(seed_counts: list[int]) -> str:
+    """How the cells are compared, with the seed counts and degrees of freedom that ``seed_counts`` (the number of
+    paired seeds of each comparison) actually have, and the power they give."""
+    counts = sorted(set(seed_counts))
+    if not counts:
+        return "No comparison has finished runs yet."
+    seeds = " or ".join(str(n) for n in counts)
+    dfs = " or ".join(str(n - 1) for n in counts)
+    power = "; ".join(
+        f"{n} seeds: {detectable_effect(n, 1.0):.2g} standard deviations" for n in counts if n >= 2
+    )
+    return (
+        f"Each cell is compared with its reference seed by seed (same seed: same initialisation, split and data order)"
+        f" on the final test accuracy, by a two-sided paired t-test (scipy.stats.ttest_rel) with its 95 % confidence"
+        f" interval, and by the exact sign-flip permutation test, which needs no normality and is the one used where"
+        f" every per-seed difference is the same (the t-test is then undefined). A difference is called significant"
+        f" when its p-value, Holm–Bonferroni adjusted over the comparisons of its experiment, is below {ALPHA}. The"
+        f" comparisons here pair {seeds} seeds: the t-test has {dfs} degrees of freedom, and detects with 80 % power"
+        f" a mean difference of ({power}) of the per-seed differences (the column 'detectable' gives it in points);"
+        f" 'not significant' does not mean 'no effect'."
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +69,7 @@ def experiment_results(study: Study, experiment: Experiment, rows: list[dict[str
             reference_accuracy = {seed: row["test_acc"] for seed, row in reference_runs.items()}
             pairs.append((cell, reference, paired_comparison(accuracy, reference_accuracy)))
     adjusted = holm([c.p if cell != reference else math.nan for cell, reference, c in pairs])
-    return [CellResult(cell, reference, c, p) for (cell, reference, c), p in zip(pairs, adjusted)]
+    return [CellResult(cell, reference, c, p) for (cell, reference, c), p in zip(pairs, adjusted, strict=True)]
 
 
 def _pct(mean: float, std: float) -> str:
@@ -75,7 +90,11 @@ def _label(experiment: Experiment, cell: RunSpec) -> str:
 
 
 def _describe(cell: RunSpec) -> str:
-    deficit = "no deficit" if cell.deficit == NO_DEFICIT else f"{cell.deficit} on epochs [{cell.onset}, {cell.onset + cell.length})"
+    deficit = (
+        "no deficit"
+        if cell.deficit == NO_DEFICIT
+        else f"{cell.deficit} on epochs [{cell.onset}, {cell.onset + cell.length})"
+    )
     lr = f"lr {cell.lr:g} x {cell.lr_decay:g}/epoch" if cell.lr_schedule == "decay" else f"constant lr {cell.lr:g}"
     if cell.lr_offset:
         lr += f" from epoch {cell.lr_offset} of the decay"
@@ -87,12 +106,20 @@ def _p(p: float, same: bool) -> str:
     return "–" if same or math.isnan(p) else f"{p:.3g}"
 
 
+def _points(value: float) -> str:
+    return "–" if math.isnan(value) else f"{100 * value:.2f}"
+
+
+def _interval(low: float, high: float) -> str:
+    return "–" if math.isnan(low) else f"[{100 * low:.2f}, {100 * high:.2f}]"
+
+
 def table(experiment: Experiment, results: list[CellResult]) -> str:
     """The markdown table of an experiment."""
     lines = [
-        "| cell | seeds | test accuracy (%) | reference | reference accuracy (%) | difference (points) | p (paired t) |"
-        " p (Holm) | significant |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| cell | seeds | test accuracy (%) | reference | reference accuracy (%) | difference (points)"
+        " | 95 % CI (points) | detectable (points) | p (paired t) | p (sign-flip) | p (Holm) | significant |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         c = r.comparison
@@ -102,7 +129,9 @@ def table(experiment: Experiment, results: list[CellResult]) -> str:
         lines.append(
             f"| {_label(experiment, r.cell)} | {c.seeds} | {_pct(c.mean, c.std)} |"
             f" {'itself' if same else _describe(r.reference)} | {_pct(c.reference_mean, c.reference_std)} |"
-            f" {difference} | {_p(c.p, same)} | {_p(r.p_holm, same)} | {significant} |"
+            f" {difference} | {'–' if same else _interval(c.ci_low, c.ci_high)} |"
+            f" {'–' if same else _points(c.detectable)} | {_p(c.p_t, same)} | {_p(c.p_sign_flip, same)} |"
+            f" {_p(r.p_holm, same)} | {significant} |"
         )
     return "\n".join(lines)
 
@@ -139,19 +168,30 @@ def _plot_accuracy(experiment: Experiment, results: list[CellResult], rows: list
             ax.bar(xs, means, yerr=stds, capsize=3, color=color, alpha=0.6, label=label)
         else:
             ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, color=color, label=label)
-        for x, r in zip(xs, chosen):
+        for x, r in zip(xs, chosen, strict=True):
             seeds = by_cell.get(r.cell, {})
-            ax.scatter([x] * len(seeds), [100 * row["test_acc"] for row in seeds.values()], s=10, color=color, alpha=0.5)
+            ax.scatter(
+                [x] * len(seeds), [100 * row["test_acc"] for row in seeds.values()], s=10, color=color, alpha=0.5
+            )
         for r in chosen:
             if r.reference in {c.cell for c in results} or r.reference in shown_references:
                 continue
             shown_references.add(r.reference)
             c = r.comparison
-            ax.axhline(100 * c.reference_mean, color=color, linestyle="--", linewidth=1,
-                       label=f"reference: {_describe(r.reference)}")
+            ax.axhline(
+                100 * c.reference_mean,
+                color=color,
+                linestyle="--",
+                linewidth=1,
+                label=f"reference: {_describe(r.reference)}",
+            )
             if not math.isnan(c.reference_std):
-                ax.axhspan(100 * (c.reference_mean - c.reference_std), 100 * (c.reference_mean + c.reference_std),
-                           color=color, alpha=0.1)
+                ax.axhspan(
+                    100 * (c.reference_mean - c.reference_std),
+                    100 * (c.reference_mean + c.reference_std),
+                    color=color,
+                    alpha=0.1,
+                )
     ax.set_xlabel(experiment.x)
     ax.set_ylabel("final test accuracy (%)")
     _finish(fig, ax, experiment, path)
@@ -172,7 +212,8 @@ def _mean_curves(cell: RunSpec, seeds: list[int], fisher: dict[str, dict[str, li
     for seed in seeds:
         for layer, values in fisher.get(dataclasses.replace(cell, seed=seed).run_id, {}).items():
             curves.setdefault(layer, []).append(values)
-    return {layer: [statistics.mean(v) for v in zip(*runs)] for layer, runs in curves.items()}
+    # the epochs every seed reached: a seed's curve may be shorter (strict=False keeps the old truncation)
+    return {layer: [statistics.mean(v) for v in zip(*runs, strict=False)] for layer, runs in curves.items()}
 
 
 def _shade_deficit(ax: Any, cell: RunSpec) -> None:
@@ -205,7 +246,7 @@ def _plot_fisher_layers(study: Study, experiment: Experiment, fisher: dict[str, 
         return
     peak = {layer: max(max(c.get(layer, [0.0])) for c in curves) or 1.0 for layer in layers}
     fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 0.35 * len(layers) + 1.8), squeeze=False)
-    for ax, cell, curve in zip(axes[0], cells, curves):
+    for ax, cell, curve in zip(axes[0], cells, curves, strict=True):
         width = max(len(v) for v in curve.values()) if curve else 1
         grid = [[v / peak[layer] for v in curve.get(layer, [math.nan] * width)] for layer in layers]
         image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
@@ -263,7 +304,10 @@ def write_report(study: Study, out: Path, command: str = "") -> Path:
         "",
         "Defaults of every run: " + ", ".join(f"{k} = {v}" for k, v in study.defaults.items()) + ".",
         "",
-        "**Statistics.** " + TEST_STATEMENT,
+        "**Statistics.** " + method_statement(
+            [r.comparison.seeds for e in study.experiments for r in experiment_results(study, e, rows)
+             if r.cell != r.reference]
+        ),
         "",
     ]
     for experiment in study.experiments:
