@@ -23,7 +23,7 @@ from lightning_startwell.cli import main as startwell
 from lightning_startwell.study import config as study_config
 from lightning_startwell.study.config import RunSpec, load_study, parse_study
 from lightning_startwell.study.record import accuracy
-from lightning_startwell.study.report import write_report
+from lightning_startwell.study.report import estimate_seconds, per_epoch_at, write_report
 from lightning_startwell.study.results import RESULT_COLUMNS, merge, read_fisher, read_results
 from lightning_startwell.study.runner import fit_cell, run_study, write_cells
 from lightning_startwell.study.stats import detectable_effect, holm, paired_comparison, sign_flip_p
@@ -189,6 +189,16 @@ def test_detectable_effect_has_the_power_it_claims():
     # Textbook value (Cohen 1988; G*Power): a paired t-test with 10 pairs has 80 % power at d = 1.0.
     assert detectable_effect(10, 1.0) == pytest.approx(1.0, abs=0.01)
     assert math.isnan(detectable_effect(1, 1.0)) and math.isnan(detectable_effect(5, 0.0))
+
+
+def test_cost_per_epoch_is_measured_or_interpolated_not_proportional_to_depth():
+    measured = {3: 0.71, 6: 0.85}
+    assert per_epoch_at(3, measured) == 0.71 and per_epoch_at(6, measured) == 0.85
+    assert per_epoch_at(4, measured) == pytest.approx(0.71 + 0.14 / 3)
+    assert per_epoch_at(2, measured) == 0.71 and per_epoch_at(8, measured) == 0.85  # nearest, not scaled by depth
+    study = tiny(defaults={"deficit": "blur", "size": 2, "clean_epochs": 1, "depth": 6})
+    epochs = sum(run.epochs for run in study.runs())
+    assert estimate_seconds(study, {3: 0.71}) == pytest.approx(epochs * 0.71)  # was epochs * 0.71 * 6 / 3
 
 
 def test_holm_against_a_hand_computed_example():
