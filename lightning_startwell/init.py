@@ -206,7 +206,8 @@ def _branch_of(modules: dict[str, nn.Module], root: str, prefix: Optional[str]) 
 def weight_layers(
     model: nn.Module, include: Optional[Sequence[str]] = None, exclude: Optional[Sequence[str]] = None
 ) -> dict[str, nn.Module]:
-    """Linear and convolution layers of ``model`` by name, filtered by glob patterns on the module name."""
+    """Linear and convolution layers of ``model`` by name, filtered by glob patterns on the module name; a layer that
+    shares a parameter with an excluded module (a weight tied to an excluded embedding) is excluded too."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, WEIGHT_LAYERS)}
     if include:
         for pattern in include:
@@ -218,7 +219,34 @@ def weight_layers(
         layers = {n: m for n, m in layers.items() if any(fnmatch.fnmatchcase(n, p) for p in include)}
     if exclude:
         layers = {n: m for n, m in layers.items() if not any(fnmatch.fnmatchcase(n, p) for p in exclude)}
+        tied = tied_to_excluded(model, exclude)
+        layers = {n: m for n, m in layers.items() if n not in tied}
     return layers
+
+
+def _excluded_parameters(model: nn.Module, exclude: Optional[Sequence[str]]) -> dict[int, str]:
+    """``id`` of every parameter owned directly by a module that ``exclude`` names (under any of its names) -> that
+    module's name."""
+    protected: dict[int, str] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            for parameter in module.parameters(recurse=False):
+                protected.setdefault(id(parameter), name)
+    return protected
+
+
+def tied_to_excluded(model: nn.Module, exclude: Optional[Sequence[str]]) -> dict[str, str]:
+    """Modules that ``exclude`` does not name but that hold a parameter of one it names (GPT-2's ``lm_head``, whose
+    weight is ``transformer.wte``'s), mapped to that excluded module's name: initialising them would change it."""
+    protected = _excluded_parameters(model, exclude)
+    tied = {}
+    for name, module in model.named_modules():
+        if any(fnmatch.fnmatchcase(name, p) for p in exclude or ()):
+            continue
+        owners = [protected[id(p)] for p in module.parameters(recurse=False) if id(p) in protected]
+        if owners:
+            tied[name] = owners[0]
+    return tied
 
 
 def check_init_arguments(scheme: str, mode: str, nonlinearity: str, negative_slope: float) -> None:
@@ -254,7 +282,7 @@ def init_weights(
     """Initialise the Linear and convolution layers of ``module`` in place and report, per layer, what was done.
 
     Biases become 0 (unless ``keep_bias``); normalisation layers get weight 1 and bias 0. Every argument is checked
-    before any weight changes.
+    before any weight changes, and if anything fails after that (an LSUV forward pass), the weights are restored.
 
     Args:
         module: the model.
@@ -267,7 +295,8 @@ def init_weights(
             (leaky) ReLU; ``orthogonal`` multiplies by its gain.
         negative_slope: slope alpha of the leaky ReLU, in [0, 1).
         include: glob patterns of layer names to initialise (default: all); each must match a layer.
-        exclude: glob patterns of layer names to leave alone.
+        exclude: glob patterns of module names to leave alone (normalisation layers too); a layer holding a parameter
+            of an excluded module (a weight tied to it) is left alone as well.
         keep_bias: leave biases as they are instead of zeroing them.
         zero_init_residual: set the weight of the last normalisation layer of every residual branch to 0, so each block
             starts as the identity (Goyal et al. 2017).
@@ -297,7 +326,8 @@ def init_weights(
     if not layers:
         raise ValueError(
             f"`module` has no Linear or convolution layer that scheme {scheme!r} can initialise"
-            f" (after `include`={include!r}, `exclude`={exclude!r})."
+            f" (after `include`={include!r}, `exclude`={exclude!r}; left alone as tied to an excluded module:"
+            f" {tied_to_excluded(module, exclude) or 'none'})."
         )
     branches = []
     if scheme == "fixup" or zero_init_residual:
@@ -317,15 +347,24 @@ def init_weights(
     if generator is None:  # seeded from the global stream, so `seed_everything` makes it reproducible
         generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,)).item()))
     stds = _target_stds(module, layers, branches, scheme, mode, nonlinearity, negative_slope)
-    for name, layer in layers.items():
-        weight = _stored_layout(layer, layer.weight)
-        weight.copy_(_draw(weight.shape, scheme, stds[name], generator).to(weight))
-        if layer.bias is not None and not keep_bias:
-            layer.bias.zero_()
-    _reset_norms(module, branches if zero_init_residual else [])
-    output_vars = {}
-    if scheme == "lsuv":
-        output_vars = lsuv_rescale(module, layers, lsuv_inputs, lsuv_tol, lsuv_max_iters, forward, lsuv_reduce)
+    norms = _norms_to_reset(module, exclude)
+    # Everything is checked; should anything still fail (an LSUV forward pass), every tensor is put back as it was.
+    touched = {id(p): p for m in [*layers.values(), *norms.values()] for p in m.parameters(recurse=False)}
+    saved = {key: p.detach().to("cpu", copy=True) for key, p in touched.items()}
+    try:
+        for name, layer in layers.items():
+            weight = _stored_layout(layer, layer.weight)
+            weight.copy_(_draw(weight.shape, scheme, stds[name], generator).to(weight))
+            if layer.bias is not None and not keep_bias:
+                layer.bias.zero_()
+        _reset_norms(norms, branches if zero_init_residual else [])
+        output_vars = {}
+        if scheme == "lsuv":
+            output_vars = lsuv_rescale(module, layers, lsuv_inputs, lsuv_tol, lsuv_max_iters, forward, lsuv_reduce)
+    except BaseException:
+        for key, p in touched.items():
+            p.copy_(saved[key])
+        raise
     return [
         LayerInit(
             name,
@@ -382,12 +421,26 @@ def _target_stds(
     return stds
 
 
-def _reset_norms(module: nn.Module, branches: list[ResidualBranch]) -> None:
-    """Normalisation layers to weight 1, bias 0; the last one of each listed branch to weight 0."""
+def _norms_to_reset(module: nn.Module, exclude: Optional[Sequence[str]]) -> dict[str, nn.Module]:
+    """Normalisation layers with affine parameters, by name, except those ``exclude`` names or tied to them."""
+    left_alone = tied_to_excluded(module, exclude)
+    return {
+        name: norm
+        for name, norm in module.named_modules()
+        if isinstance(norm, NORM_LAYERS)
+        and getattr(norm, "weight", None) is not None
+        and name not in left_alone
+        and not any(fnmatch.fnmatchcase(name, p) for p in exclude or ())
+    }
+
+
+def _reset_norms(norms: dict[str, nn.Module], branches: list[ResidualBranch]) -> None:
+    """Normalisation layers to weight 1, bias 0 (a norm built with ``bias=False`` has none); the last one of each
+    listed branch to weight 0."""
     zeroed = {b.last_norm for b in branches if b.last_norm}
-    for name, norm in module.named_modules():
-        if isinstance(norm, NORM_LAYERS) and getattr(norm, "weight", None) is not None:
-            norm.weight.fill_(0.0 if name in zeroed else 1.0)
+    for name, norm in norms.items():
+        norm.weight.fill_(0.0 if name in zeroed else 1.0)
+        if getattr(norm, "bias", None) is not None:
             norm.bias.zero_()
 
 
@@ -496,5 +549,6 @@ __all__ = [
     "lsuv_rescale",
     "matrix_fans",
     "target_std",
+    "tied_to_excluded",
     "weight_layers",
 ]

@@ -39,6 +39,7 @@ from lightning_startwell.init import (
     check_init_arguments,
     forward_variances,
     init_weights,
+    tied_to_excluded,
     weight_layers,
 )
 
@@ -63,7 +64,9 @@ class InitScheme(InstanceStateKey, Callback):
         nonlinearity: ``relu``, ``leaky_relu``, ``tanh`` or ``linear``.
         negative_slope: leaky-ReLU slope alpha in [0, 1).
         include: glob patterns of layer names to initialise (default all); each must match a layer.
-        exclude: glob patterns of layer names to leave alone.
+        exclude: glob patterns of module names to leave alone (normalisation layers too); a layer holding a parameter of
+            an excluded module (GPT-2's ``lm_head``, tied to ``transformer.wte``) is left alone too, and the report
+            at fit start names it with the module it is tied to.
         keep_bias: keep biases instead of zeroing them.
         zero_init_residual: zero the last normalisation layer of each residual branch.
         residual_branches: glob patterns of residual-branch modules (default: found automatically).
@@ -207,12 +210,32 @@ class InitScheme(InstanceStateKey, Callback):
 
     def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ratio_inputs: Any) -> None:
         initialised = [layer.name for layer in self.report]
+        modules = dict(pl_module.named_modules())
+        drawn = {id(p): n for n in initialised for p in modules[n].parameters(recurse=False)}
+        through_tie = {}  # modules whose parameter is one an initialised layer holds too (a tied weight)
+        for name, module in modules.items():
+            holders = [drawn[id(p)] for p in module.parameters(recurse=False) if id(p) in drawn]
+            if name not in initialised and holders:
+                through_tie[name] = holders[0]
         facts = {
             f"initialised ({self.scheme})": listed(initialised),
             "skipped (own parameters, not initialised)": listed(
-                [n or type(pl_module).__name__ for n in owned_parameters(pl_module) if n not in set(initialised)]
+                [
+                    n or type(pl_module).__name__
+                    for n in owned_parameters(pl_module)
+                    if n not in set(initialised) and n not in through_tie
+                ]
             ),
         }
+        tied = tied_to_excluded(pl_module, self.exclude)
+        if tied:
+            facts["left alone (a parameter tied to an excluded module)"] = listed(
+                [f"{n} (tied to {owner})" for n, owner in tied.items()]
+            )
+        if through_tie:
+            facts["initialised through a tied weight"] = listed(
+                [f"{n} (tied to {holder})" for n, holder in through_tie.items()]
+            )
         zeroed = [layer.name for layer in self.report if layer.target_std == 0]
         if zeroed:
             facts["zeroed (last layer of a residual branch)"] = listed(zeroed)
