@@ -49,7 +49,10 @@ class GradientDynamicsMonitor(Callback):
 
     * ``grad_norm``: ||g_t||_2 of the mini-batch gradient the optimizer receives at step t (after gradient
       accumulation and the DDP all-reduce, after AMP unscaling, before clipping). With ``every_n_epochs``, the mean of
-      ||g|| over the optimizer steps since the previous measurement.
+      ||g|| over the optimizer steps since the previous measurement. A non-finite gradient (a step that the GradScaler
+      skips under 16-mixed) is left out: not logged at ``every_n_steps``, not counted in the epoch mean.
+    * ``grad_norm_skipped``: with each ``grad_norm`` measurement, how many optimizer steps were left out of it for a
+      non-finite gradient (0 or 1 at ``every_n_steps``; at ``every_n_epochs``, since the previous measurement).
     * ``distance``: ||w_t - w_0||_2 over the trainable parameters, w_0 taken when training starts (after every
       ``on_fit_start``, so after an initialisation callback); w_0 is kept in the checkpoint, so a resumed run measures
       from the same w_0.
@@ -127,6 +130,7 @@ class GradientDynamicsMonitor(Callback):
         self._last_norm_step = -1
         self._norm_sum: Optional[torch.Tensor] = None  # sum of ||g|| since the last measurement (epoch cadence)
         self._norm_count = 0
+        self._norm_skipped: Optional[torch.Tensor] = None  # steps with a non-finite ||g|| among the _norm_count
         self._warned_non_finite = False
 
     @override
@@ -213,9 +217,18 @@ class GradientDynamicsMonitor(Callback):
         self._last_norm_step = step
         norm = gradient_norm(p.grad for group in optimizer.param_groups for p in group["params"])
         if self.every_n_steps:
-            self._log(trainer, {PREFIX + "grad_norm": norm.item()}, step)
+            value = norm.item()
+            finite = math.isfinite(value)
+            if not finite:
+                self._warn_skipped(step, 1)
+            metrics = {PREFIX + "grad_norm": value} if finite else {}
+            self._log(trainer, {**metrics, PREFIX + "grad_norm_skipped": float(not finite)}, step)
             return
-        self._norm_sum = norm if self._norm_sum is None else self._norm_sum + norm  # on the first parameter's device
+        # A non-finite ||g|| (a step the GradScaler skips) adds 0 and is counted as skipped, on the device: no sync.
+        finite = torch.isfinite(norm)
+        kept, skipped = torch.where(finite, norm, torch.zeros_like(norm)), (~finite).to(norm.dtype)
+        self._norm_sum = kept if self._norm_sum is None else self._norm_sum + kept  # on the first parameter's device
+        self._norm_skipped = skipped if self._norm_skipped is None else self._norm_skipped + skipped
         self._norm_count += 1
 
     @override
@@ -232,8 +245,14 @@ class GradientDynamicsMonitor(Callback):
         distance = parameter_distance([named[n] for n in self._initial], list(self._initial.values()))
         metrics = {PREFIX + "distance": distance.item()}
         if self._norm_count:
-            metrics[PREFIX + "grad_norm"] = self._norm_sum.item() / self._norm_count
-            self._norm_sum, self._norm_count = None, 0
+            total, skipped = torch.stack([self._norm_sum, self._norm_skipped.to(self._norm_sum)]).tolist()  # one read
+            kept = self._norm_count - round(skipped)
+            if kept:
+                metrics[PREFIX + "grad_norm"] = total / kept
+            metrics[PREFIX + "grad_norm_skipped"] = float(round(skipped))
+            if round(skipped):
+                self._warn_skipped(step, round(skipped))
+            self._norm_sum, self._norm_skipped, self._norm_count = None, None, 0
         if self._probe_count >= 2:
             metrics.update(self._directions(trainer, pl_module, step))
         self._log(trainer, metrics, step)
@@ -261,6 +280,15 @@ class GradientDynamicsMonitor(Callback):
         variance, error = direction_statistics(sums, self._probe_count)
         return {PREFIX + "direction_variance": variance, PREFIX + "direction_error": error}
 
+    def _warn_skipped(self, step: int, skipped: int) -> None:
+        if not self._warned_non_finite:
+            rank_zero_warn(
+                f"GradientDynamicsMonitor: {skipped} optimizer step(s) up to step {step} had a non-finite gradient"
+                " (under 16-mixed, steps the GradScaler skips): left out of `grad_norm`, counted in"
+                " `startwell/dynamics/grad_norm_skipped`; training goes on."
+            )
+            self._warned_non_finite = True
+
     def _log(self, trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
         if not all(math.isfinite(v) for v in metrics.values()) and not self._warned_non_finite:
             rank_zero_warn(f"GradientDynamicsMonitor: a non-finite value at step {step} ({metrics}); training goes on.")
@@ -275,6 +303,7 @@ class GradientDynamicsMonitor(Callback):
             "last_norm_step": self._last_norm_step,
             "norm_sum": 0.0 if self._norm_sum is None else self._norm_sum.item(),
             "norm_count": self._norm_count,
+            "norm_skipped": 0.0 if self._norm_skipped is None else self._norm_skipped.item(),
         }
 
     @override
@@ -284,6 +313,7 @@ class GradientDynamicsMonitor(Callback):
         self._last_norm_step = state_dict["last_norm_step"]
         self._norm_count = state_dict["norm_count"]
         self._norm_sum = torch.tensor(state_dict["norm_sum"]) if self._norm_count else None
+        self._norm_skipped = torch.tensor(state_dict.get("norm_skipped", 0.0)) if self._norm_count else None
 
 
 def _trainable(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
