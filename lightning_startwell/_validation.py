@@ -29,3 +29,13 @@ def check_choice(name: str, value: Any, accepted: Sequence[str]) -> None:
     """``value`` must be one of ``accepted``."""
     if value not in accepted:
         raise ValueError(f"`{name}` must be one of {tuple(accepted)}, got {value!r}.")
+
+
+def check_batch_key(name: str, value: Any, optional: bool = False) -> None:
+    """``value`` must name a place in a batch: an int (tuple index) or a str (dict key or field name); None too when
+    ``optional``."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        accepted = "None, an int" if optional else "an int"
+        raise ValueError(f"`{name}` must be {accepted} (tuple index) or a str (dict key or field name), got {value!r}.")

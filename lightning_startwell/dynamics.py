@@ -34,6 +34,46 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 }
 
 
+#: The target that marks a position to leave out (PyTorch's ``cross_entropy`` and Hugging Face's ``labels``).
+IGNORE_INDEX = -100
+
+
+def mean_loss(
+    loss: Loss, output: torch.Tensor, targets: torch.Tensor, mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """The mean ``loss`` of a mini-batch over its samples, or over its positions when the model predicts one value
+    per position (the loss a language model or a segmentation model trains on).
+
+    ``cross_entropy`` takes (N, C) logits with (N,) class indices; (N, T, C) logits (a sequence: a language model's
+    tokens) with (N, T) targets; (N, C, H, W, ...) logits (per pixel) with (N, H, W, ...) targets. The target at
+    position t is the class of that position (for a causal language model, the token at t + 1: Hugging Face's
+    ``labels`` are unshifted, and its models shift them inside). Targets equal to -100 are left out, and so are the
+    positions where ``mask`` (the shape of the targets) is 0; the mean is over the positions kept, as
+    ``F.cross_entropy(..., ignore_index=-100)`` and Hugging Face's language-model loss take it. ``mse`` takes outputs
+    and targets of one shape; ``mask``, of the output's shape up to its last dims, leaves positions out.
+    """
+    if loss == "cross_entropy":
+        sequence = output.ndim == 3 and targets.shape == output.shape[:2]
+        per_item = output.ndim == 2 and targets.shape == output.shape[:1]
+        dense = output.ndim >= 4 and targets.shape == (output.shape[0], *output.shape[2:])
+        if not (sequence or per_item or dense):
+            raise ValueError(
+                f"cross_entropy needs (N,) targets for (N, C) logits, (N, T) for (N, T, C) or (N, H, W) for"
+                f" (N, C, H, W); got targets {tuple(targets.shape)} for an output {tuple(output.shape)}. Set"
+                " `target_key` to the class indices aligned with the output's positions."
+            )
+        if mask is not None:
+            targets = targets.masked_fill(mask.to(torch.bool).logical_not(), IGNORE_INDEX)
+        logits = output.transpose(1, 2) if sequence else output
+        return F.cross_entropy(logits, targets.long(), ignore_index=IGNORE_INDEX)
+    if targets.shape != output.shape:
+        raise ValueError(f"mse needs targets of the output's shape {tuple(output.shape)}, got {tuple(targets.shape)}.")
+    if mask is None:
+        return F.mse_loss(output, targets.to(output.dtype))
+    kept = mask.to(output.dtype).reshape(*mask.shape, *([1] * (output.ndim - mask.ndim))).expand_as(output)
+    return ((output - targets.to(output.dtype)) ** 2 * kept).sum() / kept.sum()
+
+
 class DirectionStatistics(NamedTuple):
     """Gradient direction variance and error of a set of gradients (both in [0, 1]; 0 when all point the same way)."""
 
@@ -132,9 +172,10 @@ def probe_gradient(
     loss: Loss = "cross_entropy",
     forward: Optional[Forward] = None,
     seed: int = 0,
+    mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """The gradient of the mean ``loss`` of ``model`` on one mini-batch with respect to ``parameters``, flattened and
-    concatenated in their order (float32; zeros for a parameter the loss does not reach).
+    """The gradient of the mean ``loss`` (:func:`mean_loss`) of ``model`` on one mini-batch with respect to
+    ``parameters``, flattened and concatenated in their order (float32; zeros for a parameter the loss does not reach).
 
     The model runs in the modes its modules are in (in training mode dropout is active, as for the optimizer), in
     fp32 (autocast off), with the dropout masks drawn from ``seed``. Nothing that training uses is touched: not
@@ -144,16 +185,18 @@ def probe_gradient(
     Args:
         model: the model.
         inputs: what the model is called with (see :mod:`lightning_startwell.model_call`).
-        targets: class indices (``cross_entropy``) or regression targets (``mse``).
+        targets: class indices (``cross_entropy``; per position for a sequence or per-pixel output, -100 left out)
+            or regression targets (``mse``).
         parameters: the tensors to differentiate with respect to.
         loss: ``cross_entropy`` or ``mse``, mean over the mini-batch.
         forward: a function of ``inputs`` that returns the model's output, used instead of calling the model.
         seed: seed of the random streams inside the measurement.
+        mask: for an output with positions, 1 for the positions to count and 0 for those to leave out (padding).
     """
     device = parameters[0].device if parameters else torch.device("cpu")
     with buffers_kept(model), seeded_random_streams(device, seed), torch.enable_grad():
         with torch.autocast(device_type=device.type, enabled=False):
-            value = LOSSES[loss](run(model, inputs, forward).float(), targets)
+            value = mean_loss(loss, run(model, inputs, forward).float(), targets, mask)
         grads = torch.autograd.grad(value, list(parameters), allow_unused=True)
     return torch.cat(
         [
@@ -170,6 +213,7 @@ __all__ = [
     "buffers_kept",
     "direction_statistics",
     "direction_sums",
+    "mean_loss",
     "gradient_directions",
     "gradient_norm",
     "parameter_distance",
