@@ -4,10 +4,13 @@ a batch, one batch from the train loader, writing scalars and images, saying wha
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -104,6 +107,34 @@ def first_train_batch(trainer: pl.Trainer) -> Any:
         loader = trainer.fit_loop._data_source.dataloader()
         batch = next(iter(loader))
     return trainer.strategy.batch_to_device(as_step_input(trainer, batch))
+
+
+@contextmanager
+def random_streams_kept(device: Optional[torch.device] = None) -> Iterator[None]:
+    """On exit the global random streams are back where they were on entry: torch's CPU stream and ``device``'s (an
+    accelerator: CUDA, MPS...), numpy's and Python's ``random``. A probe drawn inside (a dataset that augments with any
+    of them, a random transfer hook) leaves the training run's draws as they would be without it."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    accelerator = device is not None and device.type != "cpu"
+    index = device.index if accelerator and device.index is not None else 0
+    devices, device_type = ([index], device.type) if accelerator else ([], "cuda")
+    try:
+        with torch.random.fork_rng(devices=devices, device_type=device_type):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def as_training_batch(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:
+    """``batch`` (as the train loader collates it) as ``training_step`` gets it, by Lightning's own steps in their
+    order: the precision plugin's ``convert_input`` (floats to bfloat16 under ``bf16-true``), the module's (and
+    datamodule's) ``on_before_batch_transfer``, the strategy's ``batch_to_device`` (``transfer_batch_to_device``,
+    then ``on_after_batch_transfer``, where on-device normalisation and augmentation go). Random draws of the hooks
+    come from the global streams: call it inside :func:`random_streams_kept` to leave training as it was."""
+    batch = trainer.precision_plugin.convert_input(batch)
+    batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
+    return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
 
 
 def as_step_input(trainer: pl.Trainer, batch: Any) -> Any:

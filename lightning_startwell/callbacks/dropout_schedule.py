@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_startwell._compile import is_compiled
 from lightning_startwell.callbacks._common import InstanceStateKey, listed, report_attached
 from lightning_startwell.callbacks._rate_schedule import RateScheduleCallback
 from lightning_startwell.callbacks._strategy import refuse_sharded, sharded_strategy
@@ -50,7 +51,8 @@ class DropoutSchedule(InstanceStateKey, RateScheduleCallback):
         attributes: glob patterns ``<module>.<attribute>`` of further float rates to drive (e.g. ``"*.attn.drop_p"``).
         rate_levels: round rates to this many evenly spaced values in [0, p], so a ``torch.compile``d model, which
             recompiles for every new float rate, compiles at most ``rate_levels`` times; None keeps exact rates, except
-            on a ``torch.compile``d model, where they are rounded to 5 levels (with a warning).
+            on a ``torch.compile``d model or one holding a ``torch.compile``d submodule (``self.net =
+            torch.compile(net)``), where they are rounded to 5 levels (with a warning).
         log_images: draw the schedule picture.
 
     Example::
@@ -106,7 +108,7 @@ class DropoutSchedule(InstanceStateKey, RateScheduleCallback):
                 " modules, or name float rates with `attributes`."
             )
         self._levels = self.rate_levels
-        if getattr(pl_module, "_compiler_ctx", None) and self.rate_levels is None:
+        if is_compiled(pl_module) and self.rate_levels is None:  # the whole module or a compiled submodule
             self._levels = COMPILED_RATE_LEVELS
             rank_zero_warn(
                 f"DropoutSchedule on a torch.compile'd model: every new float rate recompiles, so the rates are rounded"

@@ -17,7 +17,7 @@ from lightning_startwell._validation import check_bool, check_choice, check_int
 from lightning_startwell.callbacks._common import (
     BatchKey,
     InputKey,
-    as_step_input,
+    as_training_batch,
     batch_forward,
     batch_tensor,
     check_input_key,
@@ -26,6 +26,7 @@ from lightning_startwell.callbacks._common import (
     log_image,
     log_scalars,
     model_inputs,
+    random_streams_kept,
     replace_tensor,
     report_attached,
     require_forward,
@@ -33,7 +34,7 @@ from lightning_startwell.callbacks._common import (
     tensorboard_experiments,
 )
 from lightning_startwell.callbacks.deficit_injector import DeficitInjector
-from lightning_startwell.figures import fisher_heatmap
+from lightning_startwell.figures import fisher_heatmap, spread_over_steps
 from lightning_startwell.fisher import (
     FisherKind,
     Likelihood,
@@ -45,6 +46,10 @@ from lightning_startwell.fisher import (
 )
 from lightning_startwell.fisher.trace import _measurement_mode
 from lightning_startwell.model_call import run, select
+
+#: The heatmap keeps between this many and twice this many measurements (columns): past twice, the history is thinned
+#: to this many, evenly spread over the steps measured (the first and the latest kept).
+MAX_HEATMAP_COLUMNS = 128
 
 
 class FisherTraceMonitor(Callback):
@@ -166,7 +171,7 @@ class FisherTraceMonitor(Callback):
         self.log_per_layer = log_per_layer
         self.probe = probe
         self.log_images = log_images
-        self._history: list[tuple[int, dict[str, float]]] = []  # (step, per-layer trace) of every measurement
+        self._history: list[tuple[int, dict[str, float]]] = []  # (step, per-layer trace): the heatmap's columns
         self._layer_order: Optional[list[str]] = None  # forward order, found at the first picture
         self.chunk_size = chunk_size
         self._batch: Any = None  # this rank's share of the probe set, collated
@@ -245,7 +250,13 @@ class FisherTraceMonitor(Callback):
             raise ValueError("FisherTraceMonitor needs a map-style training dataset (with __len__ and __getitem__).")
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))
         chosen = order[: self.num_samples][trainer.global_rank :: trainer.world_size]
-        batch = loader.collate_fn([dataset[int(i)] for i in chosen]) if len(chosen) else None
+        if not len(chosen):
+            return None
+        # What a training batch goes through (a dataset's augmentation, the transfer hooks), on forked random streams:
+        # the training run draws the same numbers as without the monitor.
+        with random_streams_kept(trainer.strategy.root_device):
+            batch = loader.collate_fn([dataset[int(i)] for i in chosen])
+            batch = as_training_batch(trainer, trainer.lightning_module, batch)
         if batch is not None and self.fisher == "empirical":
             batch_tensor(batch, self.target_key, "target_key")  # fails now, naming the argument, not at a measurement
         if batch is not None and self.mask_key is not None:
@@ -285,8 +296,10 @@ class FisherTraceMonitor(Callback):
             rank_zero_warn(f"FisherTraceMonitor: the Fisher trace at step {step} is {trace}; training goes on.")
         log_scalars(trainer, metrics, step=step)
         self._write_layout(trainer)
-        if self.log_images:
+        if self.log_images and tensorboard_experiments(trainer):  # the heatmap's columns, kept where it is drawn only
             self._history.append((step, per_layer))
+            if len(self._history) > 2 * MAX_HEATMAP_COLUMNS:  # bounded memory and checkpoint on a long run
+                self._history = spread_over_steps(self._history, MAX_HEATMAP_COLUMNS)
             log_image(trainer, "startwell/fisher/heatmap", lambda: self._heatmap(pl_module), step)
 
     def _heatmap(self, pl_module: pl.LightningModule) -> Any:
@@ -308,7 +321,7 @@ class FisherTraceMonitor(Callback):
         mask = batch_tensor(batch, self.mask_key, "mask_key") if self.mask_key is not None else None
         return fisher_trace_sums(
             pl_module,
-            model_inputs(as_step_input(trainer, batch), self.input_key, pl_module),  # the targets keep their dtype
+            model_inputs(batch, self.input_key, pl_module),
             fisher=self.fisher,
             targets=targets,
             mask=mask,
@@ -360,7 +373,10 @@ class FisherTraceMonitor(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = state_dict["last_step"]
-        self._history = list(state_dict.get("history", []))  # absent from checkpoints written before the pictures
+        history = list(state_dict.get("history", []))  # absent from checkpoints written before the pictures
+        self._history = history if len(history) <= 2 * MAX_HEATMAP_COLUMNS else spread_over_steps(
+            history, MAX_HEATMAP_COLUMNS
+        )  # written before the bound
 
 
 

@@ -16,7 +16,7 @@ from lightning_startwell._validation import check_bool, check_choice, check_int
 from lightning_startwell.callbacks._common import (
     BatchKey,
     InputKey,
-    as_step_input,
+    as_training_batch,
     batch_forward,
     batch_tensor,
     check_input_key,
@@ -24,6 +24,7 @@ from lightning_startwell.callbacks._common import (
     listed,
     log_scalars,
     model_inputs,
+    random_streams_kept,
     report_attached,
     require_forward,
 )
@@ -193,9 +194,13 @@ class GradientDynamicsMonitor(Callback):
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))
         probe = []
         for k in range(trainer.global_rank, count, trainer.world_size):
-            batch = loader.collate_fn([dataset[int(i)] for i in order[k * size : (k + 1) * size]])
+            # What a training batch goes through (a dataset's augmentation, the transfer hooks), on forked random
+            # streams: the training run draws the same numbers as without the monitor.
+            with random_streams_kept(trainer.strategy.root_device):
+                batch = loader.collate_fn([dataset[int(i)] for i in order[k * size : (k + 1) * size]])
+                batch = as_training_batch(trainer, trainer.lightning_module, batch)
             batch_tensor(batch, self.target_key, "target_key")  # fails now, naming the argument
-            probe.append((k, trainer.strategy.batch_to_device(as_step_input(trainer, batch))))
+            probe.append((k, batch))
         return probe
 
     @override

@@ -3,6 +3,7 @@ turn them into per-sample norms by the closed forms (or the per-module fallback)
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Optional
@@ -39,6 +40,7 @@ class _NormRecorder:
         self._inputs: dict[str, tuple[tuple, dict]] = {}
         self._hooked: set[str] = set()
         self._entries: dict[str, torch.Tensor] = {}
+        self._outputs: dict[str, weakref.ref] = {}  # the output hooked per module, to tell a routed outer call
         self.partial: set[str] = set()  # modules whose other outputs got gradients: their first one is not all
         self.token_inputs: set[int] = set()  # ids of the model's inputs that are not differentiable (token ids, masks)
         self._enabled = True
@@ -59,12 +61,17 @@ class _NormRecorder:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if not self._enabled:
                 return
-            self.calls[name] = self.calls.get(name, 0) + 1
             out = _first_tensor(output)
+            if out is not None and name in self._outputs and self._outputs[name]() is out:
+                # A routed forward (``startwell_forward`` calling ``self(x)``): the outer call of the model returns the
+                # inner call's output. One call, already recorded with the inner call's inputs.
+                return
+            self.calls[name] = self.calls.get(name, 0) + 1
             if out is None or not out.requires_grad or name not in self._holders:
                 return
             self._inputs[name] = (tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), kwargs)
             self._hooked.add(name)
+            self._outputs[name] = weakref.ref(out)
             called_with = (*args, *kwargs.values())
             if any(id(a) in self.token_inputs for a in called_with) and not any(
                 isinstance(a, torch.Tensor) and a.requires_grad for a in called_with
