@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lightning_startwell.fisher import fisher_trace
+from lightning_startwell.model_call import call_arguments, map_tensors, num_samples
 from lightning_startwell.models import MLP, ConvNet, ResNet
 
 
@@ -23,14 +24,16 @@ def _seeded():
 
 
 def naive_fisher(model, x, fisher, labels=None):
-    """Per-module float64 trace: for every sample, backward of log p(y|x_i) for the label(s), squared norms summed."""
+    """Per-module float64 trace: for every sample, backward of log p(y|x_i) for the label(s), squared norms summed.
+    ``x``: a tensor, a tuple (positional arguments) or a dict (keyword arguments), every tensor split by sample."""
     model = copy.deepcopy(model).double().eval()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     owner = {n: n.rpartition(".")[0] for n in params}
     per_layer = {o: 0.0 for o in owner.values()}
-    for i in range(len(x)):
-        xi = x[i : i + 1]
-        log_probs = model(xi.double() if xi.is_floating_point() else xi).log_softmax(-1)[0]
+    for i in range(num_samples(x)):
+        xi = map_tensors(lambda t, i=i: t[i : i + 1].double() if t.is_floating_point() else t[i : i + 1], x)
+        args, kwargs = call_arguments(xi)
+        log_probs = model(*args, **kwargs).log_softmax(-1)[0]
         if fisher == "exact":
             pairs = [(c, log_probs[c].exp().item()) for c in range(len(log_probs))]
         else:
@@ -39,8 +42,9 @@ def naive_fisher(model, x, fisher, labels=None):
             grads = torch.autograd.grad(log_probs[c], list(params.values()), retain_graph=True, allow_unused=True)
             for (name, _), g in zip(params.items(), grads, strict=True):
                 if g is not None:
+                    g = g.to_dense() if g.is_sparse else g  # nn.Embedding(sparse=True)
                     per_layer[owner[name]] += weight * g.square().sum().item()
-    return {k: v / len(x) for k, v in per_layer.items()}
+    return {k: v / num_samples(x) for k, v in per_layer.items()}
 
 
 def _trained_bn(model, x):
@@ -52,9 +56,10 @@ def _trained_bn(model, x):
     return model.eval()
 
 
-def _compare(model, x, fisher, targets=None, method="auto", rel=1e-5):
+def _compare(model, x, fisher, targets=None, method="auto", rel=1e-5, chunk_size=None):
     generator = torch.Generator().manual_seed(0)
-    ours = fisher_trace(model, x, fisher=fisher, targets=targets, method=method, generator=generator)
+    ours = fisher_trace(model, x, fisher=fisher, targets=targets, method=method, generator=generator,
+                        chunk_size=chunk_size)
     labels = targets
     if fisher == "true":  # the same draws as fisher_trace: one multinomial per input from the same seed
         with torch.no_grad():
@@ -67,7 +72,7 @@ def _compare(model, x, fisher, targets=None, method="auto", rel=1e-5):
         assert ours.per_layer.get(name, 0.0) == pytest.approx(value, rel=rel, abs=1e-12), name
     assert ours.total == pytest.approx(sum(reference.values()), rel=rel)
     assert sum(ours.per_layer.values()) == pytest.approx(ours.total, rel=1e-12)
-    assert ours.num_samples == len(x)
+    assert ours.num_samples == num_samples(x)
     return ours
 
 
@@ -330,7 +335,7 @@ def test_output_that_is_not_logits_is_refused():
         def forward(self, x):
             return self.lin(x.flatten(1)).squeeze(1)
 
-    with pytest.raises(ValueError, match=r"\(N, C\) or \(N, T, C\) logits"):
+    with pytest.raises(ValueError, match=r"\(N, C\).* logits"):
         fisher_trace(Flat(), X_IMG)
 
 
@@ -431,13 +436,15 @@ def test_a_parameter_used_by_the_model_itself(chunk_size, monkeypatch):
 
 @pytest.fixture
 def no_whole_model_vmap(monkeypatch):
-    """Fail if the measurement falls back to whole-model per-sample gradients."""
+    """Fail if the measurement falls back to whole-model per-sample gradients, for all parameters or some."""
+    import lightning_startwell.fisher.fallbacks as fallbacks
     import lightning_startwell.fisher.trace as fisher_module
 
     def refuse(*args, **kwargs):
         raise AssertionError("fell back to whole-model vmap")
 
     monkeypatch.setattr(fisher_module, "_vmap_sums", refuse)
+    monkeypatch.setattr(fallbacks, "_vmap_sums", refuse)
 
 
 class Tokens(nn.Module):
@@ -568,3 +575,168 @@ def test_layer_order_is_the_order_of_the_forward_pass_and_changes_nothing():
     assert layer_order(model, (torch.randn(4, 5),)) == ["", "body", "norm", "head", "unused"]
     assert layer_order(model, {"x": torch.randn(4, 5)}) == ["", "body", "norm", "head", "unused"]
     assert model.training and torch.equal(model.norm.running_mean, statistics)
+
+
+# Nothing guessed from shapes (issue 19): each model below has a tensor that a shape rule misreads; the measurement
+# must equal the float64 loop, through the whole-model path (a small model) and through the hooks with the exact
+# path for the parameters they cannot verify (chunk_size=2**25: the whole model's per-sample gradients too large).
+BOTH_PATHS = pytest.mark.parametrize("chunk_size", [None, 2**25], ids=["whole model", "hooks and exact path"])
+
+
+class SharedTable(nn.Module):
+    """A Linear applied to a table of N rows shared by every sample, averaged into all of them: its input's first
+    dimension equals N but holds no samples. Token ids go through a ``.view`` first (as Hugging Face models do), so no
+    module is called with the input itself."""
+
+    def __init__(self, rows):
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.register_buffer("table", torch.randn(rows, 4, generator=torch.Generator().manual_seed(20)))
+        self.proj = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, tokens):
+        h = self.embed(tokens.view(-1, tokens.shape[-1])).mean(1) + self.proj(self.table).mean(0)
+        return self.head(torch.tanh(h))
+
+
+@BOTH_PATHS
+def test_a_tensor_with_n_rows_that_holds_no_samples(chunk_size):
+    tokens = torch.randint(0, 11, (5, 3), generator=torch.Generator().manual_seed(21))
+    ours = _compare(SharedTable(rows=5), tokens, "exact", chunk_size=chunk_size)
+    assert ours.per_layer["proj"] > 0
+
+
+class DictHead(nn.Module):
+    """A head owning parameters (a Linear and a scale of its own) that returns a dict, as Hugging Face heads do."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 3)
+        self.scale = nn.Parameter(torch.linspace(0.5, 2.0, 3))
+
+    def forward(self, h):
+        return {"logits": self.lin(h) * self.scale}
+
+
+class WithDictHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 6)
+        self.head = DictHead()
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)))["logits"]
+
+
+@BOTH_PATHS
+def test_a_module_returning_a_dict_keeps_its_parameters(chunk_size):
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(22))
+    ours = _compare(WithDictHead(), x, "exact", chunk_size=chunk_size)
+    assert ours.per_layer["head"] > 0
+
+
+class DictBatch(nn.Module):
+    """The model itself owns a parameter and is called with a dict (one container argument, not tensors)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 6)
+        self.offset = nn.Parameter(torch.randn(6, generator=torch.Generator().manual_seed(23)))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, batch):
+        return self.head(torch.tanh(self.embed(batch["x"]) * batch["gain"][:, None] + self.offset))
+
+
+@BOTH_PATHS
+def test_a_parameter_of_the_model_itself_with_a_container_batch(chunk_size):
+    g = torch.Generator().manual_seed(24)
+    batch = {"x": torch.randn(7, 4, generator=g), "gain": torch.rand(7, generator=g) + 0.5}
+    ours = _compare(DictBatch(), (batch,), "exact", chunk_size=chunk_size)
+    assert ours.per_layer[""] > 0
+
+
+class Mix(nn.Module):
+    """No closed form (the per-module vmap): its own weight, called with the samples and a (T, D) table of them all."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(-1.0, 1.0, 6))
+
+    def forward(self, h, positions):
+        return torch.tanh(h + positions) * self.weight
+
+
+class SinusoidalPositions(nn.Module):
+    def __init__(self, t):
+        super().__init__()
+        self.embed = nn.Linear(4, 6)
+        self.register_buffer("positions", torch.sin(torch.arange(t * 6.0).reshape(t, 6)))
+        self.mix = Mix()
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.mix(self.embed(x), self.positions).mean(1))
+
+
+@pytest.mark.parametrize("batch", [5, 4])  # 5: as many samples as positions
+def test_a_shared_argument_is_not_split_by_sample(batch, no_whole_model_vmap):
+    x = torch.randn(batch, 5, 4, generator=torch.Generator().manual_seed(25))
+    ours = _compare(SinusoidalPositions(5), x, "exact")  # the table passed whole: the per-module vmap, no other path
+    assert ours.per_layer["mix"] > 0
+
+
+class GPT2Positions(nn.Module):
+    """Token ids through ``.view`` (no module is called with the input itself) plus a position embedding of
+    ``arange(T)[None]``, Hugging Face's GPT-2 layout: the position embedding's input does not depend on the batch."""
+
+    def __init__(self, sparse=False):
+        super().__init__()
+        self.tokens = nn.Embedding(11, 6, sparse=sparse)
+        self.positions = nn.Embedding(5, 6)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        ids = ids.view(-1, ids.shape[-1])
+        h = self.tokens(ids) + self.positions(torch.arange(ids.shape[1])[None])
+        return self.head(self.norm(torch.tanh(h)).mean(1))
+
+
+@BOTH_PATHS
+@pytest.mark.parametrize("batch", [6, 5])
+def test_a_module_whose_input_does_not_depend_on_the_batch(batch, chunk_size):
+    ids = torch.randint(0, 11, (batch, 5), generator=torch.Generator().manual_seed(26))
+    ours = _compare(GPT2Positions(), ids, "exact", chunk_size=chunk_size)
+    assert ours.per_layer["positions"] > 0
+
+
+@BOTH_PATHS
+def test_a_layer_called_twice_and_a_tied_weight_take_the_exact_path(chunk_size):
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(6))
+    _compare(Tied(), x, "exact", chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("method", ["vmap", "auto"])
+@BOTH_PATHS
+def test_sparse_embeddings(method, chunk_size):
+    ids = torch.randint(0, 11, (5, 5), generator=torch.Generator().manual_seed(27))
+    model = GPT2Positions(sparse=True)
+    _compare(model, ids, "exact", method=method, chunk_size=chunk_size)
+    assert model.tokens.sparse
+
+
+def test_ordinary_layers_keep_their_closed_forms(no_whole_model_vmap, monkeypatch):
+    """CNNs with BatchNorm, MLPs, Transformer layers, token embeddings: no per-sample vmap of any kind."""
+    import lightning_startwell.fisher.hooks as fisher_module
+
+    monkeypatch.setattr(fisher_module, "_vjp_norms", None)
+    _compare(_trained_bn(ResNet(num_blocks=1, width=4), X_IMG), X_IMG, "empirical", Y)
+    _compare(MLP(depth=2, width=8), X_IMG, "exact")
+    tokens = torch.randint(1, 9, (6, 5), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        model = Attention()
+    monkeypatch.setattr(fisher_module, "_vjp_norms", None)
+    _compare(model, torch.randn(6, 5, 4, generator=torch.Generator().manual_seed(5)), "exact")
+    _compare(Tokens(padding_idx=0), tokens, "exact")

@@ -3,7 +3,8 @@ recorded inputs, or per-sample gradients of the whole model; one sample at a tim
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
@@ -11,45 +12,71 @@ from torch import nn
 from torch.func import functional_call, grad, vjp, vmap
 
 from lightning_startwell._precision import accumulate
-from lightning_startwell.fisher.closed_forms import _closed_form, _per_sample_sq_norm, _plain_attention
+from lightning_startwell.fisher.closed_forms import _per_sample_sq_norm
 from lightning_startwell.fisher.likelihoods import check_output
 from lightning_startwell.fisher.ownership import _first_tensor, _owners, owned_parameters
-from lightning_startwell.model_call import Forward, call_arguments, logits, num_samples, run, tensor_leaves, with_leaves
+from lightning_startwell.model_call import (
+    Forward,
+    call_arguments,
+    logits,
+    num_samples,
+    run,
+    tensor_leaves,
+    with_leaves,
+)
 
 
 def _vjp_norms(
-    layer: nn.Module, params: dict[str, torch.Tensor], args: tuple, kwargs: dict, delta: torch.Tensor, chunk: int
+    layer: nn.Module,
+    params: dict[str, torch.Tensor],
+    args: tuple,
+    kwargs: dict,
+    delta: torch.Tensor,
+    chunk: int,
+    split: list[bool],
 ) -> torch.Tensor:
     """Per-sample ||J_params(layer)^T delta_i||^2, by vmap over samples of a vector-Jacobian product of the layer
-    alone (``params``: names relative to the layer). Positional and keyword tensors whose first dimension is the
-    batch (inputs, per-sample masks) are split by sample; the others are passed whole. Returns (N, owners): one column
-    per module owning parameters, in the order of :func:`_owners`."""
+    alone (``params``: names relative to the layer). ``split`` says, for each tensor of the call (in the order of
+    :func:`~lightning_startwell.model_call.tensor_leaves` of ``(args, kwargs)``), whether it holds the samples along
+    dim 0 (split by sample) or is shared by them (passed whole), as :mod:`~lightning_startwell.fisher.provenance`
+    verified it; the output holds them along dim 0. Returns (N, owners): one column per module owning parameters, in
+    the order of :func:`_owners`."""
     n = delta.shape[0]
-
-    def is_batched(value: Any) -> bool:
-        return isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == n
-
-    batched = {
-        "args": {i: a for i, a in enumerate(args) if is_batched(a)},
-        "kwargs": {k: v for k, v in kwargs.items() if is_batched(v)},
-    }
+    leaves = tensor_leaves((args, kwargs))
+    batched = [t for t, per_sample in zip(leaves, split, strict=True) if per_sample]
     owners = _owners(params)
 
-    def one(sample: dict[str, dict], d: torch.Tensor) -> torch.Tensor:
+    def one(sample: list[torch.Tensor], d: torch.Tensor) -> torch.Tensor:
+        rows = iter(sample)
+        call_leaves = [next(rows)[None] if per_sample else t for t, per_sample in zip(leaves, split, strict=True)]
+        call_args, call_kwargs = with_leaves((args, kwargs), call_leaves)
+
         def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            call_args = tuple(sample["args"][i][None] if i in sample["args"] else a for i, a in enumerate(args))
-            call_kwargs = {k: sample["kwargs"][k][None] if k in sample["kwargs"] else v for k, v in kwargs.items()}
-            return _first_tensor(functional_call(layer, p, call_args, call_kwargs))[0]
+            return _first_tensor(functional_call(layer, p, tuple(call_args), dict(call_kwargs)))[0]
 
         _, pullback = vjp(f, params)
         (grads,) = pullback(d)
         return torch.stack([sum(_sq_norm(grads[k]) for k in keys) for keys in owners.values()])
 
     chunks = []
-    for s in range(0, n, chunk):
-        sample = {group: {k: v[s : s + chunk] for k, v in values.items()} for group, values in batched.items()}
-        chunks.append(_vmap_or_loop(one, sample, delta[s : s + chunk]))
+    with _dense_embeddings(layer):
+        for s in range(0, n, chunk):
+            chunks.append(_vmap_or_loop(one, [t[s : s + chunk] for t in batched], delta[s : s + chunk]))
     return torch.cat(chunks)
+
+
+@contextmanager
+def _dense_embeddings(model: nn.Module) -> Iterator[None]:
+    """Embeddings with ``sparse=True`` give dense gradients inside: torch.func cannot batch sparse ones (the values are
+    the same)."""
+    sparse = [m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+    for m in sparse:
+        m.sparse = False
+    try:
+        yield
+    finally:
+        for m in sparse:
+            m.sparse = True
 
 
 def _sq_norm(g: torch.Tensor) -> torch.Tensor:
@@ -81,39 +108,49 @@ def _vmap_or_loop(fn: Callable, *args: Any) -> Any:
 def _vmap_sums(
     model: nn.Module,
     x: Any,
-    cotangents: Callable[[torch.Tensor], list[tuple[torch.Tensor, Optional[torch.Tensor]]]],
+    cotangents: Callable[[torch.Tensor], Any],
     likelihood: str,
     chunk: int,
     forward: Optional[Forward],
+    *,
+    only: Optional[set[int]] = None,
+    passes: Optional[Any] = None,
 ) -> dict[str, torch.Tensor]:
     """Per-module sums of per-sample squared norms from ``torch.func`` per-sample gradients, in chunks of samples
-    (every input tensor split by sample: masks too)."""
-    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    (every input tensor split by sample: masks too). ``only``: the ids of the parameters to differentiate (the others
+    held fixed), all trainable ones when None. ``passes``: the backward passes (output cotangents and weights) already
+    drawn for this batch, so that the hooks and this path use the same labels; drawn from the output when None."""
+    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    params = {n: p for n, p in trainable.items() if only is None or id(model.get_parameter(n)) in only}
+    fixed = {n: p for n, p in trainable.items() if n not in params}
     buffers = dict(model.named_buffers())
     owner = {n: n.rpartition(".")[0] for n in params}
 
     def projected_output(p: dict[str, torch.Tensor], leaves: list[torch.Tensor], vi: torch.Tensor) -> torch.Tensor:
         args, kwargs = call_arguments(with_leaves(x, [t.unsqueeze(0) for t in leaves]), forward)
-        out = logits(functional_call(model, (p, buffers), args, kwargs))
+        out = logits(functional_call(model, ({**fixed, **p}, buffers), args, kwargs))
         return (out.float().reshape(-1) * vi.reshape(-1)).sum()
 
     def per_sample_grads(p: dict[str, torch.Tensor], leaves: list, vs: torch.Tensor) -> dict[str, torch.Tensor]:
         return _vmap_or_loop(lambda li, vi: grad(projected_output)(p, li, vi), leaves, vs)
 
-    with torch.no_grad():
-        n = num_samples(x)
-        output = check_output(run(model, x, forward), n, likelihood)
-    leaves = tensor_leaves(x)
+    n = num_samples(x)
+    if passes is None:
+        with torch.no_grad():
+            passes = cotangents(check_output(run(model, x, forward), n, likelihood))
+    leaves = [t.detach() for t in tensor_leaves(x)]
     sums: dict[str, torch.Tensor] = {}
-    for v, weight in cotangents(output):
-        for start in range(0, n, chunk):
-            grads = per_sample_grads(params, [t[start : start + chunk] for t in leaves], v[start : start + chunk])
-            for name, g in grads.items():
-                norms = accumulate(_per_sample_sq_norm(g))
-                if weight is not None:
-                    norms = norms * weight[start : start + chunk]
-                key = owner[name]
-                sums[key] = sums[key] + norms.sum() if key in sums else norms.sum()
+    with _dense_embeddings(model):
+        for v, weight in passes:
+            for start in range(0, n, chunk):
+                piece = [t[start : start + chunk] for t in leaves]
+                grads = per_sample_grads(params, piece, v.detach()[start : start + chunk])
+                for name, g in grads.items():
+                    norms = accumulate(_per_sample_sq_norm(g))
+                    if weight is not None:
+                        norms = norms * weight[start : start + chunk]
+                    key = owner[name]
+                    sums[key] = sums[key] + norms.sum() if key in sums else norms.sum()
     return sums
 
 
@@ -124,14 +161,14 @@ DEFAULT_CHUNK = 32
 HOST_CHUNK_BYTES = 2**28
 
 
-def whole_model_chunk(model: nn.Module, chunk_size: Optional[int]) -> int:
+def whole_model_chunk(model: nn.Module, chunk_size: Optional[int], only: Optional[set[int]] = None) -> int:
     """Samples per whole-model vmap call: ``chunk_size`` when given; else as many as keep the chunk's per-sample
-    gradients (one copy of every trainable parameter per sample) within a quarter of the accelerator's free memory
-    (CUDA) or :data:`HOST_CHUNK_BYTES` elsewhere, between 1 and :data:`DEFAULT_CHUNK`. A 124M-parameter float32
-    model needs 0.5 GB per sample: 32 samples would be 16 GB."""
+    gradients (one copy of every trainable parameter per sample; of those in ``only`` when given) within a quarter of
+    the accelerator's free memory (CUDA) or :data:`HOST_CHUNK_BYTES` elsewhere, between 1 and :data:`DEFAULT_CHUNK`.
+    A 124M-parameter float32 model needs 0.5 GB per sample: 32 samples would be 16 GB."""
     if chunk_size is not None:
         return chunk_size
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad and (only is None or id(p) in only)]
     per_sample = sum(p.numel() * max(p.element_size(), 4) for p in params) or 1  # gradients at least in float32
     device = params[0].device if params else torch.device("cpu")
     return max(1, min(DEFAULT_CHUNK, _memory_budget(device) // per_sample))
@@ -145,11 +182,15 @@ def _memory_budget(device: torch.device) -> int:
     return HOST_CHUNK_BYTES
 
 
-def _whole_model_pass_is_cheaper(model: nn.Module, chunk: int) -> bool:
-    """Whether the model's own forward uses a parameter directly (a learned position or class token) while the
-    per-sample gradients of a chunk of samples for the whole model are small (at most 2^25 numbers). Such a parameter's
-    per-sample gradients need a per-sample pass over the whole model anyway; then one such pass (``method="vmap"``)
-    gives every layer at once, cheaper than the hooks' pass plus it. For a larger model the hooks keep memory low."""
-    if "" not in owned_parameters(model) or _closed_form(model) is not None or _plain_attention(model):
-        return False
+def _whole_model_is_small(model: nn.Module, chunk: int) -> bool:
+    """Whether the per-sample gradients of a chunk of samples for the whole model are small (at most 2^25 numbers):
+    then one per-sample pass over the whole model (``method="vmap"``) costs less than the hooks' pass plus a per-sample
+    pass for some parameters; for a larger model the hooks keep memory low."""
     return chunk * sum(p.numel() for p in model.parameters() if p.requires_grad) <= 2**25
+
+
+def _whole_model_pass_is_cheaper(model: nn.Module, chunk: int) -> bool:
+    """Whether the model's own forward uses a parameter directly (a learned position or class token) while the whole
+    model is small (:func:`_whole_model_is_small`). Such a parameter's per-sample gradients need a per-sample pass over
+    the whole model anyway; then one such pass gives every layer at once."""
+    return "" in owned_parameters(model) and _whole_model_is_small(model, chunk)

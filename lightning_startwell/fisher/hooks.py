@@ -1,8 +1,26 @@
 """The hooks that record each layer's input and output gradient during the model's own forward and backward, and
-turn them into per-sample norms by the closed forms (or the per-module fallback)."""
+turn them into per-sample norms by the closed forms (or the per-module fallback).
+
+Nothing is guessed from shapes. A layer's norms come from its hooks only when all of this is verified; otherwise its
+parameters go to the exact path (per-sample gradients of the whole model, restricted to them, in
+:func:`~lightning_startwell.fisher.fallbacks._vmap_sums`):
+
+* the tensors the rule reads hold the samples, by :mod:`~lightning_startwell.fisher.provenance` (a closed form: the
+  input and output along dim 0; the attention rule: query, key, value and output along the layout's dimension; the
+  per-module vmap: every tensor it is called with per-sample along dim 0 or shared, none hidden in another object, the
+  output per-sample along dim 0);
+* the layer ran exactly once, and none of its parameters is owned by another module (a sum of per-use norms is not
+  the norm of the sum);
+* its output is a tensor (or a tuple or list starting with one) that received gradient in the backward passes, and no
+  other tensor it returned did (attention weights used downstream, a recurrent layer's final state);
+* it is not the model itself (the root is called with the batch, whatever container that is).
+
+Parameters the output does not depend on (a layer that did not run, an unused head) get no gradient: they are left
+out of the per-layer split (their share is 0)."""
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -12,11 +30,32 @@ import torch
 from torch import nn
 
 from lightning_startwell._precision import accumulate, upcast
+from lightning_startwell.fisher import fallbacks
 from lightning_startwell.fisher.closed_forms import _attention_norms, _closed_form, _plain_attention
 from lightning_startwell.fisher.fallbacks import _vjp_norms
 from lightning_startwell.fisher.likelihoods import check_output
-from lightning_startwell.fisher.ownership import _first_tensor, _owners, _parameter_holders, _tensors, owned_parameters
+from lightning_startwell.fisher.ownership import _first_tensor, _owners, _parameter_holders, owned_parameters
+from lightning_startwell.fisher.provenance import SHARED, Provenance, sample_tag
 from lightning_startwell.model_call import Forward, map_tensors, num_samples, run, tensor_leaves
+
+CLOSED, ATTENTION, VJP = "closed form", "attention rule", "per-module vmap"
+
+
+def _reachable_parameters(output: torch.Tensor) -> set[int]:
+    """Ids of the leaf tensors (parameters) that ``output`` depends on, from its autograd graph."""
+    found: set[int] = set()
+    seen: set = set()
+    stack = [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            found.add(id(variable))
+        stack.extend(child for child, _ in node.next_functions)
+    return found
 
 
 class _NormRecorder:
@@ -24,16 +63,19 @@ class _NormRecorder:
 
     Every module is watched for calls; a module owning parameters keeps its inputs and hooks its output's gradient.
     Parameters of a module that never ran (``nn.MultiheadAttention.out_proj`` is used functionally by its parent) are
-    adopted by the nearest ancestor that ran, whose norms then come from the vmap fallback over all of them.
+    adopted by the nearest ancestor that ran, whose norms then come from its attention rule or the per-module vmap.
     """
 
-    def __init__(self, model: nn.Module, chunk: int) -> None:
+    def __init__(self, model: nn.Module, chunk: int, provenance: Provenance, num_samples: int) -> None:
         self.model = model
         self.chunk = chunk
+        self.provenance = provenance
+        self.num_samples = num_samples
         self.own = owned_parameters(model)
         self._holders = _parameter_holders(model)  # only these keep their inputs and hook their output
         self.calls: dict[str, int] = {}
         self.adopted: dict[str, dict[str, torch.Tensor]] = {}
+        self.counted: dict[str, dict[str, torch.Tensor]] = {}  # the parameters each module's norms are about
         self.norms: dict[str, torch.Tensor] = {}
         self.weight: Optional[torch.Tensor] = None  # per-sample weights of the current backward (exact Fisher)
         self.last_pass = True  # the last backward drops each layer's inputs once used, as autograd frees its own
@@ -41,8 +83,12 @@ class _NormRecorder:
         self._hooked: set[str] = set()
         self._entries: dict[str, torch.Tensor] = {}
         self._outputs: dict[str, weakref.ref] = {}  # the output hooked per module, to tell a routed outer call
+        self.allowed: dict[str, set[str]] = {}  # the rules the tensors of the module's call were verified for
+        self.split: dict[str, list[bool]] = {}  # per-module vmap: which tensors of the call to split by sample
+        self.path: dict[str, str] = {}  # the rule each module's norms come from
+        self.exact: set[str] = set()  # modules whose parameters go to the exact path
+        self.produced: dict[str, set[str]] = {}  # the keys of ``norms`` each module's hook wrote
         self.partial: set[str] = set()  # modules whose other outputs got gradients: their first one is not all
-        self.token_inputs: set[int] = set()  # ids of the model's inputs that are not differentiable (token ids, masks)
         self._enabled = True
 
     @contextmanager
@@ -67,149 +113,178 @@ class _NormRecorder:
                 # inner call's output. One call, already recorded with the inner call's inputs.
                 return
             self.calls[name] = self.calls.get(name, 0) + 1
-            if out is None or not out.requires_grad or name not in self._holders:
+            if out is None or not out.requires_grad or name not in self._holders or self.calls[name] > 1:
                 return
-            self._inputs[name] = (tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), kwargs)
+            leaves = tensor_leaves((args, kwargs))
+            self.allowed[name] = self._verified_rules(name, module, args, kwargs, leaves, out)
+            self._inputs[name] = map_tensors(lambda t: t.detach(), (args, kwargs))
             self._hooked.add(name)
             self._outputs[name] = weakref.ref(out)
-            called_with = (*args, *kwargs.values())
-            if any(id(a) in self.token_inputs for a in called_with) and not any(
-                isinstance(a, torch.Tensor) and a.requires_grad for a in called_with
-            ):
+            if not any(t.requires_grad for t in leaves):
                 self._entries[name] = out  # the model's differentiable path starts here (an embedding of the ids)
             out.register_hook(lambda delta: self._backward(name, module, delta))
-            for other in _tensors(output):
+            for other in tensor_leaves(output):
                 if other is not out and other.requires_grad:  # a second output (attention weights, an RNN's state)
                     other.register_hook(lambda _: self.partial.add(name))
 
         return hook
 
-    def adopt_silent_parameters(self) -> bool:
-        """After the forward pass: hand the parameters of modules that never ran to their nearest ancestor that did.
-        False if some have no such ancestor (the caller falls back to whole-model vmap)."""
-        for name, params in self.own.items():
-            if name in self.calls:
-                continue
-            parts = name.split(".")
-            ancestors = [".".join(parts[:k]) for k in range(len(parts) - 1, -1, -1)]
-            ancestor = next((a for a in ancestors if a in self.calls), None)
-            if ancestor is None:
-                return False
-            prefix = name[len(ancestor) + 1 :] if ancestor else name
-            self.adopted.setdefault(ancestor, {}).update({f"{prefix}.{k}": p for k, p in params.items()})
-        return True
+    def _verified_rules(
+        self, name: str, module: nn.Module, args: tuple, kwargs: dict, leaves: list, out: torch.Tensor
+    ) -> set[str]:
+        """The rules whose reading of this call's tensors the provenance of the samples bears out."""
+        record = self.provenance.record(name, 0)
+        if record is None:
+            return set()
+        tags, out_tags = record.measured(leaves, out, self.num_samples)
+        along_0 = sample_tag(0)
+        rules = set()
+        if along_0 in out_tags and args and leaves and leaves[0] is args[0] and along_0 in tags[0]:
+            rules.add(CLOSED)
+        if _plain_attention(module):
+            along = sample_tag(0 if module.batch_first else 1)
+            try:
+                call = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+            except TypeError:
+                call = {}
+            qkv = [call.get(k) for k in ("query", "key", "value")]
+            if along in out_tags and all(isinstance(t, torch.Tensor) and t.ndim == 3 for t in qkv):
+                index = [next(i for i, leaf in enumerate(leaves) if leaf is t) for t in qkv]
+                if all(along in tags[i] for i in index):
+                    rules.add(ATTENTION)
+        if along_0 in out_tags and not record.opaque and all(SHARED in t or along_0 in t for t in tags):
+            rules.add(VJP)
+            self.split[name] = [along_0 in t for t in tags]
+        return rules
 
-    def _backward(self, name: str, module: nn.Module, delta: torch.Tensor) -> None:
-        args, kwargs = self._inputs.pop(name) if self.last_pass else self._inputs[name]
-        params = {k: p.detach() for k, p in {**self.own.get(name, {}), **self.adopted.get(name, {})}.items()}
-        if not params:
-            return
-        rule = _closed_form(module) if name not in self.adopted else None
-        if rule is not None and args and isinstance(args[0], torch.Tensor):
-            self._add(name, rule(module, upcast(args[0]), upcast(delta)))  # half-precision sums of squares lose terms
-            return
-        self._enabled = False  # the attention rule and the fallback re-run the module: its submodules must not record
-        try:
-            split = _attention_norms(module, args, kwargs, delta.detach()) if _plain_attention(module) else None
-            if split is None:
-                norms = _vjp_norms(module, params, args, kwargs, delta.detach(), self.chunk)
-                split = {owner: norms[:, column] for column, owner in enumerate(_owners(params))}
-        finally:
-            self._enabled = True
-        for owner, norms in split.items():
-            self._add(f"{name}.{owner}" if name and owner else name or owner, norms)
-
-    def _add(self, name: str, norms: torch.Tensor) -> None:
-        norms = accumulate(norms.detach())
-        if self.weight is not None:
-            norms = norms * self.weight
-        self.norms[name] = self.norms[name] + norms if name in self.norms else norms
-
-    def entry_outputs(self) -> list[torch.Tensor]:
-        """Outputs of the innermost modules called with the model's non-differentiable input itself (an embedding of
-        the token ids), the whole model left out. Their outputs are per sample; an embedding of anything else (of
-        positions, shared by all samples) is not an entry: its per-sample gradients are not in its output gradient."""
-        innermost = [n for n in self._entries if n and not any(o.startswith(f"{n}.") for o in self._entries)]
-        return [self._entries[n] for n in innermost]
-
-    def all_reached(self) -> bool:
-        """Whether every module owning parameters that produced a differentiable output received its gradient, and
-        all of it through that output (none through a second one)."""
-        expected = [n for n in self._hooked if n in self.own or n in self.adopted]
-        reached = all(n in self.norms or any(k.startswith(f"{n}.") for k in self.norms) for n in expected)
-        return reached and not self.partial.intersection(expected)
-
-    def shared(self) -> bool:
-        """Whether a parameter belongs to several modules or a module owning parameters ran more than once: per-use
-        norms would then be wrong."""
+    def decide(self, output: torch.Tensor) -> None:
+        """After the forward pass: which parameters count (those the output depends on), who owns them (the parameters
+        of modules that never ran go to their nearest ancestor that did), and each module's rule or the exact path."""
+        reachable = _reachable_parameters(output)
         owners: dict[int, int] = {}
         for params in self.own.values():
             for p in params.values():
                 owners[id(p)] = owners.get(id(p), 0) + 1
-        reused = any(self.calls.get(n, 0) > 1 for n in self.own)
-        return reused or any(c > 1 for c in owners.values())
+        for name, params in self.own.items():
+            used = {k: p for k, p in params.items() if id(p) in reachable}
+            if not used:
+                continue
+            if name in self.calls:
+                self.counted.setdefault(name, {}).update(used)
+                continue
+            parts = name.split(".")
+            ancestor = next(a for a in (".".join(parts[:k]) for k in range(len(parts) - 1, -1, -1)) if a in self.calls)
+            prefix = name[len(ancestor) + 1 :] if ancestor else name
+            self.adopted.setdefault(ancestor, {}).update({f"{prefix}.{k}": p for k, p in used.items()})
+            self.counted.setdefault(ancestor, {}).update({f"{prefix}.{k}": p for k, p in used.items()})
+        modules = dict(self.model.named_modules())
+        for name, params in self.counted.items():
+            rule = None
+            alone = all(owners.get(id(p), 1) == 1 for p in params.values())
+            if name and self.calls.get(name) == 1 and name in self._hooked and alone:
+                module, allowed = modules[name], self.allowed.get(name, set())
+                if name not in self.adopted and _closed_form(module) is not None and CLOSED in allowed:
+                    rule = CLOSED
+                elif _plain_attention(module) and ATTENTION in allowed:
+                    rule = ATTENTION
+                elif VJP in allowed:
+                    rule = VJP
+            if rule is None:
+                self.exact.add(name)
+            else:
+                self.path[name] = rule
+
+    def _backward(self, name: str, module: nn.Module, delta: torch.Tensor) -> None:
+        if name not in self.path:  # the exact path, or nothing to count
+            if self.last_pass:
+                self._inputs.pop(name, None)
+            return
+        args, kwargs = self._inputs.pop(name) if self.last_pass else self._inputs[name]
+        params = {k: p.detach() for k, p in self.counted[name].items()}
+        rule = self.path[name]
+        if rule == CLOSED:
+            # half-precision sums of squares lose terms: upcast
+            self._add(name, name, _closed_form(module)(module, upcast(args[0]), upcast(delta)))
+            return
+        self._enabled = False  # the attention rule and the fallback re-run the module: its submodules must not record
+        try:
+            split = _attention_norms(module, args, kwargs, delta.detach()) if rule == ATTENTION else None
+            if split is None:
+                norms = _vjp_norms(module, params, args, kwargs, delta.detach(), self.chunk, self.split[name])
+                split = {owner: norms[:, column] for column, owner in enumerate(_owners(params))}
+        finally:
+            self._enabled = True
+        for owner, norms in split.items():
+            self._add(name, f"{name}.{owner}" if name and owner else name or owner, norms)
+
+    def _add(self, module: str, name: str, norms: torch.Tensor) -> None:
+        norms = accumulate(norms.detach())
+        if self.weight is not None:
+            norms = norms * self.weight
+        self.norms[name] = self.norms[name] + norms if name in self.norms else norms
+        self.produced.setdefault(module, set()).add(name)
+
+    def finish(self) -> None:
+        """After the backward passes: a module whose hook never ran (a layer off the path of the differentiated
+        inputs) or whose other outputs got gradient goes to the exact path, its hook's norms dropped."""
+        for name in list(self.path):
+            if name in self.partial or name not in self.produced:
+                del self.path[name]
+                self.exact.add(name)
+                for key in self.produced.pop(name, set()):
+                    self.norms.pop(key, None)
+
+    def exact_parameters(self) -> set[int]:
+        return {id(p) for name in self.exact for p in self.counted[name].values()}
+
+    def entry_outputs(self) -> list[torch.Tensor]:
+        """Outputs of the innermost modules called with no tensor that requires gradient (an embedding of the token
+        ids, of positions), the whole model left out: the model's differentiable path starts there."""
+        innermost = [n for n in self._entries if n and not any(o.startswith(f"{n}.") for o in self._entries)]
+        return [self._entries[n] for n in innermost]
+
 
 def _auto_sums(
     model: nn.Module,
     x: Any,
-    cotangents: Callable[[torch.Tensor], list[tuple[torch.Tensor, Optional[torch.Tensor]]]],
+    cotangents: Callable[[torch.Tensor], Any],
     likelihood: str,
     chunk: int,
     forward: Optional[Forward],
+    provenance: Optional[Provenance] = None,
+    chunk_size: Optional[int] = None,
 ) -> Optional[dict[str, torch.Tensor]]:
-    """Per-module sums over the batch of per-sample squared norms (weighted and summed over the backward passes), or
-    None when the hooks cannot be exact (shared parameters, a layer off the input's path): the caller uses vmap."""
-    recorder = _NormRecorder(model, chunk)
+    """Per-module sums over the batch of per-sample squared norms (weighted and summed over the backward passes): the
+    hooks where they are verified, the exact path restricted to the other modules' parameters (see the module doc).
+    None when the whole model had better take the exact path (nothing verified, or some modules unverified while the
+    whole model's per-sample gradients are small): the caller uses vmap."""
+    if provenance is None or not provenance.output_per_sample:
+        return None
+    n = num_samples(x)
+    recorder = _NormRecorder(model, chunk, provenance, n)
+    inputs = x
     x = map_tensors(lambda t: t.detach().requires_grad_(True) if t.is_floating_point() else t, x)
     leaves = tensor_leaves(x)
-    recorder.token_inputs = {id(t) for t in leaves if not t.requires_grad}
     with recorder.attached():
-        output = check_output(run(model, x, forward), num_samples(x), likelihood).float()
-        if recorder.shared() or not recorder.adopt_silent_parameters():
+        output = check_output(run(model, x, forward), n, likelihood).float()
+        recorder.decide(output)
+        if not recorder.path or (recorder.exact and fallbacks._whole_model_is_small(model, chunk)):
             return None
         # The backward only has to reach the hooked outputs: differentiate with respect to the float inputs and to the
-        # outputs of the modules that embed integer inputs (no weight-gradient kernels run); with neither, with
-        # respect to the parameters.
+        # outputs of the modules where the differentiable path starts (no weight-gradient kernels run); with neither,
+        # with respect to the parameters.
         wrt = [t for t in leaves if t.requires_grad] + recorder.entry_outputs()
         wrt = wrt or [p for p in model.parameters() if p.requires_grad]
         passes = cotangents(output)
         for index, (v, weight) in enumerate(passes):
             recorder.weight, recorder.last_pass = weight, index + 1 == len(passes)
             torch.autograd.grad((output * v).sum(), wrt, retain_graph=index + 1 < len(passes), allow_unused=True)
-    if not recorder.all_reached():
-        return None
-    return {name: norms.sum() for name, norms in recorder.norms.items()}
-
-def _samples_along_dim_0(model: nn.Module, sample: Any, forward: Optional[Forward]) -> bool:
-    """Whether every module with parameters in its subtree is called with and returns tensors that hold the samples
-    along dim 0 and nowhere else, as the closed forms and the per-module fallback assume. Seen by running 1 then 2
-    copies of ``sample``: a tensor that depends on the batch must go from (1, ...) to (2, ...). A sequence-first layer
-    (``nn.TransformerEncoderLayer``'s default layout) or samples folded into dim 0 with something else fail it; a
-    sequence-first ``nn.MultiheadAttention`` passes, its rule reads dim 1."""
-    holders = _parameter_holders(model)
-    shapes: dict[int, dict[str, list]] = {1: {}, 2: {}}
-
-    def record(size: int, name: str):  # noqa: ANN202
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            first_arg = next((a for a in args if isinstance(a, torch.Tensor)), None)
-            shapes[size].setdefault(name, []).extend(t.shape for t in (first_arg, _first_tensor(output)) if t is not None)
-
-        return hook
-
-    for size in (1, 2):
-        handles = [m.register_forward_hook(record(size, n)) for n, m in model.named_modules() if n in holders]
-        try:
-            with torch.no_grad():
-                copies = map_tensors(lambda t: t.repeat(size, *[1] * (t.ndim - 1)), sample)
-                run(model, copies, forward)  # contiguous copies: a model may .view() them
-        finally:
-            for h in handles:
-                h.remove()
-    modules = dict(model.named_modules())
-    for name, one in shapes[1].items():
-        layer = modules[name]
-        dim = 1 if _plain_attention(layer) and not layer.batch_first else 0  # the attention rule reads either layout
-        for s1, s2 in zip(one, shapes[2].get(name, [])):
-            if s1 != s2 and (s1[dim] != 1 or s2[dim] != 2 or s1[:dim] + s1[dim + 1 :] != s2[:dim] + s2[dim + 1 :]):
-                return False
-    return shapes[1].keys() == shapes[2].keys()
+    recorder.finish()
+    sums = {name: norms.sum() for name, norms in recorder.norms.items()}
+    exact = recorder.exact_parameters()
+    if exact:
+        step = fallbacks.whole_model_chunk(model, chunk_size, only=exact)
+        rest = fallbacks._vmap_sums(model, inputs, cotangents, likelihood, step, forward, only=exact, passes=passes)
+        for name, value in rest.items():
+            sums[name] = sums[name] + value if name in sums else value
+    return sums

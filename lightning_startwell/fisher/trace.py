@@ -21,9 +21,10 @@ from lightning_startwell.fisher.fallbacks import (
     _whole_model_pass_is_cheaper,
     whole_model_chunk,
 )
-from lightning_startwell.fisher.hooks import _auto_sums, _samples_along_dim_0
+from lightning_startwell.fisher.hooks import _auto_sums
 from lightning_startwell.fisher.likelihoods import _cotangents
-from lightning_startwell.fisher.ownership import owned_parameters
+from lightning_startwell.fisher.ownership import _parameter_holders, owned_parameters
+from lightning_startwell.fisher.provenance import Provenance, sample_provenance
 from lightning_startwell.model_call import Forward, map_tensors, num_samples, routed, run, select
 
 
@@ -96,8 +97,10 @@ def fisher_trace_sums(
     hooks = method == "auto" and not _whole_model_pass_is_cheaper(model, module_chunk)
     totals: dict[str, torch.Tensor] = {}
     with _measurement_mode(model), routed(model, forward), eager():  # compiled models too: see _compile
-        if hooks and count:
-            hooks = _samples_along_dim_0(model, _model_input(select(inputs, slice(0, 1)), device, dtype), forward)
+        provenance: Optional[Provenance] = None
+        if hooks and count:  # which tensors hold the samples, from runs of one and two samples (see provenance.py)
+            first_two = _model_input(select(inputs, slice(0, 2)), device, dtype)
+            provenance = sample_provenance(model, first_two, _parameter_holders(model), forward)
         for start in range(0, count, step):
             x = _model_input(select(inputs, slice(start, start + step)), device, dtype)
             y = targets[start : start + step] if targets is not None else None
@@ -106,7 +109,9 @@ def fisher_trace_sums(
             def cotangents(output: torch.Tensor, y: Optional[torch.Tensor] = y, m: Optional[torch.Tensor] = m) -> Any:
                 return _cotangents(output, fisher, likelihood, y, generator, noise_std, m)
 
-            sums = _auto_sums(model, x, cotangents, likelihood, module_chunk, forward) if hooks else None
+            sums = None
+            if hooks:
+                sums = _auto_sums(model, x, cotangents, likelihood, module_chunk, forward, provenance, chunk_size)
             if sums is None:
                 sums = _vmap_sums(model, x, cotangents, likelihood, whole_model_chunk(model, chunk_size), forward)
             for name, value in sums.items():

@@ -1,0 +1,187 @@
+"""Which tensors a layer is called with and returns hold the samples, decided by what the model does with the samples,
+not by shapes.
+
+The hook rules need, for each layer, tensors that hold sample i (and nothing from the other samples) at index i of one
+dimension, the output gradient of such a tensor then holding each sample's own gradient. A shape cannot tell: a
+position table of T rows looks per-sample when N == T, and an output shared by the samples receives their summed
+gradient. So the model runs (without gradients) on sample 0 alone, on sample 1 alone and on both together, and every
+tensor a layer is called with or returns is tagged by comparing the three runs:
+
+* ``sample0`` (``sample1``): dim 0 (1) has size 1 alone and 2 together, and index i of the pair run equals the run
+  of sample i alone: the tensor holds the samples along that dimension, nothing mixed between them;
+* ``shared``: the same tensor in the three runs (a position table, a causal mask): it holds no sample;
+* neither (untagged): something else (samples folded with positions, mixed between samples, sized by the batch).
+
+The tags of the measured call are then checked against its shapes (a per-sample tensor of N samples, a shared tensor
+of the shape seen). What is not tagged is not guessed: the layer's parameters go to the exact path."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from lightning_startwell.fisher.ownership import _first_tensor
+from lightning_startwell.model_call import Forward, map_tensors, num_samples, run, select, tensor_leaves
+
+#: The dimensions that may hold the samples (1: a sequence-first ``nn.MultiheadAttention``).
+SAMPLE_DIMS = (0, 1)
+SHARED = "shared"
+
+_PLAIN = (
+    type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.layout, torch.memory_format,
+    slice, type(Ellipsis), enum.Enum,
+)
+
+
+def has_opaque(value: Any) -> bool:
+    """Whether ``value`` holds something other than tensors, plain Python values and the containers
+    :func:`~lightning_startwell.model_call.map_tensors` walks (an object that may hide tensors, which cannot then be
+    split by sample)."""
+    if isinstance(value, (torch.Tensor, *_PLAIN)):
+        return False
+    if isinstance(value, Mapping):
+        return any(has_opaque(v) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return any(has_opaque(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return any(has_opaque(getattr(value, f.name)) for f in dataclasses.fields(value))
+    return True
+
+
+def sample_tag(dim: int) -> str:
+    return f"sample{dim}"
+
+
+def _close(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Equal up to the rounding of kernels run on another batch size (integers: exactly)."""
+    if x.dtype != y.dtype or x.shape != y.shape:
+        return False
+    if not (x.is_floating_point() or x.is_complex()):
+        return torch.equal(x, y)
+    tol = 1e-2 if x.element_size() >= 4 else 5e-2
+    scale = float(torch.nan_to_num(y.abs(), posinf=0.0).max()) if y.numel() else 0.0
+    return bool(torch.allclose(x, y, rtol=tol, atol=tol * scale, equal_nan=True))
+
+
+def _tags(a: torch.Tensor, b: torch.Tensor, pair: torch.Tensor) -> frozenset[str]:
+    """The tags of a tensor from its values in the runs of sample 0 alone (a), sample 1 alone (b) and both (pair)."""
+    tags = set()
+    if a.shape == b.shape == pair.shape and _close(a, pair) and _close(b, pair):
+        tags.add(SHARED)
+    for d in SAMPLE_DIMS:
+        if a.ndim <= d or a.shape != b.shape or a.shape[d] != 1 or pair.shape != a.shape[:d] + (2,) + a.shape[d + 1 :]:
+            continue
+        if _close(pair.narrow(d, 0, 1), a) and _close(pair.narrow(d, 1, 1), b):
+            tags.add(sample_tag(d))
+    return frozenset(tags)
+
+
+def _agreeing(tags: frozenset[str], shape: torch.Size, measured: torch.Size, n: int) -> frozenset[str]:
+    """The tags of a one-sample run's tensor (``shape``) that the measured call's tensor of N samples bears out."""
+    kept = {SHARED} if SHARED in tags and measured == shape else set()
+    for d in SAMPLE_DIMS:
+        if sample_tag(d) in tags and measured == shape[:d] + (n,) + shape[d + 1 :]:
+            kept.add(sample_tag(d))
+    return frozenset(kept)
+
+
+@dataclass
+class CallRecord:
+    """One call of a layer in the one-sample runs: the shapes and tags of the tensors it was called with (in the order
+    of :func:`~lightning_startwell.model_call.tensor_leaves` of ``(args, kwargs)``) and of its (first) output, and
+    whether it was called with an object that may hide tensors."""
+
+    shapes: list[torch.Size]
+    tags: list[frozenset[str]]
+    out_shape: Optional[torch.Size]
+    out_tags: frozenset[str]
+    opaque: bool
+
+    def measured(
+        self, leaves: list[torch.Tensor], out: Optional[torch.Tensor], n: int
+    ) -> tuple[list[frozenset[str]], frozenset[str]]:
+        """The tags borne out by the measured call of N samples (all empty where its tensors differ in number)."""
+        if len(leaves) != len(self.shapes) or (out is None) != (self.out_shape is None):
+            return [frozenset()] * len(leaves), frozenset()
+        tags = [_agreeing(t, s, leaf.shape, n) for t, s, leaf in zip(self.tags, self.shapes, leaves, strict=True)]
+        out_tags = _agreeing(self.out_tags, self.out_shape, out.shape, n) if out is not None else frozenset()
+        return tags, out_tags
+
+
+@dataclass
+class Provenance:
+    """The call records of every watched layer (None for a layer called a different number of times in the three
+    runs), and whether the model's output holds the samples along dim 0."""
+
+    calls: dict[str, Optional[list[CallRecord]]]
+    output_per_sample: bool
+
+    def record(self, name: str, index: int) -> Optional[CallRecord]:
+        records = self.calls.get(name)
+        return records[index] if records is not None and index < len(records) else None
+
+
+def sample_provenance(model: nn.Module, inputs: Any, names: set[str], forward: Optional[Forward]) -> Provenance:
+    """Tag the tensors that the modules ``names`` are called with and return, from three runs without gradients: the
+    first sample of ``inputs`` alone, the second alone, both together (two copies of the first when there is one)."""
+    count = num_samples(inputs)
+    first = select(inputs, slice(0, 1))
+    second = select(inputs, slice(1, 2)) if count > 1 else first
+    pair = select(inputs, slice(0, 2)) if count > 1 else map_tensors(lambda t: t.repeat(2, *[1] * (t.ndim - 1)), first)
+    alone: list[dict[str, list]] = [{}, {}]
+    records: dict[str, Optional[list[CallRecord]]] = {}
+    stage = [0]
+
+    def watch(name: str):  # noqa: ANN202
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            leaves = [t.detach() for t in tensor_leaves((args, kwargs))]
+            out = _first_tensor(output)
+            out = out.detach() if out is not None else None
+            if stage[0] < 2:
+                alone[stage[0]].setdefault(name, []).append((leaves, out))
+                return
+            if name in records and records[name] is None:
+                return
+            index = len(records.setdefault(name, []))
+            singles = [runs.get(name, []) for runs in alone]
+            if any(index >= len(s) for s in singles):
+                records[name] = None  # called more often together than alone
+                return
+            (a_leaves, a_out), (b_leaves, b_out) = singles[0][index], singles[1][index]
+            same_count = len(a_leaves) == len(b_leaves) == len(leaves)
+            records[name].append(
+                CallRecord(
+                    shapes=[t.shape for t in a_leaves] if same_count else [],
+                    tags=[_tags(*abp) for abp in zip(a_leaves, b_leaves, leaves, strict=True)] if same_count else [],
+                    out_shape=a_out.shape if a_out is not None else None,
+                    out_tags=_tags(a_out, b_out, out) if a_out is not None and b_out is not None and out is not None
+                    else frozenset(),
+                    opaque=has_opaque((args, kwargs)),
+                )
+            )
+            singles[0][index] = singles[1][index] = (None, None)  # compared: let them go
+
+        return hook
+
+    handles = [m.register_forward_hook(watch(n), with_kwargs=True) for n, m in model.named_modules() if n in names]
+    outputs = []
+    try:
+        with torch.no_grad():
+            for stage[0], x in enumerate((first, second, pair)):
+                outputs.append(run(model, x, forward))
+    finally:
+        for h in handles:
+            h.remove()
+    for name in set(alone[0]) | set(alone[1]) | set(records):
+        counts = {len(alone[0].get(name, [])), len(alone[1].get(name, [])), len(records.get(name) or [])}
+        if len(counts) != 1 or records.get(name) is None:
+            records[name] = None  # called a different number of times by one sample and by two
+    a, b, both = outputs
+    per_sample = all(isinstance(o, torch.Tensor) for o in outputs) and sample_tag(0) in _tags(a, b, both)
+    return Provenance(records, per_sample)
