@@ -52,6 +52,24 @@ WEIGHT_LAYERS = (
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
+def is_transposed_linear(layer: nn.Module) -> bool:
+    """Whether ``layer`` is Hugging Face's ``Conv1D`` (GPT-2's attention and MLP projections): a Linear whose weight
+    is stored (in, out), y = x W + b. Recognised by its class name and that layout (``nf`` outputs), so that
+    ``transformers`` need not be imported."""
+    weight = getattr(layer, "weight", None)
+    return (
+        type(layer).__name__ == "Conv1D"
+        and isinstance(weight, torch.Tensor)
+        and weight.ndim == 2
+        and getattr(layer, "nf", None) == weight.shape[1]
+    )
+
+
+def is_weight_layer(layer: nn.Module) -> bool:
+    """A Linear, a (transposed) convolution, or Hugging Face's ``Conv1D``: the layers the schemes initialise."""
+    return isinstance(layer, WEIGHT_LAYERS) or is_transposed_linear(layer)
+
+
 @dataclass(frozen=True)
 class LayerInit:
     """What :func:`init_weights` did to one layer: its fans, the std it aimed at and the std of the weights it drew.
@@ -74,10 +92,13 @@ def fans(layer: nn.Module) -> tuple[int, int]:
     Convolution: fan_in = in_channels / groups x kernel elements, fan_out = out_channels / groups x kernel elements (the
     stride is ignored, as in ``torch.nn.init``). For a transposed convolution the weight is stored ``(in, out / groups,
     *k)``; its fans are those of the layer's own forward pass, not of the stored layout that ``torch.nn.init`` reads.
+    Hugging Face's ``Conv1D`` stores (in, out): fan_in = weight.shape[0], fan_out = weight.shape[1].
     """
     weight = layer.weight
     if isinstance(layer, nn.Linear):
         return weight.shape[1], weight.shape[0]
+    if is_transposed_linear(layer):
+        return weight.shape[0], weight.shape[1]
     kernel = math.prod(weight.shape[2:])
     groups = layer.groups
     if isinstance(layer, nn.modules.conv._ConvTransposeNd):
@@ -150,8 +171,10 @@ def matrix_fans(layer: nn.Module) -> tuple[int, int]:
 
 
 def _stored_layout(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """Orthogonality is meant between output units: a transposed convolution stores them in dim 1, so swap for it."""
-    return weight.transpose(0, 1) if isinstance(layer, nn.modules.conv._ConvTransposeNd) else weight
+    """Orthogonality is meant between output units: a transposed convolution and Hugging Face's ``Conv1D`` store them
+    in dim 1, so swap for them (a view: writing it writes the weight)."""
+    swapped = isinstance(layer, nn.modules.conv._ConvTransposeNd) or is_transposed_linear(layer)
+    return weight.transpose(0, 1) if swapped else weight
 
 
 @dataclass(frozen=True)
@@ -198,7 +221,7 @@ def find_residual_branches(model: nn.Module, names: Optional[Sequence[str]] = No
 def _branch_of(modules: dict[str, nn.Module], root: str, prefix: Optional[str]) -> ResidualBranch:
     prefix = prefix if prefix is not None else root + "."
     inside = [(n, m) for n, m in modules.items() if n.startswith(prefix)]
-    layers = tuple(n for n, m in inside if isinstance(m, WEIGHT_LAYERS))
+    layers = tuple(n for n, m in inside if is_weight_layer(m))
     norms = [n for n, m in inside if isinstance(m, NORM_LAYERS)]
     return ResidualBranch(root, layers, norms[-1] if norms else None, root)
 
@@ -208,7 +231,7 @@ def weight_layers(
 ) -> dict[str, nn.Module]:
     """Linear and convolution layers of ``model`` by name, filtered by glob patterns on the module name; a layer that
     shares a parameter with an excluded module (a weight tied to an excluded embedding) is excluded too."""
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, WEIGHT_LAYERS)}
+    layers = {n: m for n, m in model.named_modules() if is_weight_layer(m)}
     if include:
         for pattern in include:
             if not any(fnmatch.fnmatchcase(n, pattern) for n in layers):
@@ -546,6 +569,7 @@ __all__ = [
     "forward_variances",
     "gain",
     "init_weights",
+    "is_weight_layer",
     "lsuv_rescale",
     "matrix_fans",
     "target_std",

@@ -19,6 +19,7 @@ from lightning_startwell.callbacks import (
     DeficitInjector,
     DropoutSchedule,
     FisherTraceMonitor,
+    GradientDynamicsMonitor,
     InitScheme,
     SignalPropagationMonitor,
     StochasticDepthSchedule,
@@ -150,6 +151,10 @@ def text_callbacks(causal):
         SignalPropagationMonitor(every_n_steps=2),
         DropoutSchedule(p=0.2, mode="early", cutoff_steps=2),
         fisher,
+        # Per-token cross-entropy for the causal LM (aligned next-token targets, padding masked), per sample for BERT.
+        GradientDynamicsMonitor(num_batches=2, batch_size=4, every_n_steps=2, input_key=keys,
+                                target_key="next_tokens" if causal else "labels",
+                                mask_key="attention_mask" if causal else None),
     ]
 
 
@@ -163,6 +168,7 @@ def test_hugging_face_models_with_every_callback_that_applies(tmp_path, causal):
                                          input_key="input_ids", target_key="labels"))
     make_trainer(tmp_path, callbacks, max_steps=4).fit(module, token_loader())
     prefixes = ["startwell/init/", "startwell/signal/", "startwell/dropout/", "startwell/fisher/trace"]
+    prefixes.append("startwell/dynamics/direction_error")
     scalars = assert_logged(tmp_path, prefixes + ([] if causal else ["startwell/deficit/"]))
     assert [s for s, _ in scalars["startwell/fisher/trace"]] == [0, 2, 4]
     assert [v for _, v in scalars["startwell/dropout/rate"]][-1] == 0.0  # early dropout off after the cutoff
