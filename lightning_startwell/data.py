@@ -113,8 +113,8 @@ class ArrayDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        x, y, own_test = self.load_arrays()
-        x, y = self._tensors(x, y)
+        x_array, y_array, own_test = self.load_arrays()
+        x, y = self._tensors(x_array, y_array)
         num_train, num_val, _ = split_sizes(len(x), self.val_fraction, self.test_fraction)
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))
         # Test takes the tail of the permutation and validation the part before it, so a change of `val_fraction`

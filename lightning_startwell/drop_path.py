@@ -15,7 +15,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ from lightning_startwell.schedules import PERS, Per
 DROP_PATH_CLASSES = {"DropPath": "drop_prob", "StochasticDepth": "p"}
 
 
-def drop_path(x: torch.Tensor, rate: torch.Tensor, per: str = "sample") -> torch.Tensor:
+def drop_path(x: torch.Tensor, rate: Union[torch.Tensor, float], per: str = "sample") -> torch.Tensor:
     """Inverted drop of a residual branch: ``x * b / (1 - rate)`` with ``b ~ Bernoulli(1 - rate)`` drawn for each
     sample (dim 0, ``per="sample"``: timm, torchvision ``mode="row"``) or once for the whole mini-batch
     (``per="batch"``: Huang et al. 2016, torchvision ``mode="batch"``).

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Optional
+from typing import Literal, Optional, Union
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -40,7 +40,7 @@ def render(figure: Figure) -> np.ndarray:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
-def normalise_by_row_max(values: Sequence[Sequence[float]]) -> np.ndarray:
+def normalise_by_row_max(values: Union[Sequence[Sequence[float]], np.ndarray]) -> np.ndarray:
     """Each row divided by its own largest finite value (a row whose largest value is not > 0 becomes 0; non-finite
     entries stay NaN)."""
     array = np.asarray(values, dtype=float)
@@ -126,7 +126,10 @@ def signal_profile(measurements: Sequence[SignalMeasurement]) -> np.ndarray:
     """
     latest = measurements[-1]
     layers = list(latest[1])
-    directions = [("forward", 1, 0), ("backward", 2, -1)] if any(m[2] for m in measurements) else [("forward", 1, 0)]
+    # (direction, index of its variances in a measurement, layer the profile is relative to)
+    directions: list[tuple[str, Literal[1, 2], int]] = [("forward", 1, 0)]
+    if any(m[2] for m in measurements):
+        directions.append(("backward", 2, -1))
     figure = Figure(figsize=(WIDTH if len(directions) == 2 else WIDTH * 0.6, 4.5), dpi=DPI, layout="constrained")
     axes = figure.subplots(1, len(directions), squeeze=False)[0]
     depth = np.arange(1, len(layers) + 1)

@@ -20,7 +20,7 @@ Convolutions follow the input: ``input_shape`` of length 2 gives 1-D layers, of 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, cast
 
 import lightning.pytorch as pl
 import torch
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import nn
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
@@ -62,6 +63,8 @@ class Classifier(pl.LightningModule):
         optimizer: callable that makes the optimizer from the parameters; default SGD(lr=0.05, momentum=0.9).
         lr_scheduler: callable that makes an epoch-wise LR scheduler from the optimizer, or None for a constant LR.
     """
+
+    net: nn.Module  # built by the subclass
 
     def __init__(
         self,
@@ -103,7 +106,7 @@ class Classifier(pl.LightningModule):
 
     @torch.compiler.disable  # torchmetrics' Python counters would recompile a compiled step at every step
     def _log_loss_and_accuracy(self, stage: str, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
-        metric = self.metrics[f"{stage}_acc"]
+        metric = cast(Metric, self.metrics[f"{stage}_acc"])
         metric(logits, y)
         self.log(
             f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "train", sync_dist=stage != "train"

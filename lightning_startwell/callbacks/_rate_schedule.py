@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_startwell import _trainer
 from lightning_startwell._validation import check_bool, check_int
 from lightning_startwell.callbacks._common import log_scalars, run_length
 from lightning_startwell.callbacks._schedule_overview import ScheduleDrawing
@@ -73,7 +74,7 @@ class RateScheduleCallback(ScheduleDrawing):
         steps_per_epoch, total = run_length(trainer)
         cutoffs = (self.cutoff_epochs, self.cutoff_steps, self.cutoff_fraction)
         self._cutoff = resolve_cutoff(*cutoffs, steps_per_epoch, total)
-        if total is None or trainer.fast_dev_run:
+        if total is None or _trainer.fast_dev_run(trainer):
             return
         if not schedule_completes(self.rate, self.mode, self.shape, self._cutoff, total):
             rank_zero_warn(
@@ -102,7 +103,7 @@ class RateScheduleCallback(ScheduleDrawing):
     ) -> None:
         step = trainer.global_step
         metrics = self.apply_rate(pl_module, self.rate_at(step))
-        if step != self._last_logged_step and step % trainer.log_every_n_steps == 0:
+        if step != self._last_logged_step and step % _trainer.log_every_n_steps(trainer) == 0:
             log_scalars(trainer, metrics, step=step)
             self._last_logged_step = step
 

@@ -12,6 +12,7 @@ import numpy as np
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_startwell import _trainer
 from lightning_startwell.callbacks._common import log_image, run_length
 from lightning_startwell.figures import schedule_overview
 
@@ -39,7 +40,7 @@ class ScheduleDrawing(Callback):
         self._write_overview(trainer)
 
     def _write_overview(self, trainer: pl.Trainer) -> None:
-        contributors = [cb for cb in trainer.callbacks if isinstance(cb, ScheduleDrawing) and cb.log_images]
+        contributors = [cb for cb in _trainer.callbacks(trainer) if isinstance(cb, ScheduleDrawing) and cb.log_images]
         if contributors and contributors[0] is self:
             log_image(trainer, TAG, lambda: _draw(trainer, contributors), trainer.global_step)
 

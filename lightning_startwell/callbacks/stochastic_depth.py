@@ -130,6 +130,7 @@ class StochasticDepthSchedule(InstanceStateKey, RateScheduleCallback):
     @override
     def apply_rate(self, pl_module: pl.LightningModule, rate: float) -> dict[str, float]:
         rates = self._block_rates(rate)
+        assert self._hooks is not None  # set up in on_fit_start, like _block_rates asserts
         self._hooks.set_rates(rates)
         return {"startwell/depth/drop_rate": rate, "startwell/depth/expected_depth": expected_depth(rates)}
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.nn.grad import conv1d_weight, conv2d_weight
 
 from lightning_startwell._precision import upcast
 
@@ -93,6 +94,7 @@ def _conv_norms(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, delta: torch.Tens
 
 def _conv_ghost_norms(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """Unfold the input into patches (N x groups, T, C_in/groups x k) and apply the ghost norm per group."""
+    assert not isinstance(layer.padding, str)  # _conv_supported: no padding="same"/"valid"
     one_d = isinstance(layer, nn.Conv1d)
     pair = (lambda v: (1, v[0])) if one_d else (lambda v: tuple(v))
     patches = F.unfold(
@@ -111,7 +113,7 @@ def _conv_ghost_norms(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, delta: torc
 
 def _conv_weight_norms(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """Per-sample weight gradients by one convolution-weight backward with the samples folded into the groups."""
-    weight_grad = torch.nn.grad.conv1d_weight if isinstance(layer, nn.Conv1d) else torch.nn.grad.conv2d_weight
+    weight_grad = conv1d_weight if isinstance(layer, nn.Conv1d) else conv2d_weight
     per_sample = layer.weight.numel()
     step = _chunk_samples(per_sample, x)
     norms = []
@@ -139,6 +141,7 @@ def _batch_norm_norms(layer: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, d
     def per_channel(t: torch.Tensor) -> torch.Tensor:
         return t.flatten(2).sum(2) if t.ndim > 2 else t
 
+    assert layer.running_mean is not None and layer.running_var is not None  # track_running_stats (_closed_form)
     shape = (1, -1) + (1,) * (x.ndim - 2)
     gamma = per_channel(delta * (x - layer.running_mean.reshape(shape))) / torch.sqrt(layer.running_var + layer.eps)
     return _affine_norms(layer, gamma, per_channel(delta))
@@ -248,6 +251,6 @@ def _attention_norms(
 
     has_in_bias = layer.in_proj_bias is not None
     return {
-        "": sum(linear(a, g, has_in_bias) for a, g in zip(inputs, grads, strict=True)),
+        "": cast(torch.Tensor, sum(linear(a, g, has_in_bias) for a, g in zip(inputs, grads, strict=True))),
         "out_proj": linear(context.detach(), delta, layer.out_proj.bias is not None),
     }

@@ -116,13 +116,13 @@ class _PositionPasses(Sequence):
     ) -> None:
         self.centre, self.scale, self.keep, self.weights, self.shape = centre, scale, keep, weights, shape
         classes = range(centre.shape[2])
-        self.index = [(t, k) for t in range(centre.shape[1]) if keep[:, t].any() for k in classes]
+        self.positions = [(t, k) for t in range(centre.shape[1]) if keep[:, t].any() for k in classes]
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.positions)
 
     def __getitem__(self, i: int) -> Pass:  # type: ignore[override]
-        t, k = self.index[i]
+        t, k = self.positions[i]
         v = torch.zeros_like(self.centre)
         v[:, t] = -self.centre[:, t]
         v[:, t, k] += self.scale
@@ -167,10 +167,12 @@ def _cotangents(
             draw = probs.reshape(n * t, d).cpu()
             draw[~torch.isfinite(draw).all(1)] = 1.0  # non-finite outputs: any label will do, the trace is non-finite
             labels = torch.multinomial(draw, 1, generator=generator).reshape(n, t).to(f.device)
+        assert labels is not None  # fisher == "empirical": the targets
         return one((-probs).scatter_add(-1, labels[..., None], torch.ones_like(probs[..., :1])))  # e_y - p
     if fisher == "exact":
         return _PositionPasses(torch.zeros_like(f), 1 / noise_std, keep, None, output.shape)
     if fisher == "empirical":
+        assert labels is not None
         return one((labels - f) / noise_std**2)
     eps = torch.randn(n, t, d, generator=generator).to(f.device)
     return one(eps / noise_std)

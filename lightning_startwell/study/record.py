@@ -13,6 +13,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_startwell import _trainer
+
 
 def accuracy(model: torch.nn.Module, loader: Any, device: torch.device) -> float:
     """Share of the examples of ``loader`` whose arg-max logit is the label, the model in eval mode (restored after)."""
@@ -56,7 +58,7 @@ class StudyRecord(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.interrupted or trainer.current_epoch < (trainer.max_epochs or 0) or not trainer.is_global_zero:
             return
-        datamodule = trainer.datamodule
+        datamodule = _trainer.datamodule(trainer)
         if datamodule is None:
             raise ValueError("StudyRecord needs a datamodule with a test_dataloader() for the test accuracy.")
         result = {

@@ -8,7 +8,7 @@ import math
 import statistics
 import textwrap
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from lightning_startwell.study.config import NO_DEFICIT, Experiment, RunSpec, Study
 from lightning_startwell.study.results import read_fisher, read_results
@@ -154,7 +154,8 @@ def _plot_accuracy(experiment: Experiment, results: list[CellResult], rows: list
     series_values = sorted({getattr(r.cell, experiment.series) for r in results}) if experiment.series else [None]
     shown_references = set()
     for i, value in enumerate(series_values):
-        chosen = [r for r in results if value is None or getattr(r.cell, experiment.series) == value]
+        series = cast(str, experiment.series)  # a value other than None only when there is a series
+        chosen = [r for r in results if value is None or getattr(r.cell, series) == value]
         if experiment.plot == "bars":
             xs = list(range(len(chosen)))
             ax.set_xticks(xs, [str(getattr(r.cell, experiment.x)) for r in chosen], rotation=20)

@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from contextlib import closing
 from pathlib import Path
 from typing import TextIO
@@ -111,7 +111,9 @@ def _fit_in_worker(fit: Callable[[Path], None], cell: Path) -> Path:
     return cell
 
 
-def _fit_in_pool(cells: list[Path], fit: Callable[[Path], None], jobs: int, threads: int) -> Iterator[Path]:
+def _fit_in_pool(
+    cells: list[Path], fit: Callable[[Path], None], jobs: int, threads: int
+) -> Generator[Path, None, None]:
     """Train ``cells`` with ``fit`` in ``jobs`` spawned worker processes of ``threads`` torch threads each; yields each
     cell as its run finishes. Leaving early (an error, Ctrl-C) kills the workers."""
     context = multiprocessing.get_context("spawn")  # fork after torch's threads started is unsafe
@@ -172,7 +174,7 @@ def run_study(
     return len(pending)
 
 
-def _fit_each(cells: list[Path], fit: Callable[[Path], None]) -> Iterator[Path]:
+def _fit_each(cells: list[Path], fit: Callable[[Path], None]) -> Generator[Path, None, None]:
     for cell in cells:
         fit(cell)
         yield cell
