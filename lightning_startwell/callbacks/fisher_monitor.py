@@ -60,11 +60,15 @@ class FisherTraceMonitor(Callback):
     information), then falls (it forgets what it does not need); its split per layer shows where that happens.
 
     The probe set is ``num_samples`` training examples drawn once with ``seed`` (so the curve is comparable over time),
-    measured by :func:`~lightning_startwell.fisher.fisher_trace_sums` in batches of ``batch_size``: exact per-sample
-    gradient norms, in eval mode, fp32, without touching ``.grad``, the model's mode restored. Under DDP every rank
-    takes its share of the probe set (the same draw on every rank, split by rank) and the per-layer sums and counts are
-    all-reduced, so the number equals a single process's on the same samples. The ``true`` Fisher's label draws use a
-    generator seeded from ``seed`` and the step, so a measurement is reproducible.
+    passed once through what a training batch goes through (the precision plugin's ``convert_input``, the module's
+    ``on_before_batch_transfer``, the strategy's ``batch_to_device`` and ``on_after_batch_transfer``: on-device
+    normalisation applies), on forked random streams (torch, numpy, Python: a randomly augmenting dataset leaves the
+    training run as it would be without the monitor), and measured by
+    :func:`~lightning_startwell.fisher.fisher_trace_sums` in batches of ``batch_size``: exact per-sample gradient norms,
+    in eval mode, fp32, without touching ``.grad``, the model's mode restored. Under DDP every rank takes its share of
+    the probe set (the same draw on every rank, split by rank) and the per-layer sums and counts are all-reduced, so the
+    number equals a single process's on the same samples. The ``true`` Fisher's label draws use a generator seeded from
+    ``seed`` and the step, so a measurement is reproducible.
 
     ``probe="clean"`` (the default) measures every time on the same clean examples: the curve follows the network
     alone, on the distribution it is finally judged on. ``probe="training"`` passes the probe through the
@@ -80,7 +84,8 @@ class FisherTraceMonitor(Callback):
     "Fisher trace per layer") with all layer curves on one plot. With ``log_images``, TensorBoard also gets, at every
     measurement, the picture ``startwell/fisher/heatmap``: layers (in forward order) against the measurements so far,
     each layer divided by its own maximum — so the rise and fall of every layer shows, whatever its scale — under the
-    total trace on the same step axis (drawn on rank 0, after the measurement, never in a training step). A non-finite
+    total trace on the same step axis (drawn on rank 0, after the measurement, never in a training step; its history,
+    kept only with a TensorBoard logger, is thinned past ``2 * MAX_HEATMAP_COLUMNS`` measurements). A non-finite
     trace is logged, warned about, and training goes on.
 
     Args:
@@ -90,7 +95,8 @@ class FisherTraceMonitor(Callback):
         every_n_epochs: measure after every ``every_n_epochs`` training epochs (at most one of the two cadences; with
             neither, every epoch).
         fisher: ``true``, ``empirical`` or ``exact`` (see :func:`~lightning_startwell.fisher.fisher_trace`).
-        likelihood: ``categorical`` (classification logits) or ``gaussian`` (regression outputs).
+        likelihood: ``categorical`` (classification logits: (N, C), (N, T, C) per position, (N, C, H, W) per pixel) or
+            ``gaussian`` (regression outputs).
         noise_std: standard deviation of the Gaussian likelihood.
         method: ``auto`` (closed forms) or ``vmap``.
         seed: seed of the probe draw and of the ``true`` Fisher's labels.
@@ -100,11 +106,12 @@ class FisherTraceMonitor(Callback):
             collated probe batches instead.
         target_key: where the labels are (for ``empirical``). For a model that returns one prediction per position
             (a language model's (N, T, V) logits) they are (N, T), aligned with the logits (for a causal LM the next
-            token, not Hugging Face's unshifted ``labels``); positions labelled -100 are left out.
+            token, not Hugging Face's unshifted ``labels``), (N, H, W) for per-pixel (N, C, H, W) logits; positions
+            labelled -100 are left out.
         mask_key: for a model that returns one prediction per position: where the (N, T) mask of the positions to
-            measure is in the batch, e.g. ``attention_mask`` (positions where it is 0, padding, are left out, for every
-            kind of Fisher). Without it every position counts; a batch with an ``attention_mask`` and a model with
-            per-position outputs then warns once.
+            measure is in the batch ((N, H, W) for per-pixel outputs), e.g. ``attention_mask`` (positions where it is
+            0, padding, are left out, for every kind of Fisher). Without it every position counts; a batch with an
+            ``attention_mask`` and a model with per-position outputs then warns once.
         log_per_layer: also log the per-layer split.
         probe: ``clean`` (the probe as drawn) or ``training`` (through the deficits active at the measurement).
         log_images: draw the per-layer heatmap at every measurement (TensorBoard only).
