@@ -3,10 +3,13 @@
 One convention for every function that runs a model (:func:`~lightning_startwell.fisher.fisher_trace`,
 :func:`~lightning_startwell.init.forward_variances`, LSUV) and every callback that does:
 
-* ``inputs`` is a tensor (``model(x)``), a tuple or list of tensors (``model(*inputs)``, positional, in order) or a dict
-  of tensors (``model(**inputs)``, keyword arguments by name: ``{"input_ids": ..., "attention_mask": ...}``). Every
-  tensor holds the samples along dim 0, so the inputs can be split into samples and chunks; non-tensor values are
-  passed as they are.
+* ``inputs`` is a tensor (``model(x)``), a tuple, namedtuple or list of tensors (``model(*inputs)``, positional, in
+  order), a mapping of tensors (a dict, a Hugging Face ``BatchEncoding``: ``model(**inputs)``, keyword arguments by
+  name: ``{"input_ids": ..., "attention_mask": ...}``) or a dataclass of tensors (keyword arguments by field name).
+  Every tensor holds the samples along dim 0, so the inputs can be split into samples and chunks; non-tensor values
+  are passed as they are. Splitting keeps the container's type (Lightning's ``apply_to_collection``, the function that
+  moves batches between devices): a namedtuple stays a namedtuple, a dataclass a dataclass, a ``BatchEncoding`` a
+  ``BatchEncoding``.
 * ``forward``, when given, is a function of the inputs that returns the model's output, used instead of calling the
   model (a LightningModule's ``startwell_forward(batch)``); it gets the inputs whole.
 * The output is read through: an object with ``.logits`` (a Hugging Face ``ModelOutput``) or a dict with ``"logits"``
@@ -17,11 +20,13 @@ One convention for every function that runs a model (:func:`~lightning_startwell
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Optional, Union
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection, is_dataclass_instance
 from torch import nn
 
 from lightning_startwell._compile import eager
@@ -31,14 +36,10 @@ Forward = Callable[[Any], Any]
 
 
 def map_tensors(fn: Callable[[torch.Tensor], Any], inputs: Any) -> Any:
-    """``inputs`` with ``fn`` applied to every tensor (in tuples, lists and dicts, nested); other values unchanged."""
-    if isinstance(inputs, torch.Tensor):
-        return fn(inputs)
-    if isinstance(inputs, Mapping):
-        return {k: map_tensors(fn, v) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(map_tensors(fn, v) for v in inputs)
-    return inputs
+    """``inputs`` with ``fn`` applied to every tensor, nested in tuples, namedtuples, lists, mappings (dicts,
+    ``BatchEncoding``) and dataclasses, each container rebuilt as its own type (Lightning's ``apply_to_collection``);
+    other values unchanged."""
+    return apply_to_collection(inputs, torch.Tensor, fn)
 
 
 def tensor_leaves(inputs: Any) -> list[torch.Tensor]:
@@ -59,7 +60,9 @@ def num_samples(inputs: Any) -> int:
     sizes = {t.shape[0] if t.ndim else None for t in tensor_leaves(inputs)}
     if len(sizes) != 1 or None in sizes:
         shapes = [tuple(t.shape) for t in tensor_leaves(inputs)]
-        raise ValueError(f"`inputs` must hold tensors with the samples along dim 0, all of the same size; got {shapes}.")
+        raise ValueError(
+            f"`inputs` must hold tensors with the samples along dim 0, all of the same size; got {shapes}."
+        )
     return sizes.pop()
 
 
@@ -76,7 +79,12 @@ def call_arguments(inputs: Any, forward: Optional[Forward] = None) -> tuple[tupl
         return (), dict(inputs)
     if isinstance(inputs, (tuple, list)):
         return tuple(inputs), {}
-    raise ValueError(f"`inputs` must be a tensor, a tuple/list or a dict of tensors, got {type(inputs).__name__}.")
+    if is_dataclass_instance(inputs):
+        return (), {field.name: getattr(inputs, field.name) for field in dataclasses.fields(inputs) if field.init}
+    raise ValueError(
+        "`inputs` must be a tensor, a tuple/namedtuple/list, a mapping (dict, BatchEncoding) or a dataclass of tensors,"
+        f" got {type(inputs).__name__}."
+    )
 
 
 def logits(output: Any) -> Any:

@@ -1,18 +1,22 @@
-"""What the callbacks share: how a batch becomes a model call (``input_key``, ``startwell_forward``), finding a tensor in
-a batch, one batch from the train loader, writing scalars and images, saying what a callback attached to."""
+"""What the callbacks share: how a batch becomes a model call (``input_key``, ``startwell_forward``), finding a tensor
+in a batch, one batch from the train loader, writing scalars and images, saying what a callback attached to."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from lightning_utilities.core.apply_func import is_dataclass_instance, is_namedtuple
 from torch import nn
 
 BatchKey = Union[int, str]
@@ -70,33 +74,128 @@ def model_inputs(batch: Any, key: InputKey, module: nn.Module) -> Any:
         return batch
     if isinstance(key, list):
         tensors = [batch_tensor(batch, k) for k in key]
-        return dict(zip(key, tensors)) if isinstance(key[0], str) else tuple(tensors)
+        return dict(zip(key, tensors, strict=True)) if isinstance(key[0], str) else tuple(tensors)
     return batch_tensor(batch, key)
 
 
+def _fields(batch: Any) -> Optional[list[str]]:
+    """The field names of a namedtuple or dataclass batch, else None."""
+    if is_namedtuple(batch):
+        return list(batch._fields)
+    if is_dataclass_instance(batch):
+        return [field.name for field in dataclasses.fields(batch)]
+    return None
+
+
+def _layout(batch: Any) -> str:
+    """What ``batch`` is and the keys it accepts, for an error message."""
+    name = type(batch).__name__
+    fields = _fields(batch)
+    if is_namedtuple(batch):
+        return f"namedtuple {name}: an index below {len(batch)} or a field name, one of {fields}"
+    if fields is not None:
+        return f"dataclass {name}: a field name, one of {fields}"
+    if isinstance(batch, Mapping):
+        return f"{name}: a key, one of {list(batch.keys())}"
+    if isinstance(batch, (list, tuple)):
+        return f"{name} of {len(batch)}: an index below {len(batch)}"
+    return name
+
+
+def batch_value(batch: Any, key: BatchKey) -> Any:
+    """``batch[key]``: an index of a tuple, namedtuple or list, a key of a mapping (a dict, a Hugging Face
+    ``BatchEncoding``), or a field name of a namedtuple or dataclass (``batch.x`` for ``key="x"``); None when there
+    is no such item."""
+    fields = _fields(batch)
+    if isinstance(key, str) and fields is not None:
+        return getattr(batch, key) if key in fields else None
+    if not isinstance(batch, (Mapping, list, tuple)) or isinstance(key, bool):
+        return None
+    try:
+        return batch[key]
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
+def has_tensor(batch: Any, key: BatchKey) -> bool:
+    """Whether ``batch`` holds a tensor at ``key`` (see :func:`batch_value`)."""
+    return isinstance(batch_value(batch, key), torch.Tensor)
+
+
 def batch_tensor(batch: Any, key: BatchKey, argument: str = "input_key") -> torch.Tensor:
-    """The tensor at ``batch[key]`` (index of a tuple/list, or key of a dict), or a ValueError naming ``argument``."""
+    """The tensor at ``key`` in ``batch`` (see :func:`batch_value`), or a ValueError naming ``argument`` and the keys
+    the batch accepts."""
     if isinstance(batch, torch.Tensor) and key == 0:
         return batch
-    try:
-        value = batch[key] if isinstance(batch, (Mapping, list, tuple)) else None
-    except (KeyError, IndexError, TypeError):
-        value = None
+    value = batch_value(batch, key)
     if not isinstance(value, torch.Tensor):
-        layout = list(batch.keys()) if isinstance(batch, Mapping) else type(batch).__name__
-        if isinstance(batch, (list, tuple)):
-            layout = f"{type(batch).__name__} of {len(batch)}"
-        raise ValueError(f"`{argument}`={key!r} does not name a tensor in the batch ({layout}).")
+        raise ValueError(f"`{argument}`={key!r} does not name a tensor in the batch ({_layout(batch)}).")
     return value
 
 
+def _field_name(batch: Any, key: BatchKey) -> Optional[str]:
+    """The field that ``key`` names in a namedtuple or dataclass batch (an index of a namedtuple gives its field)."""
+    if is_namedtuple(batch) and isinstance(key, int):
+        return batch._fields[key]
+    return key if isinstance(key, str) and _fields(batch) is not None else None
+
+
 def replace_tensor(batch: Any, key: BatchKey, value: torch.Tensor) -> Any:
-    """A shallow copy of ``batch`` with ``value`` at ``key`` (the batch itself left as it was)."""
+    """A shallow copy of ``batch``, of the same type (namedtuple, dataclass, ``BatchEncoding``...), with ``value`` at
+    ``key``; the batch itself is left as it was."""
     if isinstance(batch, torch.Tensor):
         return value
+    field = _field_name(batch, key)
+    if is_namedtuple(batch):
+        return batch._replace(**{field: value})
+    if field is not None:  # a dataclass (frozen ones too)
+        copied = copy.copy(batch)
+        object.__setattr__(copied, field, value)
+        return copied
+    if isinstance(batch, MutableMapping):
+        copied = copy.copy(batch)  # a BatchEncoding stays one
+        copied[key] = value
+        return copied
     if isinstance(batch, Mapping):
-        return {**batch, key: value}
+        return type(batch)({**batch, key: value})
     return type(batch)(value if i == key else item for i, item in enumerate(batch))
+
+
+def write_tensor(batch: Any, key: BatchKey, value: torch.Tensor) -> None:
+    """Put ``value`` at ``key`` in ``batch`` itself (a hook whose return value Lightning ignores): item assignment in a
+    list or mutable mapping, the attribute of a dataclass; in a tuple, a namedtuple or a frozen dataclass the tensor
+    there is overwritten in place (same shape and dtype; a collated tensor, never a dataset's storage)."""
+    field = _field_name(batch, key)
+    if field is not None and not is_namedtuple(batch):
+        params = getattr(batch, "__dataclass_params__", None)
+        if params is None or not params.frozen:
+            setattr(batch, field, value)
+            return
+    elif isinstance(batch, (list, MutableMapping)):
+        batch[key] = value
+        return
+    batch_tensor(batch, key).copy_(value)
+
+
+class InstanceStateKey(Callback):
+    """Base of the library's callbacks: the state a checkpoint holds is keyed per instance, so two instances of one
+    class (two deficit windows, two dropout schedules on different modules) can train together and resume, each with
+    its own state. ``state_key`` is Lightning's ``_generate_state_key`` of the constructor arguments in
+    ``state_key_arguments`` (as ``EarlyStopping`` and ``ModelCheckpoint`` do): the class name and those values, e.g.
+    ``DeficitInjector{'deficit': 'blur', 'windows': [(0, 10)]}``; the other arguments may change on a resume.
+    ``_legacy_state_key``, which Lightning looks up when ``state_key`` is absent from a checkpoint, is the class name,
+    under which checkpoints written before held the state of the single instance."""
+
+    #: The attributes (constructor arguments) that tell two instances of the class apart.
+    state_key_arguments: tuple[str, ...] = ()
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(**{name: getattr(self, name) for name in self.state_key_arguments})
+
+    @property
+    def _legacy_state_key(self) -> Any:  # Lightning's own is the class object, for checkpoints older than 1.5
+        return type(self).__qualname__
 
 
 def first_train_batch(trainer: pl.Trainer) -> Any:

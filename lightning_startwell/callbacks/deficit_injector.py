@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import MutableMapping
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
@@ -14,6 +13,7 @@ from typing_extensions import override
 from lightning_startwell._validation import check_bool, check_choice, check_int
 from lightning_startwell.callbacks._common import (
     BatchKey,
+    InstanceStateKey,
     batch_tensor,
     first_train_batch,
     first_train_inputs,
@@ -21,6 +21,7 @@ from lightning_startwell.callbacks._common import (
     log_scalars,
     report_attached,
     run_length,
+    write_tensor,
 )
 from lightning_startwell.callbacks._schedule_overview import ScheduleDrawing
 from lightning_startwell.deficits import (
@@ -57,7 +58,7 @@ def _windows(start_epoch: Union[int, list[int]], end_epoch: Union[int, list[int]
     return windows
 
 
-class DeficitInjector(ScheduleDrawing):
+class DeficitInjector(InstanceStateKey, ScheduleDrawing):
     r"""Apply a deficit to the training batches of the epochs in ``[start_epoch, end_epoch)`` — the experiment of
     Achille et al. (2017): a network that sees blurred images early, then clean ones, ends up worse the longer the
     deficit lasted; the damage of an early deficit is not undone by training longer.
@@ -100,6 +101,8 @@ class DeficitInjector(ScheduleDrawing):
 
         trainer = Trainer(max_epochs=60, callbacks=[DeficitInjector("blur", start_epoch=0, end_epoch=20, size=8)])
     """
+
+    state_key_arguments = ("deficit", "windows")  # they tell two instances apart in a checkpoint
 
     def __init__(
         self,
@@ -249,11 +252,7 @@ class DeficitInjector(ScheduleDrawing):
     def _apply(self, batch: Any) -> None:
         key, argument = self._key
         value = batch_tensor(batch, key, argument)
-        changed = self.transform(value)
-        if isinstance(batch, (list, MutableMapping)):
-            batch[key] = changed
-        else:  # a tuple: overwrite the collated tensor, never a dataset's storage (collation copies)
-            value.copy_(changed)
+        write_tensor(batch, key, self.transform(value))  # the container and its type kept
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
@@ -17,10 +16,12 @@ from lightning_startwell._validation import check_bool, check_choice, check_int
 from lightning_startwell.callbacks._common import (
     BatchKey,
     InputKey,
+    InstanceStateKey,
     as_training_batch,
     batch_forward,
     batch_tensor,
     check_input_key,
+    has_tensor,
     input_description,
     listed,
     log_image,
@@ -52,7 +53,7 @@ from lightning_startwell.model_call import run, select
 MAX_HEATMAP_COLUMNS = 128
 
 
-class FisherTraceMonitor(Callback):
+class FisherTraceMonitor(InstanceStateKey, Callback):
     r"""Log the trace of the Fisher information on a fixed probe set: at the start of training (the initialisation),
     then every ``every_n_steps`` optimizer steps or every ``every_n_epochs`` epochs.
 
@@ -123,6 +124,8 @@ class FisherTraceMonitor(Callback):
 
         trainer = Trainer(callbacks=[FisherTraceMonitor(every_n_epochs=1, num_samples=512)])
     """
+
+    state_key_arguments = ("fisher", "likelihood", "probe")  # they tell two instances apart in a checkpoint
 
     def __init__(
         self,
@@ -237,7 +240,7 @@ class FisherTraceMonitor(Callback):
         """One warning when the probe batch has an ``attention_mask`` that ``mask_key`` does not name while the model
         returns one prediction per position: its padded positions would count in the trace."""
         batch = self._batch
-        if self.mask_key is not None or not isinstance(batch, Mapping) or "attention_mask" not in batch:
+        if self.mask_key is not None or not has_tensor(batch, "attention_mask"):
             return
         with _measurement_mode(pl_module), torch.no_grad():  # eval mode: no dropout draws from the training streams
             output = run(pl_module, select(model_inputs(batch, self.input_key, pl_module), slice(0, 1)),

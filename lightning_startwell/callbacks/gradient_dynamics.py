@@ -16,6 +16,7 @@ from lightning_startwell._validation import check_bool, check_choice, check_int
 from lightning_startwell.callbacks._common import (
     BatchKey,
     InputKey,
+    InstanceStateKey,
     as_training_batch,
     batch_forward,
     batch_tensor,
@@ -41,7 +42,7 @@ from lightning_startwell.dynamics import (
 PREFIX = "startwell/dynamics/"
 
 
-class GradientDynamicsMonitor(Callback):
+class GradientDynamicsMonitor(InstanceStateKey, Callback):
     r"""Log the gradient dynamics that Liu et al. (2023, Section 3) use to explain why early dropout reduces
     underfitting: with dropout, gradients are smaller, the model travels further, and mini-batch gradients agree
     better with each other and with the gradient of the whole data.
@@ -88,6 +89,8 @@ class GradientDynamicsMonitor(Callback):
 
         trainer = Trainer(callbacks=[GradientDynamicsMonitor(every_n_steps=20, num_batches=8)])
     """
+
+    state_key_arguments = ("every_n_steps", "every_n_epochs", "loss")  # they tell two instances apart in a checkpoint
 
     def __init__(
         self,

@@ -14,8 +14,8 @@ from typing_extensions import override
 
 from lightning_startwell._validation import check_bool, check_int
 from lightning_startwell.callbacks._common import (
-    InstanceStateKey,
     InputKey,
+    InstanceStateKey,
     batch_forward,
     check_input_key,
     first_train_batch,
@@ -42,6 +42,7 @@ from lightning_startwell.init import (
     tied_to_excluded,
     weight_layers,
 )
+
 
 class InitScheme(InstanceStateKey, Callback):
     r"""Initialise the model with a variance-preserving scheme at the start of a fresh ``fit``.
