@@ -24,7 +24,7 @@ pytest.importorskip("timm")
 pytest.importorskip("transformers")
 pytest.importorskip("torchvision")
 
-from zoo import CLASSES, FAMILIES, VOCAB, tensors_of  # noqa: E402
+from zoo import FAMILIES, tensors_of  # noqa: E402
 
 from lightning_startwell.callbacks import (  # noqa: E402
     DeficitInjector,
@@ -103,6 +103,16 @@ class Snapshot(Callback):
         self.params = weights(pl_module)
 
 
+class RateProbe(Callback):
+    """The model's dropout and drop-path rates as every training batch starts (after the schedules set them)."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append(rates(pl_module))
+
+
 def weights(module: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters(remove_duplicate=False)}
 
@@ -159,10 +169,10 @@ def assert_deficit_reached_training_step(family: str, seen: list[dict[Any, torch
         assert matches, "a batch training_step saw is no clean batch with the deficit applied"
         original = matches[0][changed_key]
         if label:
-            num_classes = VOCAB if family == "hf_gpt2" else CLASSES
+            num_classes = FAMILIES[family].args["DeficitInjector"]["num_classes"]
             permutation = class_permutation(num_classes, seed=0)
             ignored = original < 0
-            assert ignored.any() == (family == "hf_gpt2")
+            assert ignored.any() == (family in ("hf_gpt2", "unet_segmentation"))
             assert torch.equal(batch[changed_key][ignored], original[ignored])  # -100 kept
             assert torch.equal(batch[changed_key][~ignored], permutation[original[~ignored]])
         else:
@@ -179,8 +189,9 @@ def finite_tags(scalars: dict, prefix: str) -> list[str]:
 
 
 def assert_did_its_job(family: str, name: str, callback: Callback, module, before: dict, started: dict,
-                       scalars: dict, steps: int) -> None:
-    """What callback ``name`` must have done in a fit of ``steps`` optimizer steps (``scalars`` None: no logger)."""
+                       scalars: dict, steps: int, probe: RateProbe) -> None:
+    """What callback ``name`` must have done in a fit of ``steps`` optimizer steps (``scalars`` None: no logger), the
+    rates ``probe`` saw at the first training batch."""
     if scalars is not None:
         finite_tags(scalars, PREFIX[name])
     if name == "InitScheme":
@@ -193,9 +204,19 @@ def assert_did_its_job(family: str, name: str, callback: Callback, module, befor
         if family == "hf_gpt2":
             assert module.gpt.lm_head.weight is module.gpt.transformer.wte.weight  # the tie kept
             assert torch.equal(started["gpt.lm_head.weight"], before["gpt.transformer.wte.weight"])
-    elif name == "DropoutSchedule" and scalars is not None:
-        values = [v for _, v in sorted(scalars["startwell/dropout/rate"])]
-        assert values[0] == pytest.approx(0.2) and values[-1] == 0.0, values
+    elif name == "DropoutSchedule":  # every dropout module, and the named float rates, at p on the first step
+        attributes = FAMILIES[family].args.get("DropoutSchedule", {}).get("attributes") or []
+        first = probe.seen[0]
+        dropout = [k for k in first if k.endswith(".p") and "drop_path" not in k]
+        named = [k for k in first if any(fnmatch.fnmatchcase(k, a) for a in attributes)]
+        assert dropout or named
+        assert all(first[k] == pytest.approx(0.2) for k in dropout + named), first
+        if scalars is not None:
+            values = [v for _, v in sorted(scalars["startwell/dropout/rate"])]
+            assert values[0] == pytest.approx(0.2) and values[-1] == 0.0, values
+    elif name == "StochasticDepthSchedule":  # the model's own drop-path rates off while the hooks drop
+        own = [k for k in probe.seen[0] if k.endswith("drop_prob")]
+        assert all(seen[k] == 0.0 for seen in probe.seen for k in own), own
     elif name == "FisherTraceMonitor" and scalars is not None:
         trace = sorted(scalars["startwell/fisher/trace"])
         assert [s for s, _ in trace] == list(range(0, steps + 1, 2)), trace
@@ -233,13 +254,13 @@ CELLS = [
 def test_every_callback_alone_works_or_refuses_naming_what_to_set(tmp_path, family, name):
     module = build(family)
     before, hooks_before, rates_before = weights(module), hooks(module), rates(module)
-    callback, snapshot = make_callback(family, name), Snapshot()
+    callback, snapshot, probe = make_callback(family, name), Snapshot(), RateProbe()
     expected = EXPECTED[family][name]
     if expected == WORKS:
-        trainer = fit(family, module, [callback, snapshot], tmp_path, max_steps=2)
+        trainer = fit(family, module, [callback, snapshot, probe], tmp_path, max_steps=2)
         assert trainer.global_step == 2
         scalars = read_scalars(tmp_path / "lightning_logs")
-        assert_did_its_job(family, name, callback, module, before, snapshot.params, scalars, steps=2)
+        assert_did_its_job(family, name, callback, module, before, snapshot.params, scalars, steps=2, probe=probe)
     else:
         with pytest.raises(Exception) as refusal:  # noqa: B017 (the type is checked below)
             fit(family, module, [callback, snapshot], tmp_path, max_steps=2)
@@ -276,7 +297,7 @@ def test_every_run_mode_with_every_working_callback_together(tmp_path, family, m
     module = build(family)
     names = working(family)
     callbacks = {name: make_callback(family, name) for name in names}
-    snapshot = Snapshot()
+    snapshot, probe = Snapshot(), RateProbe()
     before, hooks_before, rates_before = weights(module), hooks(module), rates(module)
     if mode == "validate_test":
         trainer = make_trainer(tmp_path, [*callbacks.values()], limit_val_batches=None)
@@ -300,7 +321,8 @@ def test_every_run_mode_with_every_working_callback_together(tmp_path, family, m
             saved = weights(module)
             module = build(family)
             before = weights(module)
-        trainer = fit(family, module, [*callbacks.values(), snapshot], tmp_path, ckpt_path=ckpt_path, **MODES[mode])
+        all_callbacks = [*callbacks.values(), snapshot, probe]
+        trainer = fit(family, module, all_callbacks, tmp_path, ckpt_path=ckpt_path, **MODES[mode])
         assert trainer.global_step == STEPS[mode]
         if mode == "resume":  # nothing re-initialised: training goes on from the checkpoint's weights
             assert all(torch.equal(saved[n], snapshot.params[n]) for n in saved)
@@ -319,6 +341,6 @@ def test_every_run_mode_with_every_working_callback_together(tmp_path, family, m
                 finite_tags(scalars, PREFIX[name]) if logged else None
                 continue
             assert_did_its_job(family, name, callback, module, before, snapshot.params, scalars,
-                               steps=STEPS[mode])
+                               steps=STEPS[mode], probe=probe)
     assert hooks(module) == hooks_before, "hooks left on the model"
     assert rates(module) == rates_before, "dropout / drop-path rates not restored"

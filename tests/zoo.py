@@ -340,7 +340,7 @@ TEXT_KEYS = ["input_ids", "attention_mask"]
 EMBEDDINGS = ["*embeddings*", "*wte", "*wpe"]  # left to the model's own initialisation
 
 FAMILIES: dict[str, Family] = {
-    "timm_convnext": Family(timm_convnext, lambda: image_loader(shape=(3, 32, 32))),
+    "timm_convnext": Family(timm_convnext, lambda: image_loader(shape=(3, 32, 32)), deficit="deprivation"),
     "timm_vit": Family(timm_vit, image_loader, {"InitScheme": {"scheme": "glorot_normal",
                                                               "exclude": ["net.patch_embed*"]}}),
     "tv_mobilenet_v3": Family(torchvision_mobilenet, image_loader, deficit="noise"),
@@ -365,10 +365,22 @@ FAMILIES: dict[str, Family] = {
         },
         deficit="label_permutation",
     ),
-    "hf_vit": Family(hf_vit, image_loader, {"InitScheme": {"scheme": "glorot_normal", "exclude": EMBEDDINGS}}),
-    "lstm_text": Family(LSTMClassifier, token_loader, {"DeficitInjector": {"num_classes": CLASSES}},
-                        deficit="label_permutation"),
-    "unet_segmentation": Family(UNet, segmentation_loader),
+    "hf_vit": Family(
+        hf_vit, image_loader,
+        {
+            "InitScheme": {"scheme": "glorot_normal", "exclude": EMBEDDINGS},
+            # its attention dropout is a float the attention function reads, not a module: named here
+            "DropoutSchedule": {"attributes": ["*.attention.attention_dropout"]},
+        },
+        deficit="vertical_flip",
+    ),
+    "lstm_text": Family(
+        LSTMClassifier, token_loader,
+        {"DropoutSchedule": {"attributes": ["lstm.dropout"]}, "DeficitInjector": {"num_classes": CLASSES}},
+        deficit="label_permutation",
+    ),
+    "unet_segmentation": Family(UNet, segmentation_loader, {"DeficitInjector": {"num_classes": 3}},
+                                deficit="label_permutation"),
     "mlp_regression": Family(
         MLPRegression, regression_loader,
         {"FisherTraceMonitor": {"likelihood": "gaussian"}, "GradientDynamicsMonitor": {"loss": "mse"}},
