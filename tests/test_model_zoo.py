@@ -37,8 +37,6 @@ from lightning_startwell.callbacks import (  # noqa: E402
 )
 from lightning_startwell.deficits import class_permutation  # noqa: E402
 
-pytestmark = pytest.mark.slow
-
 CALLBACKS = {
     "InitScheme": (InitScheme, {"seed": 0}),
     "SignalPropagationMonitor": (SignalPropagationMonitor, {"every_n_steps": 1}),
@@ -59,10 +57,11 @@ PREFIX = {
 }
 
 WORKS = "works"
-# family x callback -> "works", or a substring of the refusal's message (docs/own_model.md, "Model zoo").
-_NO_DROPOUT = "`attributes`"
-_NO_BLOCKS = "`blocks`"
-_NO_FORWARD = "`startwell_forward"
+# family x callback -> "works", or the argument (or method) the refusal's message names in backticks; the table of
+# docs/own_model.md ("Model zoo"), checked against this one below.
+_NO_DROPOUT = "attributes"
+_NO_BLOCKS = "blocks"
+_NO_FORWARD = "startwell_forward"
 EXPECTED: dict[str, dict[str, str]] = {
     "timm_convnext": {},
     "timm_vit": {},
@@ -250,6 +249,7 @@ CELLS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("family", "name"), CELLS)
 def test_every_callback_alone_works_or_refuses_naming_what_to_set(tmp_path, family, name):
     module = build(family)
@@ -266,7 +266,7 @@ def test_every_callback_alone_works_or_refuses_naming_what_to_set(tmp_path, fami
             fit(family, module, [callback, snapshot], tmp_path, max_steps=2)
         message = str(refusal.value)
         assert isinstance(refusal.value, (ValueError, NotImplementedError)), repr(refusal.value)
-        assert expected in message and REFUSAL_WORDS.search(message), message
+        assert f"`{expected}" in message and REFUSAL_WORDS.search(message), message
         after = weights(module)
         assert all(torch.equal(before[n], after[n]) for n in before), "weights changed by a refused fit"
     assert hooks(module) == hooks_before, "hooks left on the model after fit"
@@ -292,6 +292,7 @@ def working(family: str) -> list[str]:
 MODE_CELLS = [(family, mode) for family in FAMILIES for mode in MODES]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("family", "mode"), MODE_CELLS, ids=[f"{f}-{m}" for f, m in MODE_CELLS])
 def test_every_run_mode_with_every_working_callback_together(tmp_path, family, mode):
     module = build(family)
@@ -344,3 +345,25 @@ def test_every_run_mode_with_every_working_callback_together(tmp_path, family, m
                                steps=STEPS[mode], probe=probe)
     assert hooks(module) == hooks_before, "hooks left on the model"
     assert rates(module) == rates_before, "dropout / drop-path rates not restored"
+
+
+def test_the_docs_table_is_the_expectation_table():
+    """docs/own_model.md, "Model zoo": one row per family, one column per callback; a cell is ``works``, ``refuses:
+    `argument``` or, for a known bug, ``works`` followed by what crashes today."""
+    from conftest import REPO
+
+    text = (REPO / "docs" / "own_model.md").read_text()
+    section = text.split("## Model zoo\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip().strip("|").split("|") for line in section.splitlines() if line.startswith("| `")]
+    header = next(line for line in section.splitlines() if line.startswith("| family"))
+    columns = [c.strip().strip("`") for c in header.strip().strip("|").split("|")][2:]
+    assert columns == list(CALLBACKS)
+    table = {}
+    for row in rows:
+        family, cells = row[0].strip().strip("`"), [c.strip() for c in row[2:]]
+        table[family] = {}
+        for name, cell in zip(columns, cells, strict=True):
+            assert ("bug" in cell) == ((family, name) in KNOWN_BUGS), (family, name, cell)
+            refusal = re.fullmatch(r"refuses: `(\w+)`", cell)
+            table[family][name] = refusal.group(1) if refusal else WORKS if cell.startswith("works") else cell
+    assert table == EXPECTED
