@@ -24,6 +24,7 @@ from lightning_startwell.callbacks._common import (
     write_tensor,
 )
 from lightning_startwell.callbacks._schedule_overview import ScheduleDrawing
+from lightning_startwell.callbacks._strategy import refuse_sharded, sharded_strategy
 from lightning_startwell.deficits import (
     DEFICITS,
     Deficit,
@@ -160,6 +161,19 @@ class DeficitInjector(InstanceStateKey, ScheduleDrawing):
         if self.acts_on_targets:
             return self.target_key, "target_key"
         return self.input_key, "input_key"
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # It only changes each rank's own batches, like under DDP: right under FSDP and DeepSpeed (data parallel).
+        # Under ModelParallel the ranks of a tensor-parallel group share one batch: only the deterministic deficits.
+        random = self.deficit in ("noise", "deprivation")
+        if stage == "fit" and random and sharded_strategy(trainer.strategy) == "ModelParallelStrategy":
+            refuse_sharded(
+                trainer,
+                f"DeficitInjector(deficit={self.deficit!r})",
+                "the ranks of a tensor-parallel group must see the same batch, and each would draw its own noise",
+                "Use DDP, FSDP or DeepSpeed, or a deterministic deficit (blur, vertical_flip, label_permutation).",
+            )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -89,7 +89,8 @@ class DropoutSchedule(InstanceStateKey, RateScheduleCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # It only writes rates into modules, the same on every rank: right under every strategy, except that FSDP
         # (Lightning's FSDP1) renames the modules it wraps and forwards attribute reads, not writes, to them.
-        if stage == "fit" and (self.exclude or self.attributes) and sharded_strategy(trainer.strategy) == "FSDPStrategy":
+        patterns = self.exclude or self.attributes
+        if stage == "fit" and patterns and sharded_strategy(trainer.strategy) == "FSDPStrategy":
             refuse_sharded(
                 trainer,
                 "DropoutSchedule with `exclude` or `attributes`",
@@ -118,10 +119,12 @@ class DropoutSchedule(InstanceStateKey, RateScheduleCallback):
         super().on_fit_start(trainer, pl_module)
         self._slots = slots
         self._original = {s.name: s.get() for s in slots}
-        modules = [s.module_name for s in slots if s.attr in ("p", "dropout")]
-        attributes = [s.name for s in slots if s.attr not in ("p", "dropout")]
-        facts = {"dropout modules": listed(modules), "float attributes": listed(attributes),
-                 "schedule": self.schedule_description()}
+        facts = {
+            "dropout modules": listed([s.module_name for s in slots if s.kind == "module"]),
+            "attention dropout probabilities": listed([s.name for s in slots if s.kind == "attention"]),
+            "float attributes": listed([s.name for s in slots if s.kind == "attribute"]),
+            "schedule": self.schedule_description(),
+        }
         report_attached(trainer, "startwell/dropout", "DropoutSchedule", facts)
 
     @override

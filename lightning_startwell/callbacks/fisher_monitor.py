@@ -34,6 +34,7 @@ from lightning_startwell.callbacks._common import (
     run_length,
     tensorboard_experiments,
 )
+from lightning_startwell.callbacks._strategy import refuse_sharded
 from lightning_startwell.callbacks.deficit_injector import DeficitInjector
 from lightning_startwell.figures import fisher_heatmap, spread_over_steps
 from lightning_startwell.fisher import (
@@ -187,6 +188,17 @@ class FisherTraceMonitor(InstanceStateKey, Callback):
         self._batch: Any = None  # this rank's share of the probe set, collated
         self._last_step = -1
         self._layout_written = False
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            refuse_sharded(
+                trainer,
+                "FisherTraceMonitor",
+                "its per-sample gradient norms are taken over the parameters each rank holds, which are shards"
+                " (flattened, or empty); a trace summed over one rank's slice and never reduced over the shards would"
+                " be a wrong number with no error",
+            )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

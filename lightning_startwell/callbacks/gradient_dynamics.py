@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_startwell._precision import accumulation_dtype
-from lightning_startwell._validation import check_bool, check_choice, check_int
+from lightning_startwell._validation import check_batch_key, check_bool, check_choice, check_int
 from lightning_startwell.callbacks._common import (
     BatchKey,
     InputKey,
@@ -29,6 +29,7 @@ from lightning_startwell.callbacks._common import (
     report_attached,
     require_forward,
 )
+from lightning_startwell.callbacks._strategy import refuse_sharded
 from lightning_startwell.dynamics import (
     LOSSES,
     Loss,
@@ -81,7 +82,12 @@ class GradientDynamicsMonitor(InstanceStateKey, Callback):
         seed: seed of the probe draw and of its dropout masks.
         input_key: what the model is called with (a tuple index or dict key of a batch, or a list of them); not used
             when the LightningModule defines ``startwell_forward(batch)``.
-        target_key: where the targets of a batch are.
+        target_key: where the targets of a batch are: (N,) class indices for (N, C) logits; for a model that predicts
+            one class per position, (N, T) for (N, T, C) logits (the target of position t, for a causal language
+            model the token at t + 1: Hugging Face's ``labels`` are unshifted) or (N, H, W) for per-pixel (N, C, H, W)
+            logits; -100 left out, the loss the mean over the positions kept.
+        mask_key: for a model that predicts per position: where the mask of the positions to count is in a batch
+            (``"attention_mask"``); 0 leaves a position out.
         measure_directions: also measure the direction variance and error (off: only the norm and the distance,
             at no extra forward pass).
 
@@ -102,6 +108,7 @@ class GradientDynamicsMonitor(InstanceStateKey, Callback):
         seed: int = 0,
         input_key: InputKey = 0,
         target_key: BatchKey = 1,
+        mask_key: Optional[BatchKey] = None,
         measure_directions: bool = True,
     ) -> None:
         check_int("num_batches", num_batches, minimum=2)
@@ -117,6 +124,8 @@ class GradientDynamicsMonitor(InstanceStateKey, Callback):
                 check_int(name, value)
         check_choice("loss", loss, tuple(LOSSES))
         check_input_key(input_key)
+        check_batch_key("target_key", target_key)
+        check_batch_key("mask_key", mask_key, optional=True)
         check_bool("measure_directions", measure_directions)
         self.num_batches = num_batches
         self.batch_size = batch_size
@@ -126,6 +135,7 @@ class GradientDynamicsMonitor(InstanceStateKey, Callback):
         self.seed = seed
         self.input_key = input_key
         self.target_key = target_key
+        self.mask_key = mask_key
         self.measure_directions = measure_directions
         self._probe: list[tuple[int, Any]] = []  # (index k, collated batch on the device): this rank's share
         self._probe_count = 0  # K after capping to the data
@@ -136,6 +146,17 @@ class GradientDynamicsMonitor(InstanceStateKey, Callback):
         self._norm_count = 0
         self._norm_skipped: Optional[torch.Tensor] = None  # steps with a non-finite ||g|| among the _norm_count
         self._warned_non_finite = False
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            refuse_sharded(
+                trainer,
+                "GradientDynamicsMonitor",
+                "the gradient norm, the distance ||w_t - w_0|| and the probe gradients would be computed on each"
+                " rank's shard of the parameters and gradients and never reduced over the shards: wrong numbers with"
+                " no error",
+            )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -185,6 +206,9 @@ class GradientDynamicsMonitor(InstanceStateKey, Callback):
         if not size:
             raise ValueError("GradientDynamicsMonitor: the train loader has no `batch_size`; give `batch_size`.")
         count = min(self.num_batches, len(dataset) // size)
+        if trainer.world_size > 1:  # the smallest rank's: the same K, so the same passes, on every rank
+            device = trainer.strategy.root_device
+            count = int(trainer.strategy.reduce(torch.tensor(count, device=device), reduce_op="min").item())
         if count < self.num_batches and not trainer.fast_dev_run:
             rank_zero_warn(
                 f"GradientDynamicsMonitor: {len(dataset)} training items hold {count} probe batches of {size},"
@@ -196,13 +220,18 @@ class GradientDynamicsMonitor(InstanceStateKey, Callback):
             return []
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))
         probe = []
-        for k in range(trainer.global_rank, count, trainer.world_size):
+        # Every rank takes ceil(K / world size) batches: past K, batch k mod K again, measured and dropped (a filler),
+        # so that every rank runs the same forward and backward passes (SyncBatchNorm's are collectives).
+        passes = -(-count // trainer.world_size)
+        for k in range(trainer.global_rank, passes * trainer.world_size, trainer.world_size):
             # What a training batch goes through (a dataset's augmentation, the transfer hooks), on forked random
             # streams: the training run draws the same numbers as without the monitor.
             with random_streams_kept(trainer.strategy.root_device):
-                batch = loader.collate_fn([dataset[int(i)] for i in order[k * size : (k + 1) * size]])
+                batch = loader.collate_fn([dataset[int(i)] for i in order[k % count * size : (k % count + 1) * size]])
                 batch = as_training_batch(trainer, trainer.lightning_module, batch)
             batch_tensor(batch, self.target_key, "target_key")  # fails now, naming the argument
+            if self.mask_key is not None:
+                batch_tensor(batch, self.mask_key, "mask_key")
             probe.append((k, batch))
         return probe
 
@@ -268,20 +297,24 @@ class GradientDynamicsMonitor(InstanceStateKey, Callback):
     def _directions(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, float]:
         params = [p for _, p in _trainable(pl_module)]
         forward = batch_forward(pl_module)
-        gradients = (
-            probe_gradient(
+
+        def gradient(k: int, batch: Any) -> torch.Tensor:
+            return probe_gradient(
                 pl_module,
                 model_inputs(batch, self.input_key, pl_module),
                 batch_tensor(batch, self.target_key, "target_key"),
                 params,
                 loss=self.loss,
                 forward=forward,
-                seed=_probe_seed(self.seed, step, k),
+                seed=_probe_seed(self.seed, step, k % self._probe_count),
+                mask=None if self.mask_key is None else batch_tensor(batch, self.mask_key, "mask_key"),
             )
-            for k, batch in self._probe
-        )
-        sums = direction_sums(gradients) if self._probe else None
-        if sums is None:  # a rank with no probe batch (more ranks than batches) adds zeros
+
+        measured = [(k, batch) for k, batch in self._probe if k < self._probe_count]
+        sums = direction_sums(gradient(k, batch) for k, batch in measured) if measured else None
+        for k, batch in self._probe[len(measured) :]:  # fillers, last on every rank: the same passes, dropped
+            gradient(k, batch)
+        if sums is None:  # a rank with no probe batch of its own (more ranks than batches) adds zeros
             size = sum(p.numel() for p in params)
             sums = torch.zeros(2, size, dtype=accumulation_dtype(pl_module.device), device=pl_module.device)
         sums = trainer.strategy.reduce(sums, reduce_op="sum")

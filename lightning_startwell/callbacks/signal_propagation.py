@@ -21,6 +21,7 @@ from lightning_startwell.callbacks._common import (
     report_attached,
     tensorboard_experiments,
 )
+from lightning_startwell.callbacks._strategy import refuse_sharded
 from lightning_startwell.figures import MAX_EARLIER_PROFILES, SignalMeasurement, signal_profile, spread_over_steps
 from lightning_startwell.init import weight_layers
 from lightning_startwell.propagation import SignalRecorder, propagation_ratios, unscale_backward, variances_by_name
@@ -91,6 +92,13 @@ class SignalPropagationMonitor(InstanceStateKey, Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
+            refuse_sharded(
+                trainer,
+                "SignalPropagationMonitor",
+                "its layers are found by type and name, which FSDP's wrapping changes, and under tensor parallelism"
+                " the outputs and output gradients its hooks read are shards; per-layer variances over them have not"
+                " been shown right on any sharded strategy",
+            )
             weight_layers(pl_module, self.include, self.exclude)  # a pattern that matches nothing fails here
 
     @override
