@@ -404,3 +404,38 @@ def test_monitor_on_a_segmentation_model(tmp_path, fisher):
     assert logged["startwell/fisher/trace"][0] == (0, pytest.approx(sum(reference.values()), rel=1e-5))
     for name, value in reference.items():
         assert logged[f"startwell/fisher/layer/model.{name}"][0][1] == pytest.approx(value, rel=1e-4, abs=1e-12)
+
+
+# --- the batch of InitScheme's LSUV (first_train_batch) goes through the transfer hooks too ---------------------------
+
+
+class TripledMLP(MLP):
+    """``on_before_batch_transfer`` multiplies the inputs by 3: the model trains on 3x."""
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        x, y = batch
+        return x * 3, y
+
+
+class AtTrainStart(pl.Callback):
+    """A copy of the model as training starts (after InitScheme's on_fit_start)."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.model = copy.deepcopy(pl_module)
+
+
+def test_lsuv_batch_goes_through_the_transfer_hooks(tmp_path):
+    from conftest import gaussian_loader
+
+    from lightning_startwell.callbacks import InitScheme
+
+    snapshot = AtTrainStart()
+    make_trainer(tmp_path, [InitScheme("lsuv", seed=0, lsuv_tol=0.05), snapshot], max_steps=1).fit(
+        TripledMLP(depth=3, width=64), gaussian_loader(batch_size=32)
+    )
+    # LSUV's unit output variances hold on the first batch as training_step gets it: 3x
+    z = next(iter(gaussian_loader(batch_size=32)))[0].flatten(1) * 3
+    for layer in [m for m in snapshot.model.net if isinstance(m, nn.Linear)]:
+        z = layer(z)
+        assert abs(z.var().item() - 1) < 0.05
+        z = torch.relu(z)

@@ -199,13 +199,13 @@ class InstanceStateKey(Callback):
 
 
 def first_train_batch(trainer: pl.Trainer) -> Any:
-    """One batch of the training data as ``training_step`` gets it (on the module's device, floats in the precision's
-    input dtype: bfloat16 under ``bf16-true``), without touching the global random streams (so the training run sees
-    the same data order as without the callback)."""
-    with torch.random.fork_rng(devices=[]):
+    """One batch of the training data as ``training_step`` gets it (:func:`as_training_batch`: on the module's device,
+    floats in the precision's input dtype, bfloat16 under ``bf16-true``, through the batch-transfer hooks), without
+    touching the global random streams (:func:`random_streams_kept`: the training run sees the same data order and
+    augmentations as without the callback)."""
+    with random_streams_kept(trainer.strategy.root_device):
         loader = trainer.fit_loop._data_source.dataloader()
-        batch = next(iter(loader))
-    return trainer.strategy.batch_to_device(as_step_input(trainer, batch))
+        return as_training_batch(trainer, trainer.lightning_module, next(iter(loader)))
 
 
 @contextmanager
