@@ -733,6 +733,9 @@ def test_ordinary_layers_keep_their_closed_forms(no_whole_model_vmap, monkeypatc
 
     monkeypatch.setattr(fisher_module, "_vjp_norms", None)
     _compare(_trained_bn(ResNet(num_blocks=1, width=4), X_IMG), X_IMG, "empirical", Y)
+    torchvision = pytest.importorskip("torchvision")  # in-place ReLU and ``out += identity`` after hooked layers
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    _compare(_trained_bn(torchvision.models.resnet18(num_classes=5), x), x, "empirical", Y[:4] % 5)
     _compare(MLP(depth=2, width=8), X_IMG, "exact")
     tokens = torch.randint(1, 9, (6, 5), generator=torch.Generator().manual_seed(12))
     with torch.no_grad():

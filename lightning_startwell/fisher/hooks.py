@@ -173,7 +173,8 @@ class _NormRecorder:
                 self.counted.setdefault(name, {}).update(used)
                 continue
             parts = name.split(".")
-            ancestor = next(a for a in (".".join(parts[:k]) for k in range(len(parts) - 1, -1, -1)) if a in self.calls)
+            ancestors = (".".join(parts[:k]) for k in range(len(parts) - 1, -1, -1))
+            ancestor = next((a for a in ancestors if a in self.calls), "")
             prefix = name[len(ancestor) + 1 :] if ancestor else name
             self.adopted.setdefault(ancestor, {}).update({f"{prefix}.{k}": p for k, p in used.items()})
             self.counted.setdefault(ancestor, {}).update({f"{prefix}.{k}": p for k, p in used.items()})

@@ -140,11 +140,11 @@ def sample_provenance(model: nn.Module, inputs: Any, names: set[str], forward: O
 
     def watch(name: str):  # noqa: ANN202
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            leaves = [t.detach() for t in tensor_leaves((args, kwargs))]
+            leaves = tensor_leaves((args, kwargs))
             out = _first_tensor(output)
-            out = out.detach() if out is not None else None
-            if stage[0] < 2:
-                alone[stage[0]].setdefault(name, []).append((leaves, out))
+            if stage[0] < 2:  # copies: a later in-place operation (ReLU(inplace=True), ``out += x``) changes them
+                copies = [t.detach().clone() for t in leaves]
+                alone[stage[0]].setdefault(name, []).append((copies, out.detach().clone() if out is not None else None))
                 return
             if name in records and records[name] is None:
                 return
