@@ -6,6 +6,7 @@ per-sample loops."""
 from __future__ import annotations
 
 import copy
+import itertools
 import random
 
 import lightning.pytorch as pl
@@ -439,3 +440,38 @@ def test_lsuv_batch_goes_through_the_transfer_hooks(tmp_path):
         z = layer(z)
         assert abs(z.var().item() - 1) < 0.05
         z = torch.relu(z)
+
+
+class DenseRegressor(nn.Module):
+    """(N, 2, H, W) images to (N, 2, H, W) per-pixel means: a Gaussian in 2 dimensions per pixel."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 2, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "exact"])
+def test_per_pixel_gaussian_equals_a_float64_loop(fisher):
+    torch.manual_seed(0)
+    model = DenseRegressor()
+    x, _, mask = segmentation_data(seed=3)
+    targets = torch.randn(len(x), 2, H, W, generator=torch.Generator().manual_seed(4))
+    ours = fisher_trace(model, x, fisher=fisher, targets=targets, mask=mask, likelihood="gaussian", noise_std=0.5)
+    reference = copy.deepcopy(model).double()
+    params = list(reference.parameters())
+    total = 0.0
+    for i in range(len(x)):
+        f = reference(x[i : i + 1].double())[0]  # (2, H, W)
+        kept = mask[i] != 0
+        if fisher == "empirical":  # log N(t | f, 0.5^2 I) summed over the kept pixels
+            log_p = -((targets[i].double() - f).square() * kept).sum() / (2 * 0.25)
+            total += sum(g.square().sum().item() for g in torch.autograd.grad(log_p, params))
+        else:  # tr(J^T J) / s^2: one backward per kept pixel and output dimension
+            for d, h, w in itertools.product(range(2), range(H), range(W)):
+                if kept[h, w]:
+                    grads = torch.autograd.grad(f[d, h, w], params, retain_graph=True)
+                    total += sum(g.square().sum().item() for g in grads) / 0.25
+    assert ours.total == pytest.approx(total / len(x), rel=1e-5)

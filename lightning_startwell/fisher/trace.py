@@ -164,21 +164,23 @@ def fisher_trace(
     target is not -100). ``true`` draws one label per position and costs one backward pass; ``exact`` costs one
     backward pass per position and class, T x C (the positions' labels are independent, so their cross terms vanish
     in expectation only one position at a time): on a vocabulary of V tokens, T x V passes. Use ``true`` for language
-    models: an unbiased estimate of ``exact`` at the cost of one pass.
+    models: an unbiased estimate of ``exact`` at the cost of one pass. Per-pixel (N, C, H, W) logits (segmentation,
+    PyTorch's ``cross_entropy`` layout) are the same with the H x W pixels as the positions, in row-major order.
 
     Args:
-        model: returns (N, C) or (N, T, C) logits (``categorical``) or (N,), (N, D) or (N, T, D) means
-            (``gaussian``); an output with
-            ``.logits`` (a Hugging Face ``ModelOutput``) or a dict with ``"logits"`` is read through.
+        model: returns (N, C), (N, T, C) or per-pixel (N, C, H, W) logits (``categorical``) or (N,), (N, D),
+            (N, T, D) or (N, D, H, W) means (``gaussian``); an output with ``.logits`` (a Hugging Face
+            ``ModelOutput``) or a dict with ``"logits"`` is read through.
         inputs: N examples: a tensor (``model(x)``), a tuple of tensors (``model(*inputs)``) or a dict of tensors
             (``model(**inputs)``, e.g. ``input_ids`` and ``attention_mask``), every tensor with the samples along dim
             0 (all are split by sample, masks included).
         fisher: ``true``, ``empirical`` or ``exact``.
         targets: dataset labels (or regression targets), for ``empirical``: (N,), or (N, T) for sequences, aligned
-            with the logits' positions (for a causal LM, the next token: ``input_ids`` shifted left, the last -100);
-            a label of -100 leaves its position out.
-        mask: (N, T), for (N, T, C) outputs: positions where it is 0 are left out for every kind (padding: the
-            ``attention_mask``).
+            with the logits' positions (for a causal LM, the next token: ``input_ids`` shifted left, the last -100),
+            or (N, H, W) for per-pixel logits; a label of -100 leaves its position out. Gaussian targets are shaped
+            as the outputs.
+        mask: (N, T), for (N, T, C) outputs, or (N, H, W) for per-pixel (N, C, H, W) outputs: positions where it is
+            0 are left out for every kind (padding: the ``attention_mask``; pixels outside the region of interest).
         likelihood: ``categorical`` (softmax of logits) or ``gaussian`` (N(output, noise_std^2 I), for regression).
         noise_std: standard deviation of the Gaussian likelihood.
         per_layer: also return the split per module (module name -> its share); otherwise ``per_layer`` is empty.
