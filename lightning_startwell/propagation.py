@@ -77,14 +77,23 @@ class SignalRecorder:
         self.keep_values = keep_values
         self._moments: dict[tuple[str, str], torch.Tensor] = {}
         self.values: dict[tuple[str, str], torch.Tensor] = {}
-        self._handles: list[RemovableHandle] = []
+        self._forward_handles: list[RemovableHandle] = []  # the layers' forward hooks
+        self._handles: list[RemovableHandle] = []  # the gradient hooks on the outputs recorded
 
     def attach(self) -> SignalRecorder:
         for name, layer in self.layers.items():
-            self._handles.append(layer.register_forward_hook(self._forward_hook(name)))
+            self._forward_handles.append(layer.register_forward_hook(self._forward_hook(name)))
         return self
 
+    def stop_forward(self) -> None:
+        """Remove the forward hooks only: later forward passes are not recorded, while the outputs recorded so far
+        still report their gradients (until :meth:`detach`)."""
+        for handle in self._forward_handles:
+            handle.remove()
+        self._forward_handles.clear()
+
     def detach(self) -> None:
+        self.stop_forward()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -107,7 +116,7 @@ class SignalRecorder:
             if not isinstance(output, torch.Tensor):
                 return
             self._add("forward", name, output)
-            if output.requires_grad and self._handles:
+            if output.requires_grad and self._forward_handles:
                 self._handles.append(output.register_hook(lambda grad: self._add("backward", name, grad)))
 
         return hook

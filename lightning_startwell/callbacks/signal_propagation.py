@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any, Optional
 
@@ -33,10 +35,14 @@ class SignalPropagationMonitor(InstanceStateKey, Callback):
     r"""Watch vanishing and exploding signals: every ``every_n_steps`` optimizer steps, on the training step itself,
     the variance of every Linear/conv layer's output z^l (forward) and of the gradient dL/dz^l (backward).
 
-    Hooks are attached in ``on_train_batch_start`` of a measured step and removed after its backward, so the other
-    steps run untouched and nothing is computed twice. On a ``torch.compile``d model the measured step runs eagerly
-    (compiled code would skip hooks it was not traced with); the other steps run the compiled code, which never saw
-    the hooks, and nothing is recompiled. Under DDP the moments of all ranks are summed before the variance
+    Only the training step's own forward and backward are recorded: on a measured step the LightningModule's
+    ``training_step`` is wrapped for its next call (from ``on_train_batch_start``), the layers' forward hooks exist
+    only while it runs, and the gradient hooks sit on the outputs it produced, removed after its backward. Another
+    callback's probe passes (GradientDynamicsMonitor's probe gradients, FisherTraceMonitor's trace), whatever the
+    order of the callbacks, run outside it and are not recorded. The other steps run untouched and nothing is computed
+    twice. On a ``torch.compile``d model the measured training step runs eagerly (compiled code would skip hooks it
+    was not traced with); the other steps run the compiled code, which never saw the hooks, and nothing is
+    recompiled. Under DDP the moments of all ranks are summed before the variance
     is taken, so the numbers are those of the global batch. Under ``16-mixed`` with a GradScaler the gradients the
     hooks see are multiplied by the loss scale: the backward moments are divided by it (the variance by scale^2), so
     the logged variances are those of the true gradients whatever the scale. With gradient accumulation the first
@@ -86,7 +92,7 @@ class SignalPropagationMonitor(InstanceStateKey, Callback):
         self.log_images = log_images
         self._profiles: list[SignalMeasurement] = []  # for the picture: the measurements, thinned as they accumulate
         self._recorder: Optional[SignalRecorder] = None
-        self._measuring = ExitStack()  # the recorder's hooks and the eager stance, from batch start to backward
+        self._measuring = ExitStack()  # the recorder's gradient hooks and the training_step wrapper, up to backward
         self._last_measured_step = -1
 
     @override
@@ -116,8 +122,9 @@ class SignalPropagationMonitor(InstanceStateKey, Callback):
             return
         layers = weight_layers(pl_module, self.include, self.exclude)
         recorder = SignalRecorder(layers, keep_values=_HISTOGRAM_VALUES if self.log_histograms else 0)
-        self._measuring.enter_context(eager())
-        self._recorder = self._measuring.enter_context(recorder)
+        self._measuring.callback(recorder.detach)
+        self._measuring.callback(_record_next_training_step(pl_module, recorder))
+        self._recorder = recorder
         self._last_measured_step = step
 
     def _stop_measuring(self) -> Optional[SignalRecorder]:
@@ -177,6 +184,36 @@ class SignalPropagationMonitor(InstanceStateKey, Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_measured_step = state_dict["last_measured_step"]
         self._profiles = list(state_dict.get("profiles", []))  # absent from checkpoints written before the pictures
+
+
+def _record_next_training_step(pl_module: pl.LightningModule, recorder: SignalRecorder) -> Callable[[], None]:
+    """Wrap ``pl_module.training_step`` for its next call: that call runs eagerly with the recorder's forward hooks
+    on (removed when it returns; the gradient hooks it set stay for the backward), then the wrapper takes itself away.
+    Returns the function that takes it away (for a step that never called it). Lightning calls the method through
+    the instance (``getattr``) on one device and under DDP, so the wrapper sees exactly the training step."""
+    owned = vars(pl_module)
+    had_own, own = "training_step" in owned, owned.get("training_step")  # e.g. Lightning's compiled training_step
+    original = pl_module.training_step
+
+    def restore() -> None:
+        if owned.get("training_step") is training_step:
+            if had_own:
+                owned["training_step"] = own
+            else:
+                del owned["training_step"]
+
+    @functools.wraps(original)
+    def training_step(*args: Any, **kwargs: Any) -> Any:
+        restore()
+        with eager():
+            recorder.attach()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                recorder.stop_forward()
+
+    owned["training_step"] = training_step
+    return restore
 
 
 def _grad_scale(trainer: pl.Trainer) -> Optional[torch.Tensor]:
