@@ -214,7 +214,9 @@ def random_streams_kept(device: Optional[torch.device] = None) -> Iterator[None]
     accelerator: CUDA, MPS...), numpy's and Python's ``random``. A probe drawn inside (a dataset that augments with any
     of them, a random transfer hook) leaves the training run's draws as they would be without it."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
-    accelerator = device is not None and device.type != "cpu"
+    # an accelerator whose torch module has a random state (cuda, mps, xpu...); any other keeps its stream
+    accelerator = device is not None and hasattr(getattr(torch, device.type, None), "get_rng_state")
+    accelerator = accelerator and device.type != "cpu"
     index = device.index if accelerator and device.index is not None else 0
     devices, device_type = ([index], device.type) if accelerator else ([], "cuda")
     try:
