@@ -44,7 +44,7 @@ CALLBACKS = {
     "StochasticDepthSchedule": (StochasticDepthSchedule, {"drop_rate": 0.2}),
     "FisherTraceMonitor": (FisherTraceMonitor, {"num_samples": 8, "batch_size": 4, "every_n_steps": 2}),
     "DeficitInjector": (DeficitInjector, {"start_epoch": 0, "end_epoch": 1, "size": 4, "noise_std": 0.5}),
-    "GradientDynamicsMonitor": (GradientDynamicsMonitor, {"num_batches": 2, "batch_size": 4, "every_n_steps": 2}),
+    "GradientDynamicsMonitor": (GradientDynamicsMonitor, {"num_batches": 2, "batch_size": 4, "every_n_steps": 1}),
 }
 PREFIX = {
     "InitScheme": "startwell/init/",
@@ -225,8 +225,17 @@ def assert_did_its_job(family: str, name: str, callback: Callback, module, befor
             assert {v for _, v in scalars["startwell/deficit/active"]} == {1.0}
         assert_deficit_reached_training_step(family, module.seen)
     elif name == "GradientDynamicsMonitor" and scalars is not None:
-        for tag in ("grad_norm", "distance", "direction_variance", "direction_error"):
-            assert f"startwell/dynamics/{tag}" in scalars, sorted(scalars)
+        dynamics = {tag: dict(scalars[f"startwell/dynamics/{tag}"]) for tag in
+                    ("grad_norm", "distance", "direction_variance", "direction_error")}
+        assert all(v > 0 for v in dynamics["grad_norm"].values()), dynamics
+        distance = dynamics["distance"]
+        assert len(distance) > 1, distance
+        if 0 in distance:  # w_0 is where training starts: no distance yet, then some
+            assert distance[0] == 0.0 and distance[max(distance)] > 0, distance
+        else:  # resumed: w_0 of the first run, kept in the checkpoint
+            assert all(v > 0 for v in distance.values()), distance
+        for tag in ("direction_variance", "direction_error"):
+            assert all(0 <= v <= 1 for v in dynamics[tag].values()), dynamics
 
 
 def build(family: str):
