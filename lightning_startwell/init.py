@@ -15,6 +15,7 @@ every device and every DDP rank.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 import warnings
@@ -84,6 +85,61 @@ class LayerInit:
     target_std: float
     std: float
     output_var: float = math.nan
+    module: str = ""  # the module holding the parameter, for an entry per parameter (a recurrent layer's weights)
+
+    @property
+    def module_name(self) -> str:
+        return self.module or self.name
+
+
+#: Gates of a recurrent layer: the row blocks of its packed weights (PyTorch's order: LSTM i, f, g, o; GRU r, z, n).
+GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
+PACKED_LAYERS = (nn.RNNBase, nn.MultiheadAttention)
+
+
+@dataclass(frozen=True)
+class WeightBlock:
+    """One matrix a scheme draws inside a packed parameter: rows ``rows`` of the parameter ``param`` of a recurrent
+    layer (a gate) or of ``nn.MultiheadAttention`` (a projection), with the fans of that matrix's own forward.
+    ``recurrent`` blocks (hidden-to-hidden) are drawn orthogonal with gain 1, whatever the scheme."""
+
+    param: str
+    rows: slice
+    fan_in: int
+    fan_out: int
+    recurrent: bool = False
+
+
+def weight_blocks(layer: nn.Module) -> list[WeightBlock]:
+    """The matrices of a recurrent layer (``nn.RNN``/``LSTM``/``GRU``: per layer, direction and gate, the input weights
+    ``weight_ih`` with fans (input size, hidden size), the recurrent weights ``weight_hh`` (hidden, hidden) and an
+    LSTM's projection ``weight_hr`` (hidden, proj)) or of ``nn.MultiheadAttention``'s input projections (per projection:
+    the packed ``in_proj_weight`` (3E, E) holds three (E, E) matrices; separate ``q/k/v_proj_weight`` (E, kdim or
+    vdim)). Its ``out_proj`` is a Linear, initialised as one."""
+    if isinstance(layer, nn.MultiheadAttention):
+        if layer.in_proj_weight is not None:
+            e = layer.embed_dim
+            return [WeightBlock("in_proj_weight", slice(i * e, (i + 1) * e), e, e) for i in range(3)]
+        return [
+            WeightBlock(name, slice(None), getattr(layer, name).shape[1], layer.embed_dim)
+            for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+        ]
+    gates = next(g for kind, g in GATES.items() if isinstance(layer, kind))
+    hidden = layer.hidden_size
+    blocks = []
+    for name in layer._flat_weights_names:
+        weight = getattr(layer, name)
+        if not name.startswith("weight_"):
+            continue
+        if name.startswith("weight_hr"):
+            blocks.append(WeightBlock(name, slice(None), weight.shape[1], weight.shape[0]))
+            continue
+        recurrent = name.startswith("weight_hh")
+        blocks += [
+            WeightBlock(name, slice(g * hidden, (g + 1) * hidden), weight.shape[1], hidden, recurrent)
+            for g in range(gates)
+        ]
+    return blocks
 
 
 def fans(layer: nn.Module) -> tuple[int, int]:
@@ -231,14 +287,32 @@ def weight_layers(
 ) -> dict[str, nn.Module]:
     """Linear and convolution layers of ``model`` by name, filtered by glob patterns on the module name; a layer that
     shares a parameter with an excluded module (a weight tied to an excluded embedding) is excluded too."""
-    layers = {n: m for n, m in model.named_modules() if is_weight_layer(m)}
+    _check_include([n for n, m in model.named_modules() if is_weight_layer(m)], include, "Linear or convolution layer")
+    return _select(model, is_weight_layer, include, exclude)
+
+
+def packed_layers(
+    model: nn.Module, include: Optional[Sequence[str]] = None, exclude: Optional[Sequence[str]] = None
+) -> dict[str, nn.Module]:
+    """Recurrent layers (``nn.RNN``/``LSTM``/``GRU``) and ``nn.MultiheadAttention`` of ``model`` by name (layers whose
+    parameters pack several matrices, see :func:`weight_blocks`), filtered as :func:`weight_layers` filters."""
+    return _select(model, lambda m: isinstance(m, PACKED_LAYERS), include, exclude)
+
+
+def _check_include(names: Sequence[str], include: Optional[Sequence[str]], what: str) -> None:
+    for pattern in include or ():
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise ValueError(f"`include` pattern {pattern!r} matches no {what}; they are: {sorted(names)}.")
+
+
+def _select(
+    model: nn.Module,
+    kind: Callable[[nn.Module], bool],
+    include: Optional[Sequence[str]],
+    exclude: Optional[Sequence[str]],
+) -> dict[str, nn.Module]:
+    layers = {n: m for n, m in model.named_modules() if kind(m)}
     if include:
-        for pattern in include:
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in layers):
-                raise ValueError(
-                    f"`include` pattern {pattern!r} matches no Linear or convolution layer; layers are:"
-                    f" {sorted(layers)}."
-                )
         layers = {n: m for n, m in layers.items() if any(fnmatch.fnmatchcase(n, p) for p in include)}
     if exclude:
         layers = {n: m for n, m in layers.items() if not any(fnmatch.fnmatchcase(n, p) for p in exclude)}
@@ -272,7 +346,9 @@ def tied_to_excluded(model: nn.Module, exclude: Optional[Sequence[str]]) -> dict
     return tied
 
 
-def check_init_arguments(scheme: str, mode: str, nonlinearity: str, negative_slope: float) -> None:
+def check_init_arguments(
+    scheme: str, mode: str, nonlinearity: str, negative_slope: float, forget_gate_bias: float = 0.0
+) -> None:
     """Raise a ValueError naming the first argument that is not accepted."""
     check_choice("scheme", scheme, SCHEMES)
     check_choice("mode", mode, MODES)
@@ -280,6 +356,9 @@ def check_init_arguments(scheme: str, mode: str, nonlinearity: str, negative_slo
     check_rate("negative_slope", negative_slope)
     if scheme.startswith("he") and nonlinearity not in ("relu", "leaky_relu"):
         raise ValueError(f"`nonlinearity` must be 'relu' or 'leaky_relu' for scheme {scheme!r}, got {nonlinearity!r}.")
+    finite = isinstance(forget_gate_bias, (int, float)) and math.isfinite(forget_gate_bias)
+    if isinstance(forget_gate_bias, bool) or not finite:
+        raise ValueError(f"`forget_gate_bias` must be a finite number, got {forget_gate_bias!r}.")
 
 
 @torch.no_grad()
@@ -301,6 +380,7 @@ def init_weights(
     generator: Optional[torch.Generator] = None,
     forward: Optional[Forward] = None,
     lsuv_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    forget_gate_bias: float = 0.0,
 ) -> list[LayerInit]:
     """Initialise the Linear and convolution layers of ``module`` in place and report, per layer, what was done.
 
@@ -334,9 +414,17 @@ def init_weights(
             model (a LightningModule's ``startwell_forward``).
         lsuv_reduce: for ``lsuv`` under several processes, a function summing a tensor over them (see
             :func:`lsuv_rescale`), so every process tests the variance of all their inputs and stops with the others.
+        forget_gate_bias: the forget-gate bias of every ``nn.LSTM`` (its ``bias_ih`` rows of the f gate; ``bias_hh``
+            stays 0, so the gate's total bias is this value): 1.0 is the common choice (Jozefowicz et al. 2015).
+
+    Recurrent layers (``nn.RNN``/``LSTM``/``GRU``) and ``nn.MultiheadAttention`` pack several matrices in one
+    parameter: each is drawn with its own fans (:func:`weight_blocks`): the scheme on every input matrix (per gate, per
+    projection), the recurrent hidden-to-hidden matrices orthogonal with gain 1 (common practice: Saxe et al. 2014;
+    Keras's ``recurrent_initializer``); ``lsuv`` gives them its orthogonal pre-init without the rescaling, ``fixup``
+    He.
 
     Returns:
-        One :class:`LayerInit` per initialised layer.
+        One :class:`LayerInit` per initialised layer, and one per weight parameter of a recurrent or attention layer.
 
     Example::
 
@@ -344,11 +432,14 @@ def init_weights(
         for layer in report:
             print(layer.name, layer.target_std, layer.std)
     """
-    check_init_arguments(scheme, mode, nonlinearity, negative_slope)
-    layers = weight_layers(module, include, exclude)
-    if not layers:
+    check_init_arguments(scheme, mode, nonlinearity, negative_slope, forget_gate_bias)
+    candidates = [n for n, m in module.named_modules() if is_weight_layer(m) or isinstance(m, PACKED_LAYERS)]
+    _check_include(candidates, include, "Linear, convolution, recurrent or multi-head attention layer")
+    layers = _select(module, is_weight_layer, include, exclude)
+    packed = packed_layers(module, include, exclude)
+    if not layers and not packed:
         raise ValueError(
-            f"`module` has no Linear or convolution layer that scheme {scheme!r} can initialise"
+            f"`module` has no Linear, convolution, recurrent or attention layer that scheme {scheme!r} can initialise"
             f" (after `include`={include!r}, `exclude`={exclude!r}; left alone as tied to an excluded module:"
             f" {tied_to_excluded(module, exclude) or 'none'})."
         )
@@ -372,7 +463,8 @@ def init_weights(
     stds = _target_stds(module, layers, branches, scheme, mode, nonlinearity, negative_slope)
     norms = _norms_to_reset(module, exclude)
     # Everything is checked; should anything still fail (an LSUV forward pass), every tensor is put back as it was.
-    touched = {id(p): p for m in [*layers.values(), *norms.values()] for p in m.parameters(recurse=False)}
+    modules_touched = [*layers.values(), *packed.values(), *norms.values()]
+    touched = {id(p): p for m in modules_touched for p in m.parameters(recurse=False)}
     saved = {key: p.detach().to("cpu", copy=True) for key, p in touched.items()}
     try:
         for name, layer in layers.items():
@@ -380,6 +472,13 @@ def init_weights(
             weight.copy_(_draw(weight.shape, scheme, stds[name], generator).to(weight))
             if layer.bias is not None and not keep_bias:
                 layer.bias.zero_()
+        packed_report = [
+            report
+            for name, layer in packed.items()
+            for report in _init_packed(
+                name, layer, scheme, mode, nonlinearity, negative_slope, keep_bias, forget_gate_bias, generator
+            )
+        ]
         _reset_norms(norms, branches if zero_init_residual else [])
         output_vars = {}
         if scheme == "lsuv":
@@ -397,6 +496,47 @@ def init_weights(
             output_var=output_vars.get(name, math.nan),
         )
         for name, layer in layers.items()
+    ] + packed_report
+
+
+def _init_packed(
+    name: str,
+    layer: nn.Module,
+    scheme: str,
+    mode: str,
+    nonlinearity: str,
+    negative_slope: float,
+    keep_bias: bool,
+    forget_gate_bias: float,
+    generator: torch.Generator,
+) -> list[LayerInit]:
+    """Draw every :func:`weight_blocks` matrix of a recurrent or attention layer: the scheme on each input block with
+    its own fans (``lsuv`` takes its orthogonal pre-init, ``fixup`` He), recurrent blocks orthogonal with gain 1; biases
+    0 (an LSTM's forget-gate rows of ``bias_ih`` at ``forget_gate_bias``). One report entry per weight parameter."""
+    block_scheme = {"lsuv": "orthogonal", "fixup": "he_normal"}.get(scheme, scheme)
+    reports: dict[str, LayerInit] = {}
+    for block in weight_blocks(layer):
+        weight = getattr(layer, block.param)[block.rows]
+        if block.recurrent:
+            std = 1.0 / math.sqrt(max(block.fan_in, block.fan_out))
+            weight.copy_(_draw(weight.shape, "orthogonal", std, generator).to(weight))
+        else:
+            std = target_std(block_scheme, block.fan_in, block.fan_out, mode, nonlinearity, negative_slope)
+            weight.copy_(_draw(weight.shape, block_scheme, std, generator).to(weight))
+        reports.setdefault(block.param, LayerInit(f"{name}.{block.param}", block.fan_in, block.fan_out, std, 0.0,
+                                                  module=name))
+    if not keep_bias:
+        for param_name, bias in layer.named_parameters(recurse=False):
+            if "bias" in param_name:
+                bias.zero_()
+    if isinstance(layer, nn.LSTM) and layer.bias:
+        hidden = layer.hidden_size
+        for param_name, bias in layer.named_parameters(recurse=False):
+            if param_name.startswith("bias_ih"):
+                bias[hidden : 2 * hidden].fill_(forget_gate_bias)  # gate order i, f, g, o
+    return [
+        dataclasses.replace(r, std=accumulate(getattr(layer, r.name.rsplit(".", 1)[1]).detach()).std().item())
+        for r in reports.values()
     ]
 
 
@@ -570,6 +710,8 @@ __all__ = [
     "gain",
     "init_weights",
     "is_weight_layer",
+    "packed_layers",
+    "weight_blocks",
     "lsuv_rescale",
     "matrix_fans",
     "target_std",

@@ -274,5 +274,5 @@ def test_bad_arguments_raise_before_any_weight_changes(kwargs, named):
 
 
 def test_a_model_without_layers_is_refused():
-    with pytest.raises(ValueError, match="no Linear or convolution layer"):
+    with pytest.raises(ValueError, match="no Linear, convolution, recurrent or attention layer"):
         init_weights(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)), "he_normal")

@@ -1,5 +1,5 @@
-"""InitScheme's core on Hugging Face's Conv1D (GPT-2's projections, weight stored (in, out)): every projection
-reached, with the fans of its forward pass, against the formulas."""
+"""InitScheme's core on transformer and recurrent layers: Hugging Face's Conv1D (GPT-2's projections, weight stored
+(in, out)), nn.LSTM / GRU / RNN per gate, nn.MultiheadAttention per projection, each against the formulas."""
 
 from __future__ import annotations
 
@@ -59,3 +59,59 @@ def test_orthogonal_conv1d_is_orthogonal_between_output_units():
         gram = w.t() @ w if w.shape[0] > w.shape[1] else w @ w.t()  # the side that can be the identity
         # A semi-orthogonal matrix scaled by the ReLU gain sqrt(2) (the default nonlinearity): W W^T = 2 I.
         assert torch.allclose(gram, 2 * torch.eye(small, dtype=torch.float64), atol=1e-5), name
+
+
+def gate_blocks(weight, gates):
+    return weight.detach().double().chunk(gates, dim=0)
+
+
+@pytest.mark.parametrize(("kind", "gates"), [(torch.nn.LSTM, 4), (torch.nn.GRU, 3), (torch.nn.RNN, 1)])
+def test_recurrent_layers_per_gate_scheme_on_inputs_orthogonal_recurrence(kind, gates):
+    torch.manual_seed(0)
+    rnn = kind(32, 64, num_layers=2, bidirectional=True)
+    report = init_weights(torch.nn.Sequential(rnn), "glorot_normal", generator=torch.Generator().manual_seed(0))
+    for suffix in ("", "_reverse"):
+        for layer, inputs in ((0, 32), (1, 128)):  # layer 1 reads both directions: 2 x 64
+            for g, block in enumerate(gate_blocks(getattr(rnn, f"weight_ih_l{layer}{suffix}"), gates)):
+                assert block.std().item() == pytest.approx(math.sqrt(2 / (inputs + 64)), rel=0.08), (layer, g)
+            for block in gate_blocks(getattr(rnn, f"weight_hh_l{layer}{suffix}"), gates):
+                assert torch.allclose(block @ block.t(), torch.eye(64, dtype=torch.float64), atol=1e-5)
+    assert all(torch.count_nonzero(p) == 0 for n, p in rnn.named_parameters() if "bias" in n)
+    entry = {r.name: r for r in report}["0.weight_ih_l1"]
+    assert (entry.fan_in, entry.fan_out, entry.module) == (128, 64, "0")
+    assert entry.target_std == pytest.approx(math.sqrt(2 / 192))
+
+
+def test_lstm_forget_gate_bias_and_projection():
+    lstm = torch.nn.LSTM(16, 32, proj_size=8)
+    generator = torch.Generator().manual_seed(0)
+    init_weights(torch.nn.Sequential(lstm), "he_normal", forget_gate_bias=1.0, generator=generator)
+    i, f, g, o = lstm.bias_ih_l0.detach().chunk(4)
+    assert torch.all(f == 1.0) and torch.count_nonzero(torch.cat([i, g, o])) == 0
+    assert torch.count_nonzero(lstm.bias_hh_l0) == 0  # the gate's total bias is the value asked for
+    for block in gate_blocks(lstm.weight_hh_l0, 4):  # (32, 8): recurrent input is the projection
+        assert torch.allclose(block.t() @ block, torch.eye(8, dtype=torch.float64), atol=1e-5)
+    assert lstm.weight_hr_l0.std().item() == pytest.approx(math.sqrt(2 / 32), rel=0.25)  # He, fan_in = hidden 32
+    with pytest.raises(ValueError, match="forget_gate_bias"):
+        init_weights(torch.nn.Sequential(lstm), "he_normal", forget_gate_bias=float("nan"))
+
+
+def test_multihead_attention_fans_per_projection_not_of_the_packed_matrix():
+    attn = torch.nn.MultiheadAttention(64, 4)
+    init_weights(torch.nn.Sequential(attn), "glorot_normal", generator=torch.Generator().manual_seed(0))
+    for block in attn.in_proj_weight.detach().chunk(3):
+        # per projection (64 -> 64): sqrt(2 / 128) = 0.125; the packed (192, 64) matrix would give sqrt(2 / 256)
+        assert block.std().item() == pytest.approx(0.125, rel=0.05)
+    assert attn.out_proj.weight.std().item() == pytest.approx(0.125, rel=0.05)
+    separate = torch.nn.MultiheadAttention(64, 4, kdim=16, vdim=32)
+    init_weights(torch.nn.Sequential(separate), "glorot_normal", generator=torch.Generator().manual_seed(0))
+    assert separate.k_proj_weight.std().item() == pytest.approx(math.sqrt(2 / 80), rel=0.08)
+    assert separate.v_proj_weight.std().item() == pytest.approx(math.sqrt(2 / 96), rel=0.08)
+
+
+def test_transformer_encoder_layer_is_reached_whole():
+    layer = torch.nn.TransformerEncoderLayer(64, 4, dim_feedforward=128)
+    names = {r.name for r in init_weights(layer, "orthogonal", generator=torch.Generator().manual_seed(0))}
+    assert names == {"self_attn.in_proj_weight", "self_attn.out_proj", "linear1", "linear2"}
+    for block in layer.self_attn.in_proj_weight.detach().double().chunk(3):
+        assert torch.allclose(block @ block.t(), 2 * torch.eye(64, dtype=torch.float64), atol=1e-5)  # ReLU gain

@@ -69,6 +69,9 @@ class InitScheme(InstanceStateKey, Callback):
             an excluded module (GPT-2's ``lm_head``, tied to ``transformer.wte``) is left alone too, and the report
             at fit start names it with the module it is tied to.
         keep_bias: keep biases instead of zeroing them.
+        forget_gate_bias: the forget-gate bias of every ``nn.LSTM`` (1.0 is common); recurrent layers and
+            ``nn.MultiheadAttention`` are drawn per gate / per projection, recurrent matrices orthogonal (see
+            :func:`~lightning_startwell.init.init_weights`).
         zero_init_residual: zero the last normalisation layer of each residual branch.
         residual_branches: glob patterns of residual-branch modules (default: found automatically).
         lsuv_tol: tolerance on |Var - 1| for ``lsuv``.
@@ -104,6 +107,7 @@ class InitScheme(InstanceStateKey, Callback):
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
         keep_bias: bool = False,
+        forget_gate_bias: float = 0.0,
         zero_init_residual: bool = False,
         residual_branches: Optional[list[str]] = None,
         lsuv_tol: float = 0.1,
@@ -113,7 +117,7 @@ class InitScheme(InstanceStateKey, Callback):
         log_forward_ratio: bool = True,
         log_images: bool = True,
     ) -> None:
-        check_init_arguments(scheme, mode, nonlinearity, negative_slope)
+        check_init_arguments(scheme, mode, nonlinearity, negative_slope, forget_gate_bias)
         if not 0.0 < lsuv_tol < 1.0:
             raise ValueError(f"`lsuv_tol` must be in (0, 1), got {lsuv_tol!r}.")
         check_int("lsuv_max_iters", lsuv_max_iters)
@@ -126,6 +130,7 @@ class InitScheme(InstanceStateKey, Callback):
         self.include = include
         self.exclude = exclude
         self.keep_bias = keep_bias
+        self.forget_gate_bias = forget_gate_bias
         self.zero_init_residual = zero_init_residual
         self.residual_branches = residual_branches
         self.lsuv_tol = lsuv_tol
@@ -181,6 +186,7 @@ class InitScheme(InstanceStateKey, Callback):
                 include=self.include,
                 exclude=self.exclude,
                 keep_bias=self.keep_bias,
+                forget_gate_bias=self.forget_gate_bias,
                 zero_init_residual=self.zero_init_residual,
                 residual_branches=self.residual_branches,
                 lsuv_inputs=inputs,
@@ -210,7 +216,7 @@ class InitScheme(InstanceStateKey, Callback):
         self._report(trainer, pl_module, inputs if log_forward_ratio else None)
 
     def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ratio_inputs: Any) -> None:
-        initialised = [layer.name for layer in self.report]
+        initialised = list(dict.fromkeys(layer.module_name for layer in self.report))
         modules = dict(pl_module.named_modules())
         drawn = {id(p): n for n in initialised for p in modules[n].parameters(recurse=False)}
         through_tie = {}  # modules whose parameter is one an initialised layer holds too (a tied weight)
