@@ -29,7 +29,9 @@ DEFICITS: tuple[str, ...] = Deficit.__args__  # type: ignore[attr-defined]
 
 def _check_batched(x: torch.Tensor, what: str) -> None:
     if x.ndim not in (3, 4):
-        raise ValueError(f"{what} needs images (N, C, H, W) or signals (N, C, L), got a tensor of shape {tuple(x.shape)}.")
+        raise ValueError(
+            f"{what} needs images (N, C, H, W) or signals (N, C, L), got a tensor of shape {tuple(x.shape)}."
+        )
 
 
 def check_blur_size(shape: torch.Size, size: int) -> None:
@@ -62,11 +64,9 @@ def noise(x: torch.Tensor, std: float, generator: Optional[torch.Generator] = No
     return x + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-def deprivation(
-    x: torch.Tensor, mean: float, std: float, generator: Optional[torch.Generator] = None
-) -> torch.Tensor:
-    """Gaussian noise of mean ``mean`` and standard deviation ``std`` in the shape, dtype and device of ``x``; the values
-    of ``x`` are not used (``generator`` on ``x``'s device, or the global stream)."""
+def deprivation(x: torch.Tensor, mean: float, std: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Gaussian noise of mean ``mean`` and standard deviation ``std`` in the shape, dtype and device of ``x``; the
+    values of ``x`` are not used (``generator`` on ``x``'s device, or the global stream)."""
     if std < 0:
         raise ValueError(f"the deprivation's `std` must be >= 0, got {std!r}.")
     return mean + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)

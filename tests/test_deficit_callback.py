@@ -112,7 +112,8 @@ def test_deprivation_replaces_the_inputs_by_noise_with_the_training_data_moments
 
 
 class DictOrTupleBatches(MLP):
-    """Reads ``{"image", "label"}`` dict batches or ``(x, y)`` tuple batches; records the inputs and targets it trains on."""
+    """Reads ``{"image", "label"}`` dict batches or ``(x, y)`` tuple batches; records the inputs and targets it trains
+    on."""
 
     def __init__(self):
         super().__init__(depth=1, width=8)
@@ -127,11 +128,14 @@ class DictOrTupleBatches(MLP):
 
 def _batches(layout):
     if layout == "dict":
+
         def collate(samples):
             return {"image": torch.stack([x for x, _ in samples]), "label": torch.stack([y for _, y in samples])}
     else:
+
         def collate(samples):
-            return tuple(torch.stack(column) for column in zip(*samples))
+            return tuple(torch.stack(column) for column in zip(*samples, strict=True))
+
     return DataLoader(TensorDataset(TRAIN_X, TRAIN_Y), batch_size=16, shuffle=False, collate_fn=collate)
 
 
@@ -158,7 +162,9 @@ def test_noise_and_vertical_flip_on_dict_and_tuple_batches(tmp_path, layout, def
 
 def test_mid_epoch_resume_applies_the_deficit_on_the_same_epochs(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1)
-    make_trainer(tmp_path, [DeficitInjector("blur", 1, 3, size=4), checkpoint], max_epochs=2).fit(Witness(), loaders()[0])
+    make_trainer(tmp_path, [DeficitInjector("blur", 1, 3, size=4), checkpoint], max_epochs=2).fit(
+        Witness(), loaders()[0]
+    )
     resumed = Witness(expected_active={1, 2})
     make_trainer(tmp_path, [DeficitInjector("blur", 1, 3, size=4)], max_epochs=4).fit(
         resumed, loaders()[0], ckpt_path=tmp_path / "ckpt" / "epoch=1-step=6.ckpt"
@@ -213,8 +219,15 @@ def test_deficits_that_do_not_fit_the_batch_fail_before_training(tmp_path, callb
 @ddp_spawn_flake
 def test_two_process_ddp_applies_the_deficit_on_the_same_epochs(tmp_path):
     trainer = pl.Trainer(
-        default_root_dir=tmp_path, accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=3,
-        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1, use_distributed_sampler=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=3,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        use_distributed_sampler=False,
         callbacks=[DeficitInjector("blur", 1, 2, size=4)],
     )
     trainer.fit(Witness(expected_active={1}), loaders()[0])  # asserts inside training_step, on both ranks
@@ -238,8 +251,9 @@ class TinyTokenModel(pl.LightningModule):
         tokens, targets = batch
         self.seen.append(targets.clone())
         logits = self.head(self.embed(tokens))
-        loss = torch.nn.functional.cross_entropy
-        return loss(logits.flatten(0, 1), targets.flatten(), ignore_index=self.ignore_index)
+        return torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), ignore_index=self.ignore_index
+        )
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)

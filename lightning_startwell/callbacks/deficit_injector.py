@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Optional, Union
 
@@ -46,14 +47,16 @@ def _windows(start_epoch: Union[int, list[int]], end_epoch: Union[int, list[int]
     starts = [start_epoch] if isinstance(start_epoch, int) else list(start_epoch)
     ends = [end_epoch] if isinstance(end_epoch, int) else list(end_epoch)
     if len(starts) != len(ends) or not starts:
-        raise ValueError(f"`start_epoch` and `end_epoch` must pair up into windows, got {start_epoch!r} and {end_epoch!r}.")
-    for start, end in zip(starts, ends):
+        raise ValueError(
+            f"`start_epoch` and `end_epoch` must pair up into windows, got {start_epoch!r} and {end_epoch!r}."
+        )
+    for start, end in zip(starts, ends, strict=True):
         check_int("start_epoch", start, minimum=0)
         check_int("end_epoch", end, minimum=0)
         if end <= start:
             raise ValueError(f"`end_epoch` must be > `start_epoch` in every window, got [{start}, {end}).")
-    windows = sorted(zip(starts, ends))
-    for (_, end), (start, _) in zip(windows, windows[1:]):
+    windows = sorted(zip(starts, ends, strict=True))
+    for (_, end), (start, _) in itertools.pairwise(windows):
         if start < end:
             raise ValueError(f"`start_epoch`/`end_epoch` windows overlap: {windows}.")
     return windows
@@ -70,8 +73,8 @@ class DeficitInjector(InstanceStateKey, ScheduleDrawing):
     deficit depends only on ``trainer.current_epoch``, so a resumed run applies it on the same epochs.
 
     Deficits (see :mod:`lightning_startwell.deficits`): ``blur`` (down to ``size``, antialiased, and back),
-    ``noise`` (additive Gaussian, ``noise_std``), ``deprivation`` (the input replaced by Gaussian noise with the mean and
-    standard deviation of the training inputs, measured at the start of fit on the first 4,096 training examples of
+    ``noise`` (additive Gaussian, ``noise_std``), ``deprivation`` (the input replaced by Gaussian noise with the mean
+    and standard deviation of the training inputs, measured at the start of fit on the first 4,096 training examples of
     this process), ``vertical_flip``, ``label_permutation`` (a fixed random permutation of the classes drawn from
     ``seed``; acts on the targets; ``ignore_index`` and negative targets are kept).
 
@@ -269,7 +272,9 @@ class DeficitInjector(InstanceStateKey, ScheduleDrawing):
         write_tensor(batch, key, self.transform(value))  # the container and its type kept
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         active = self.active(trainer.current_epoch)
         if active:
             self._apply(batch)
@@ -297,9 +302,9 @@ class DeficitInjector(InstanceStateKey, ScheduleDrawing):
                 onset = self._onset_lr[start]
                 if lr < self.lr_warning_ratio * onset:
                     rank_zero_warn(
-                        f"DeficitInjector: the deficit of epochs [{start}, {end}) ends with a learning rate of {lr:.3g},"
-                        f" {onset / lr:.1f}x below its {onset:.3g} at onset; the clean epochs train at a lower learning"
-                        " rate, a confound of the critical-period protocol (Achille et al. 2017)."
+                        f"DeficitInjector: the deficit of epochs [{start}, {end}) ends with a learning rate of"
+                        f" {lr:.3g}, {onset / lr:.1f}x below its {onset:.3g} at onset; the clean epochs train at a"
+                        " lower learning rate, a confound of the critical-period protocol (Achille et al. 2017)."
                     )
                     self._warned = True
 
