@@ -41,6 +41,13 @@ from lightning_startwell.model_call import Forward, map_tensors, num_samples, ru
 CLOSED, ATTENTION, VJP = "closed form", "attention rule", "per-module vmap"
 
 
+def _call_leaves(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """``tensor_leaves((args, kwargs))``, without its container walk for the common call of a layer (tensors only)."""
+    if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+        return list(args)
+    return tensor_leaves((args, kwargs))
+
+
 def _reachable_parameters(output: torch.Tensor) -> set[int]:
     """Ids of the leaf tensors (parameters) that ``output`` depends on, from its autograd graph."""
     found: set[int] = set()
@@ -115,15 +122,18 @@ class _NormRecorder:
             self.calls[name] = self.calls.get(name, 0) + 1
             if out is None or not out.requires_grad or name not in self._holders or self.calls[name] > 1:
                 return
-            leaves = tensor_leaves((args, kwargs))
+            leaves = _call_leaves(args, kwargs)
             self.allowed[name] = self._verified_rules(name, module, args, kwargs, leaves, out)
-            self._inputs[name] = map_tensors(lambda t: t.detach(), (args, kwargs))
+            plain = not kwargs and all(isinstance(a, torch.Tensor) for a in args)
+            self._inputs[name] = (
+                (tuple(a.detach() for a in args), {}) if plain else map_tensors(lambda t: t.detach(), (args, kwargs))
+            )
             self._hooked.add(name)
             self._outputs[name] = weakref.ref(out)
             if not any(t.requires_grad for t in leaves):
                 self._entries[name] = out  # the model's differentiable path starts here (an embedding of the ids)
             out.register_hook(lambda delta: self._backward(name, module, delta))
-            for other in tensor_leaves(output):
+            for other in [output] if isinstance(output, torch.Tensor) else tensor_leaves(output):
                 if other is not out and other.requires_grad:  # a second output (attention weights, an RNN's state)
                     other.register_hook(lambda _: self.partial.add(name))
 
