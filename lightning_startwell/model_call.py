@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, cast
 
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection, is_dataclass_instance
@@ -63,7 +63,7 @@ def num_samples(inputs: Any) -> int:
         raise ValueError(
             f"`inputs` must hold tensors with the samples along dim 0, all of the same size; got {shapes}."
         )
-    return sizes.pop()
+    return cast(int, sizes.pop())  # not None: refused above
 
 
 def select(inputs: Any, index: Union[slice, int, torch.Tensor]) -> Any:
@@ -119,14 +119,14 @@ def routed(model: nn.Module, forward: Optional[Forward]) -> Iterator[None]:
             depth[0] -= 1
 
     route.startwell_routed = True  # type: ignore[attr-defined]
-    model.forward = route  # type: ignore[method-assign]
+    model.forward = route
     try:
         yield
     finally:
         if shadowed is None:
             del model.forward
         else:
-            model.forward = shadowed  # type: ignore[method-assign]
+            model.forward = shadowed
 
 
 def run(model: nn.Module, inputs: Any, forward: Optional[Forward] = None) -> Any:
