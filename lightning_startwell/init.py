@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, cast
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ from torch import nn
 from lightning_startwell._precision import accumulate
 from lightning_startwell._validation import check_choice, check_rate
 from lightning_startwell.model_call import Forward, Inputs, run
-from lightning_startwell.propagation import moments, variance_from_moments
+from lightning_startwell.propagation import PACKED_LAYERS, moments, variance_from_moments
 
 Scheme = Literal[
     "glorot_normal", "glorot_uniform", "he_normal", "he_uniform", "lecun_normal", "orthogonal", "fixup", "lsuv"
@@ -94,7 +94,6 @@ class LayerInit:
 
 #: Gates of a recurrent layer: the row blocks of its packed weights (PyTorch's order: LSTM i, f, g, o; GRU r, z, n).
 GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
-PACKED_LAYERS = (nn.RNNBase, nn.MultiheadAttention)
 
 
 @dataclass(frozen=True)
@@ -125,9 +124,9 @@ def weight_blocks(layer: nn.Module) -> list[WeightBlock]:
             for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight")
         ]
     gates = next(g for kind, g in GATES.items() if isinstance(layer, kind))
-    hidden = layer.hidden_size
+    hidden = cast(int, layer.hidden_size)
     blocks = []
-    for name in layer._flat_weights_names:
+    for name in cast(list[str], layer._flat_weights_names):
         weight = getattr(layer, name)
         if not name.startswith("weight_"):
             continue
@@ -150,13 +149,13 @@ def fans(layer: nn.Module) -> tuple[int, int]:
     *k)``; its fans are those of the layer's own forward pass, not of the stored layout that ``torch.nn.init`` reads.
     Hugging Face's ``Conv1D`` stores (in, out): fan_in = weight.shape[0], fan_out = weight.shape[1].
     """
-    weight = layer.weight
+    weight = _weight(layer)
     if isinstance(layer, nn.Linear):
         return weight.shape[1], weight.shape[0]
     if is_transposed_linear(layer):
         return weight.shape[0], weight.shape[1]
     kernel = math.prod(weight.shape[2:])
-    groups = layer.groups
+    groups = cast(int, layer.groups)
     if isinstance(layer, nn.modules.conv._ConvTransposeNd):
         return weight.shape[0] // groups * kernel, weight.shape[1] * kernel
     return weight.shape[1] * kernel, weight.shape[0] // groups * kernel
@@ -222,8 +221,13 @@ def matrix_fans(layer: nn.Module) -> tuple[int, int]:
     """``(columns, rows)`` of a layer's weight as the matrix an orthogonal draw makes semi-orthogonal (one row per
     output unit, as ``torch.nn.init.orthogonal_`` flattens it): equal to :func:`fans` for a Linear, not for a
     convolution."""
-    weight = _stored_layout(layer, layer.weight)
+    weight = _stored_layout(layer, _weight(layer))
     return math.prod(weight.shape[1:]), weight.shape[0]
+
+
+def _weight(layer: nn.Module) -> torch.Tensor:
+    """``layer.weight``, typed (``nn.Module`` attributes read as tensor or module)."""
+    return cast(torch.Tensor, layer.weight)
 
 
 def _stored_layout(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
@@ -297,6 +301,22 @@ def packed_layers(
     """Recurrent layers (``nn.RNN``/``LSTM``/``GRU``) and ``nn.MultiheadAttention`` of ``model`` by name (layers whose
     parameters pack several matrices, see :func:`weight_blocks`), filtered as :func:`weight_layers` filters."""
     return _select(model, lambda m: isinstance(m, PACKED_LAYERS), include, exclude)
+
+
+def watched_layers(
+    model: nn.Module, include: Optional[Sequence[str]] = None, exclude: Optional[Sequence[str]] = None
+) -> dict[str, nn.Module]:
+    """The layers whose output signal is watched: :func:`weight_layers` and :func:`packed_layers` (recurrent and
+    attention layers), in module order; each ``include`` pattern must match one of them."""
+    _check_include([n for n, m in model.named_modules() if _initialisable(m)], include, _INITIALISABLE)
+    return _select(model, _initialisable, include, exclude)
+
+
+def _initialisable(layer: nn.Module) -> bool:
+    return is_weight_layer(layer) or isinstance(layer, PACKED_LAYERS)
+
+
+_INITIALISABLE = "Linear, convolution, recurrent or multi-head attention layer"
 
 
 def _check_include(names: Sequence[str], include: Optional[Sequence[str]], what: str) -> None:
@@ -433,8 +453,7 @@ def init_weights(
             print(layer.name, layer.target_std, layer.std)
     """
     check_init_arguments(scheme, mode, nonlinearity, negative_slope, forget_gate_bias)
-    candidates = [n for n, m in module.named_modules() if is_weight_layer(m) or isinstance(m, PACKED_LAYERS)]
-    _check_include(candidates, include, "Linear, convolution, recurrent or multi-head attention layer")
+    _check_include([n for n, m in module.named_modules() if _initialisable(m)], include, _INITIALISABLE)
     layers = _select(module, is_weight_layer, include, exclude)
     packed = packed_layers(module, include, exclude)
     if not layers and not packed:
@@ -468,10 +487,11 @@ def init_weights(
     saved = {key: p.detach().to("cpu", copy=True) for key, p in touched.items()}
     try:
         for name, layer in layers.items():
-            weight = _stored_layout(layer, layer.weight)
+            weight = _stored_layout(layer, _weight(layer))
             weight.copy_(_draw(weight.shape, scheme, stds[name], generator).to(weight))
-            if layer.bias is not None and not keep_bias:
-                layer.bias.zero_()
+            bias = cast(Optional[torch.Tensor], layer.bias)
+            if bias is not None and not keep_bias:
+                bias.zero_()
         packed_report = [
             report
             for name, layer in packed.items()
@@ -482,6 +502,7 @@ def init_weights(
         _reset_norms(norms, branches if zero_init_residual else [])
         output_vars = {}
         if scheme == "lsuv":
+            assert lsuv_inputs is not None  # refused above
             output_vars = lsuv_rescale(module, layers, lsuv_inputs, lsuv_tol, lsuv_max_iters, forward, lsuv_reduce)
     except BaseException:
         for key, p in touched.items():
@@ -492,7 +513,7 @@ def init_weights(
             name,
             *fans(layer),
             target_std=math.nan if scheme == "lsuv" else stds[name],
-            std=accumulate(layer.weight.detach()).std().item(),
+            std=accumulate(_weight(layer).detach()).std().item(),
             output_var=output_vars.get(name, math.nan),
         )
         for name, layer in layers.items()
@@ -602,9 +623,10 @@ def _reset_norms(norms: dict[str, nn.Module], branches: list[ResidualBranch]) ->
     listed branch to weight 0."""
     zeroed = {b.last_norm for b in branches if b.last_norm}
     for name, norm in norms.items():
-        norm.weight.fill_(0.0 if name in zeroed else 1.0)
-        if getattr(norm, "bias", None) is not None:
-            norm.bias.zero_()
+        _weight(norm).fill_(0.0 if name in zeroed else 1.0)
+        bias = getattr(norm, "bias", None)
+        if bias is not None:
+            bias.zero_()
 
 
 @contextmanager
@@ -656,7 +678,7 @@ def lsuv_rescale(
             for _ in range(max_iters):
                 if abs(var - 1.0) < tol or var == 0.0:
                     break
-                layers[name].weight.div_(math.sqrt(var))
+                _weight(layers[name]).div_(math.sqrt(var))
                 var = variance(name)
             final[name] = var
     return final
@@ -711,6 +733,7 @@ __all__ = [
     "init_weights",
     "is_weight_layer",
     "packed_layers",
+    "watched_layers",
     "weight_blocks",
     "lsuv_rescale",
     "matrix_fans",

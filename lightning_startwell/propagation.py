@@ -24,6 +24,18 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_startwell._precision import accumulation_dtype
 
+#: Layers whose parameters pack several matrices and whose output is a tuple, the layer's output first: recurrent
+#: layers (``output, h_n`` or ``output, (h_n, c_n)``) and ``nn.MultiheadAttention`` (``attn_output, weights``).
+PACKED_LAYERS = (nn.RNNBase, nn.MultiheadAttention)
+
+
+def layer_output(layer: nn.Module, output: object) -> object:
+    """What a layer outputs as its signal: the first element of a packed layer's tuple (see :data:`PACKED_LAYERS`),
+    else the output itself."""
+    if isinstance(layer, PACKED_LAYERS) and isinstance(output, tuple) and output:
+        return output[0]
+    return output
+
 DIRECTIONS = ("forward", "backward")
 
 
@@ -112,8 +124,9 @@ class SignalRecorder:
             self.values[key] = x.detach().flatten()[: self.keep_values].float().clone()
 
     def _forward_hook(self, name: str):  # noqa: ANN202
-        def hook(_layer: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-            if not isinstance(output, torch.Tensor):
+        def hook(layer: nn.Module, _inputs: object, output: object) -> None:
+            output = layer_output(layer, output)
+            if not isinstance(output, torch.Tensor):  # a PackedSequence, a container: not a signal we can read
                 return
             self._add("forward", name, output)
             if output.requires_grad and self._forward_handles:

@@ -115,3 +115,37 @@ def test_transformer_encoder_layer_is_reached_whole():
     assert names == {"self_attn.in_proj_weight", "self_attn.out_proj", "linear1", "linear2"}
     for block in layer.self_attn.in_proj_weight.detach().double().chunk(3):
         assert torch.allclose(block @ block.t(), 2 * torch.eye(64, dtype=torch.float64), atol=1e-5)  # ReLU gain
+
+
+def test_signal_of_recurrent_and_attention_layers_is_their_first_output():
+    from lightning_startwell.init import watched_layers
+    from lightning_startwell.propagation import SignalRecorder
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = torch.nn.LSTM(8, 16, batch_first=True)
+            self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+            self.head = torch.nn.Linear(16, 3)
+
+        def forward(self, x):
+            h, _ = self.lstm(x)
+            a, _ = self.attn(h, h, h)
+            return self.head(a[:, -1])
+
+    torch.manual_seed(0)
+    net, x = Net(), torch.randn(4, 5, 8)
+    layers = watched_layers(net)
+    assert list(layers) == ["lstm", "attn", "attn.out_proj", "head"]
+    with SignalRecorder(layers) as recorder:
+        net(x).pow(2).sum().backward()
+    forward, backward = recorder.variances()
+    h = net.lstm(x)[0]  # independent: the outputs recomputed and differentiated directly
+    h.retain_grad()
+    a = net.attn(h, h, h)[0]
+    a.retain_grad()
+    net.head(a[:, -1]).pow(2).sum().backward()
+    assert forward["lstm"] == pytest.approx(h.double().var().item(), rel=1e-5)
+    assert forward["attn"] == pytest.approx(a.double().var().item(), rel=1e-5)
+    assert backward["attn"] == pytest.approx(a.grad.double().var().item(), rel=1e-5)
+    assert backward["lstm"] == pytest.approx(h.grad.double().var().item(), rel=1e-5)

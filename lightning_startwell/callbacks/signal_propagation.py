@@ -25,7 +25,7 @@ from lightning_startwell.callbacks._common import (
 )
 from lightning_startwell.callbacks._strategy import refuse_sharded
 from lightning_startwell.figures import MAX_EARLIER_PROFILES, SignalMeasurement, signal_profile, spread_over_steps
-from lightning_startwell.init import weight_layers
+from lightning_startwell.init import watched_layers
 from lightning_startwell.propagation import SignalRecorder, propagation_ratios, unscale_backward, variances_by_name
 
 _HISTOGRAM_VALUES = 65536
@@ -105,12 +105,15 @@ class SignalPropagationMonitor(InstanceStateKey, Callback):
                 " the outputs and output gradients its hooks read are shards; per-layer variances over them have not"
                 " been shown right on any sharded strategy",
             )
-            weight_layers(pl_module, self.include, self.exclude)  # a pattern that matches nothing fails here
+            watched_layers(pl_module, self.include, self.exclude)  # a pattern that matches nothing fails here
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        layers = list(weight_layers(pl_module, self.include, self.exclude))
-        facts = {"layers watched (Linear, conv)": listed(layers), "every_n_steps": str(self.every_n_steps)}
+        layers = list(watched_layers(pl_module, self.include, self.exclude))
+        facts = {
+            "layers watched (Linear, conv, recurrent, attention)": listed(layers),
+            "every_n_steps": str(self.every_n_steps),
+        }
         report_attached(trainer, "startwell/signal", "SignalPropagationMonitor", facts)
 
     @override
@@ -120,7 +123,7 @@ class SignalPropagationMonitor(InstanceStateKey, Callback):
         step = trainer.global_step
         if step % self.every_n_steps or step == self._last_measured_step:
             return
-        layers = weight_layers(pl_module, self.include, self.exclude)
+        layers = watched_layers(pl_module, self.include, self.exclude)
         recorder = SignalRecorder(layers, keep_values=_HISTOGRAM_VALUES if self.log_histograms else 0)
         self._measuring.callback(recorder.detach)
         self._measuring.callback(_record_next_training_step(pl_module, recorder))
