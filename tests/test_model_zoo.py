@@ -278,7 +278,8 @@ def test_every_callback_alone_works_or_refuses_naming_what_to_set(tmp_path, fami
         assert f"`{expected}" in message and REFUSAL_WORDS.search(message), message
         after = weights(module)
         assert all(torch.equal(before[n], after[n]) for n in before), "weights changed by a refused fit"
-    assert hooks(module) == hooks_before, "hooks left on the model after fit"
+    assert not any(hooks_before.values())  # the zoo's models come without hooks of their own
+    assert not any(hooks(module).values()), "hooks left on the model after fit"
     assert rates(module) == rates_before, "dropout / drop-path rates not restored after fit"
 
 
@@ -352,7 +353,8 @@ def test_every_run_mode_with_every_working_callback_together(tmp_path, family, m
                 continue
             assert_did_its_job(family, name, callback, module, before, snapshot.params, scalars,
                                steps=STEPS[mode], probe=probe)
-    assert hooks(module) == hooks_before, "hooks left on the model"
+    assert not any(hooks_before.values())
+    assert not any(hooks(module).values()), "hooks left on the model"
     assert rates(module) == rates_before, "dropout / drop-path rates not restored"
 
 
