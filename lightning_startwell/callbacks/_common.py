@@ -9,7 +9,7 @@ import math
 import random
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, cast
 
 import lightning.pytorch as pl
 import numpy as np
@@ -112,7 +112,7 @@ def batch_value(batch: Any, key: BatchKey) -> Any:
     if not isinstance(batch, (Mapping, list, tuple)) or isinstance(key, bool):
         return None
     try:
-        return batch[key]
+        return cast(Any, batch)[key]  # an index of a mapping or a key of a sequence: the except below
     except (KeyError, IndexError, TypeError):
         return None
 
@@ -147,6 +147,7 @@ def replace_tensor(batch: Any, key: BatchKey, value: torch.Tensor) -> Any:
         return value
     field = _field_name(batch, key)
     if is_namedtuple(batch):
+        assert field is not None  # a namedtuple's field for an index too
         return batch._replace(**{field: value})
     if field is not None:  # a dataclass (frozen ones too)
         copied = copy.copy(batch)
@@ -157,7 +158,7 @@ def replace_tensor(batch: Any, key: BatchKey, value: torch.Tensor) -> Any:
         copied[key] = value
         return copied
     if isinstance(batch, Mapping):
-        return type(batch)({**batch, key: value})
+        return cast(Any, type(batch))({**batch, key: value})
     return type(batch)(value if i == key else item for i, item in enumerate(batch))
 
 
@@ -172,7 +173,7 @@ def write_tensor(batch: Any, key: BatchKey, value: torch.Tensor) -> None:
             setattr(batch, field, value)
             return
     elif isinstance(batch, (list, MutableMapping)):
-        batch[key] = value
+        cast(Any, batch)[key] = value
         return
     batch_tensor(batch, key).copy_(value)
 
@@ -215,10 +216,10 @@ def random_streams_kept(device: Optional[torch.device] = None) -> Iterator[None]
     of them, a random transfer hook) leaves the training run's draws as they would be without it."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
     # an accelerator whose torch module has a random state (cuda, mps, xpu...); any other keeps its stream
-    accelerator = device is not None and hasattr(getattr(torch, device.type, None), "get_rng_state")
-    accelerator = accelerator and device.type != "cpu"
-    index = device.index if accelerator and device.index is not None else 0
-    devices, device_type = ([index], device.type) if accelerator else ([], "cuda")
+    if device is not None and hasattr(getattr(torch, device.type, None), "get_rng_state") and device.type != "cpu":
+        devices, device_type = [device.index if device.index is not None else 0], device.type
+    else:
+        devices, device_type = [], "cuda"
     try:
         with torch.random.fork_rng(devices=devices, device_type=device_type):
             yield
