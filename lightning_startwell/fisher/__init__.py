@@ -33,10 +33,13 @@ unlike module full-backward hooks, survive torchvision's in-place ReLU and ``out
   ``torch.func.vmap`` over that module alone, from its recorded inputs (split by sample where their first dimension is
   the batch, keyword arguments such as padding masks included) and output gradients.
 
-A parameter used by several modules, or a module called more than once in a forward pass, makes per-use norms wrong
-(the per-sample gradient is the sum over uses): then the whole model falls back to ``torch.func`` per-sample gradients
-(``method="vmap"``), in chunks. So does a model whose own forward uses a parameter directly (a learned position),
-when a chunk of its per-sample gradients is small: that parameter needs a per-sample pass over the whole model anyway.
+Nothing is guessed from shapes: which tensors hold the samples is decided by comparing runs of one and two samples
+(``provenance.py``), and a layer's norms come from its hooks only when its rule's tensors hold the samples, it ran
+once, owns its parameters alone (per-use norms of a tied or reused parameter are wrong: the per-sample gradient is the
+sum over uses), returns a hookable output that alone received gradient, and is not the model itself. Every other
+parameter (a position embedding of ``arange(T)``, a ``cls_token``, a dict-returning head, a tied weight) goes to the
+exact path: ``torch.func`` per-sample gradients of the whole model restricted to those parameters, with the same label
+draws; when the whole model's per-sample gradients are small, the whole model takes that path (``method="vmap"``).
 
 The measurement runs in eval mode (BatchNorm with running statistics: per-sample gradients are undefined when samples
 are normalised together) with autocast off, never writes ``.grad``, and restores the mode of every module. The model
