@@ -30,8 +30,8 @@ unlike module full-backward hooks, survive torchvision's in-place ReLU and ``out
 * MultiheadAttention: the module re-run on its projected Q, K, V with identity projections gives the context and
   dL/dQ, dL/dK, dL/dV; both projections are then Linear layers on sequences;
 * any other module with its own parameters, or with some of them frozen: per-sample vector-Jacobian products with
-  ``torch.func.vmap`` over that module alone, from its recorded inputs (split by sample where their first dimension is
-  the batch, keyword arguments such as padding masks included) and output gradients.
+  ``torch.func.vmap`` over that module alone, from its recorded inputs (split by sample where they hold the samples,
+  keyword arguments such as padding masks included; passed whole where they are shared) and output gradients.
 
 Nothing is guessed from shapes: which tensors hold the samples is decided by comparing runs of one and two samples
 (``provenance.py``), and a layer's norms come from its hooks only when its rule's tensors hold the samples, it ran
