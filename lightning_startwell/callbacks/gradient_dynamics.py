@@ -262,8 +262,8 @@ class GradientDynamicsMonitor(InstanceStateKey, Callback):
             self._log(trainer, {**metrics, PREFIX + "grad_norm_skipped": float(not finite)}, step)
             return
         # A non-finite ||g|| (a step the GradScaler skips) adds 0 and is counted as skipped, on the device: no sync.
-        finite = torch.isfinite(norm)
-        kept, skipped = torch.where(finite, norm, torch.zeros_like(norm)), (~finite).to(norm.dtype)
+        is_finite = torch.isfinite(norm)
+        kept, skipped = torch.where(is_finite, norm, torch.zeros_like(norm)), (~is_finite).to(norm.dtype)
         self._norm_sum = kept if self._norm_sum is None else self._norm_sum + kept  # on the first parameter's device
         self._norm_skipped = skipped if self._norm_skipped is None else self._norm_skipped + skipped
         self._norm_count += 1
@@ -282,6 +282,7 @@ class GradientDynamicsMonitor(InstanceStateKey, Callback):
         distance = parameter_distance([named[n] for n in self._initial], list(self._initial.values()))
         metrics = {PREFIX + "distance": distance.item()}
         if self._norm_count:
+            assert self._norm_sum is not None and self._norm_skipped is not None  # set with every count
             total, skipped = torch.stack([self._norm_sum, self._norm_skipped.to(self._norm_sum)]).tolist()  # one read
             kept = self._norm_count - round(skipped)
             if kept:
