@@ -204,6 +204,7 @@ class InitScheme(InstanceStateKey, Callback):
             if not math.isnan(layer.target_std):
                 metrics[f"startwell/init/target_std/{layer.name}"] = layer.target_std
         if log_forward_ratio:
+            assert inputs is not None  # needs_batch
             layers = weight_layers(pl_module, self.include, self.exclude)
             with calibration_mode(pl_module):
                 variances = forward_variances(pl_module, inputs, layers, forward)

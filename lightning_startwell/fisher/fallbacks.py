@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import nn
@@ -52,11 +52,13 @@ def _vjp_norms(
         call_args, call_kwargs = with_leaves((args, kwargs), call_leaves)
 
         def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            return _first_tensor(functional_call(layer, p, tuple(call_args), dict(call_kwargs)))[0]
+            out = _first_tensor(functional_call(layer, p, tuple(call_args), dict(call_kwargs)))
+            assert out is not None  # the layer's output holds the tensor its hooks saw
+            return out[0]
 
-        _, pullback = vjp(f, params)
+        pullback = vjp(f, params)[1]
         (grads,) = pullback(d)
-        return torch.stack([sum(_sq_norm(grads[k]) for k in keys) for keys in owners.values()])
+        return torch.stack([cast(torch.Tensor, sum(_sq_norm(grads[k]) for k in keys)) for keys in owners.values()])
 
     chunks = []
     with _dense_embeddings(layer):

@@ -24,7 +24,7 @@ import inspect
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import nn
@@ -215,11 +215,14 @@ class _NormRecorder:
         rule = self.path[name]
         if rule == CLOSED:
             # half-precision sums of squares lose terms: upcast
-            self._add(name, name, _closed_form(module)(module, upcast(args[0]), upcast(delta)))
+            closed_form = _closed_form(module)
+            assert closed_form is not None  # CLOSED only where there is one
+            self._add(name, name, closed_form(module, upcast(args[0]), upcast(delta)))
             return
         self._enabled = False  # the attention rule and the fallback re-run the module: its submodules must not record
         try:
-            split = _attention_norms(module, args, kwargs, delta.detach()) if rule == ATTENTION else None
+            attention = cast(nn.MultiheadAttention, module)  # ATTENTION only for one
+            split = _attention_norms(attention, args, kwargs, delta.detach()) if rule == ATTENTION else None
             if split is None:
                 norms = _vjp_norms(module, params, args, kwargs, delta.detach(), self.chunk, self.split[name])
                 split = {owner: norms[:, column] for column, owner in enumerate(_owners(params))}

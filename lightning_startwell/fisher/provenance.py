@@ -110,7 +110,12 @@ class CallRecord:
         if len(leaves) != len(self.shapes) or (out is None) != (self.out_shape is None):
             return [frozenset()] * len(leaves), frozenset()
         tags = [_agreeing(t, s, leaf.shape, n) for t, s, leaf in zip(self.tags, self.shapes, leaves, strict=True)]
-        out_tags = _agreeing(self.out_tags, self.out_shape, out.shape, n) if out is not None else frozenset()
+        # out and out_shape are both None or both set (checked above)
+        out_tags = (
+            _agreeing(self.out_tags, self.out_shape, out.shape, n)
+            if out is not None and self.out_shape is not None
+            else frozenset()
+        )
         return tags, out_tags
 
 
@@ -146,16 +151,17 @@ def sample_provenance(model: nn.Module, inputs: Any, names: set[str], forward: O
                 copies = [t.detach().clone() for t in leaves]
                 alone[stage[0]].setdefault(name, []).append((copies, out.detach().clone() if out is not None else None))
                 return
-            if name in records and records[name] is None:
+            calls = records.setdefault(name, [])
+            if calls is None:
                 return
-            index = len(records.setdefault(name, []))
+            index = len(calls)
             singles = [runs.get(name, []) for runs in alone]
             if any(index >= len(s) for s in singles):
                 records[name] = None  # called more often together than alone
                 return
             (a_leaves, a_out), (b_leaves, b_out) = singles[0][index], singles[1][index]
             same_count = len(a_leaves) == len(b_leaves) == len(leaves)
-            records[name].append(
+            calls.append(
                 CallRecord(
                     shapes=[t.shape for t in a_leaves] if same_count else [],
                     tags=[_tags(*abp) for abp in zip(a_leaves, b_leaves, leaves, strict=True)] if same_count else [],
