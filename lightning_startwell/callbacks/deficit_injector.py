@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_startwell import _trainer
 from lightning_startwell._validation import check_bool, check_choice, check_int
 from lightning_startwell.callbacks._common import (
     BatchKey,
@@ -216,7 +217,7 @@ class DeficitInjector(InstanceStateKey, ScheduleDrawing):
 
     def _warn_windows_past_the_end(self, trainer: pl.Trainer) -> None:
         steps_per_epoch, total = run_length(trainer)
-        if not steps_per_epoch or total is None or trainer.fast_dev_run:
+        if not steps_per_epoch or total is None or _trainer.fast_dev_run(trainer):
             return
         epochs = math.ceil(total / steps_per_epoch)
         late = [(start, end) for start, end in self.windows if end > epochs]
@@ -279,7 +280,7 @@ class DeficitInjector(InstanceStateKey, ScheduleDrawing):
         if active:
             self._apply(batch)
         step = trainer.global_step
-        if step != self._last_logged_step and step % trainer.log_every_n_steps == 0:
+        if step != self._last_logged_step and step % _trainer.log_every_n_steps(trainer) == 0:
             log_scalars(trainer, {"startwell/deficit/active": float(active)}, step=step)
             self._last_logged_step = step
 
