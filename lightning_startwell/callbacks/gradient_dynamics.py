@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_startwell import _trainer
 from lightning_startwell._precision import accumulation_dtype
 from lightning_startwell._validation import check_batch_key, check_bool, check_choice, check_int
 from lightning_startwell.callbacks._common import (
@@ -202,6 +203,7 @@ class GradientDynamicsMonitor(InstanceStateKey, Callback):
             raise ValueError(
                 "GradientDynamicsMonitor needs a map-style training dataset (with __len__ and __getitem__)."
             )
+        assert loader is not None  # it has a dataset
         size = self.batch_size or getattr(loader, "batch_size", None)
         if not size:
             raise ValueError("GradientDynamicsMonitor: the train loader has no `batch_size`; give `batch_size`.")
@@ -209,7 +211,7 @@ class GradientDynamicsMonitor(InstanceStateKey, Callback):
         if trainer.world_size > 1:  # the smallest rank's: the same K, so the same passes, on every rank
             device = trainer.strategy.root_device
             count = int(trainer.strategy.reduce(torch.tensor(count, device=device), reduce_op="min").item())
-        if count < self.num_batches and not trainer.fast_dev_run:
+        if count < self.num_batches and not _trainer.fast_dev_run(trainer):
             rank_zero_warn(
                 f"GradientDynamicsMonitor: {len(dataset)} training items hold {count} probe batches of {size},"
                 f" not `num_batches`={self.num_batches}."
