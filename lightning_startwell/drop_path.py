@@ -15,7 +15,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 from torch import nn
@@ -29,6 +29,28 @@ from lightning_startwell.schedules import PERS, Per
 
 # Drop-path modules of other libraries, by class name, and the attribute that holds their rate.
 DROP_PATH_CLASSES = {"DropPath": "drop_prob", "StochasticDepth": "p"}
+
+_BERT_BRANCHES = (("attention.output.dropout", "crossattention.output.dropout", "output.dropout"),)
+#: Transformer layers whose residual branches a hook can isolate, by class name: layouts (the first one the layer has
+#: any module of is used) of the modules, by relative name, whose outputs are the branches f(x) before the residual
+#: addition. BERT-style post-LN layers add inside ``LayerNorm(dropout(dense(h)) + x)``, so the branch is that
+#: dropout's output; GPT-2's ``attn`` returns a tuple, the branch first; Hugging Face ViT (transformers 5) applies one
+#: ``dropout`` module to both branches (two calls, two draws), its older versions one per branch.
+TRANSFORMER_BRANCHES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "BertLayer": _BERT_BRANCHES,
+    "RobertaLayer": _BERT_BRANCHES,
+    "XLMRobertaLayer": _BERT_BRANCHES,
+    "ElectraLayer": _BERT_BRANCHES,
+    "CamembertLayer": _BERT_BRANCHES,
+    "GPT2Block": (("attn", "crossattention", "mlp"),),
+    "ViTLayer": (("dropout",), ("attention.output.dropout", "output.dropout")),
+    "TransformerEncoderLayer": (("dropout1", "dropout2"),),
+    "TransformerDecoderLayer": (("dropout1", "dropout2", "dropout3"),),
+}
+
+#: How a block is dropped: its branches' outputs scaled by b / (1 - p) (drop-path, Huang et al.), or the whole layer
+#: replaced by its input (LayerDrop, Fan et al. 2019: no rescaling).
+Drop = Literal["branch", "layer"]
 
 
 def drop_path(x: torch.Tensor, rate: Union[torch.Tensor, float], per: str = "sample") -> torch.Tensor:
@@ -74,10 +96,36 @@ class DropPath(nn.Module):
 @dataclass(frozen=True)
 class ResidualBlock:
     """One residual block for stochastic depth: its name and the modules whose outputs are its residual branches
-    (a timm ViT block has two, ``drop_path1`` and ``drop_path2``; they share the block's rate)."""
+    (a timm ViT block has two, ``drop_path1`` and ``drop_path2``; they share the block's rate). With ``drop="layer"``
+    the one output is a whole layer's, replaced by the layer's input when dropped (LayerDrop)."""
 
     name: str
     outputs: tuple[str, ...]
+    drop: Drop = "branch"
+
+
+def transformer_block(name: str, layer: nn.Module) -> Optional[ResidualBlock]:
+    """The block of a transformer layer of a known family (:data:`TRANSFORMER_BRANCHES`): its branch outputs, those
+    the layer has; None for another module."""
+    layouts = TRANSFORMER_BRANCHES.get(type(layer).__name__)
+    if layouts is None:
+        return None
+    modules = dict(layer.named_modules())
+    for layout in layouts:
+        outputs = tuple(f"{name}.{r}" if name else r for r in layout if r in modules)
+        if outputs:
+            return ResidualBlock(name, outputs)
+    return ResidualBlock(name, (name,), "layer")  # a layout we do not know: the layer dropped whole
+
+
+def _named_block(name: str, module: nn.Module) -> list[ResidualBlock]:
+    """The blocks of a module a ``blocks`` pattern names: a known transformer layer's branches; for a container of
+    layers (``nn.ModuleList`` / ``nn.Sequential``, ``"bert.encoder.layer"``), each layer's (a layer of an unknown
+    family dropped whole, LayerDrop); else the module's own output as the branch."""
+    if isinstance(module, (nn.ModuleList, nn.Sequential)):
+        children = [(f"{name}.{child}", layer) for child, layer in module.named_children()]
+        return [transformer_block(n, layer) or ResidualBlock(n, (n,), "layer") for n, layer in children]
+    return [transformer_block(name, module) or ResidualBlock(name, (name,))]
 
 
 def _is_drop_path_slot(name: str, module: nn.Module) -> bool:
@@ -90,11 +138,14 @@ def _is_drop_path_slot(name: str, module: nn.Module) -> bool:
 def find_residual_blocks(model: nn.Module, patterns: Optional[Sequence[str]] = None) -> list[ResidualBlock]:
     """Residual blocks of ``model`` in depth order.
 
-    With ``patterns`` (glob patterns of module names), each matching module is one block whose output is dropped.
-    Otherwise, found automatically: drop-path slots (timm ``DropPath``, torchvision ``StochasticDepth``, or timm's
-    ``nn.Identity`` placeholders named ``drop_path*`` when built with ``drop_path_rate=0``), grouped by parent block;
-    failing those, residual branches (the demo ResNet's ``branch`` modules, torchvision's ``BasicBlock`` /
-    ``Bottleneck``).
+    With ``patterns`` (glob patterns of module names), each matching module is one block: a transformer layer of a known
+    family (:data:`TRANSFORMER_BRANCHES`) is dropped per branch; a container of layers (``"bert.encoder.layer"``) gives
+    one block per layer (a layer of an unknown family dropped whole: LayerDrop); any other module's output is the branch
+    dropped. Otherwise, found automatically: drop-path slots (timm ``DropPath``, torchvision ``StochasticDepth``, or
+    timm's ``nn.Identity`` placeholders named ``drop_path*`` when built with ``drop_path_rate=0``), grouped by parent
+    block; failing those, transformer layers of the known families (BERT/RoBERTa-style encoders, GPT-2 decoders, HF
+    ViT, ``nn.TransformerEncoderLayer``/``DecoderLayer``), per branch; failing those, residual branches (the demo
+    ResNet's ``branch`` modules, torchvision's ``BasicBlock`` / ``Bottleneck``).
 
     Raises:
         ValueError: if a pattern matches no module.
@@ -104,13 +155,18 @@ def find_residual_blocks(model: nn.Module, patterns: Optional[Sequence[str]] = N
         for pattern in patterns:
             if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
                 raise ValueError(f"`blocks` pattern {pattern!r} matches no module of the model.")
-        return [ResidualBlock(n, (n,)) for n in names if n and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        modules = dict(model.named_modules())
+        named = [n for n in names if n and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        return [block for n in named for block in _named_block(n, modules[n])]
     slots: dict[str, list[str]] = {}
     for name, module in model.named_modules():
         if _is_drop_path_slot(name, module):
             slots.setdefault(name.rpartition(".")[0], []).append(name)
     if slots:
         return [ResidualBlock(parent, tuple(outputs)) for parent, outputs in slots.items()]
+    layers = [block for name, module in model.named_modules() if (block := transformer_block(name, module))]
+    if layers:
+        return layers
     return [ResidualBlock(b.name, (b.output,)) for b in find_residual_branches(model)]
 
 
@@ -152,7 +208,8 @@ class DropPathHooks:
         modules = dict(self.model.named_modules())
         for index, block in enumerate(self.blocks):
             for output in block.outputs:
-                self._handles.append(modules[output].register_forward_hook(self._hook(index)))
+                hook = self._layer_hook(index) if block.drop == "layer" else self._hook(index)
+                self._handles.append(modules[output].register_forward_hook(hook, with_kwargs=block.drop == "layer"))
         forget_compiled_code(self.model)  # code compiled before the hooks would never call them
         return self
 
@@ -164,10 +221,34 @@ class DropPathHooks:
         self._handles.clear()
 
     def _hook(self, index: int):  # noqa: ANN202
-        def hook(module: nn.Module, _inputs: object, output: torch.Tensor) -> Optional[torch.Tensor]:
+        def hook(module: nn.Module, _inputs: object, output: Any) -> Any:
             if not module.training:
                 return None
+            if isinstance(output, tuple):  # GPT-2's attention: (branch, weights, ...)
+                return (drop_path(output[0], self.rates[index], self.per), *output[1:])
             return drop_path(output, self.rates[index], self.per)
+
+        return hook
+
+    def _layer_hook(self, index: int):  # noqa: ANN202
+        """LayerDrop: with probability ``rates[index]`` (per sample or per mini-batch) the layer's output is its input,
+        no rescaling (Fan et al. 2019). The input is the first positional argument or ``hidden_states``."""
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            if not module.training:
+                return None
+            given = args[0] if args else kwargs.get("hidden_states")
+            out = output[0] if isinstance(output, tuple) else output
+            if not isinstance(given, torch.Tensor) or not isinstance(out, torch.Tensor) or given.shape != out.shape:
+                raise ValueError(
+                    f"StochasticDepth's LayerDrop needs the layer {type(module).__name__} to map a tensor (its first"
+                    " argument or `hidden_states`) to a tensor of the same shape; name its residual branches in"
+                    " `blocks` instead."
+                )
+            shape = ((out.shape[0] if self.per == "sample" else 1),) + (1,) * (out.ndim - 1)
+            keep = torch.rand(shape, device=out.device, dtype=torch.float32) >= self.rates[index]
+            kept = torch.where(keep, out, given.to(out.dtype))
+            return (kept, *output[1:]) if isinstance(output, tuple) else kept
 
         return hook
 
@@ -186,6 +267,7 @@ __all__ = [
     "DropPath",
     "DropPathHooks",
     "ResidualBlock",
+    "TRANSFORMER_BRANCHES",
     "drop_path",
     "existing_drop_path_rates",
     "find_residual_blocks",

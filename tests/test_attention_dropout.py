@@ -90,4 +90,5 @@ def test_schedule_drives_and_restores_the_vit_attention_dropout(tmp_path, caplog
     report = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("DropoutSchedule attached"))
     names = ", ".join(f"model.{n}.attention_dropout" for n in attention_floats(module.model))
     assert f"attention dropout probabilities: 2 ({names})" in report
-    assert [v for _, v in read_scalars(tmp_path / "lightning_logs")["startwell/dropout/rate"]][:1] == pytest.approx([0.2])
+    rates = [v for _, v in read_scalars(tmp_path / "lightning_logs")["startwell/dropout/rate"]]
+    assert rates[:1] == pytest.approx([0.2])

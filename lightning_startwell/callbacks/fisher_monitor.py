@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_startwell._precision import accumulation_dtype
-from lightning_startwell._validation import check_bool, check_choice, check_int
+from lightning_startwell._validation import check_batch_key, check_bool, check_choice, check_int
 from lightning_startwell.callbacks._common import (
     BatchKey,
     InputKey,
@@ -164,8 +164,7 @@ class FisherTraceMonitor(InstanceStateKey, Callback):
         check_input_key(input_key)
         if chunk_size is not None:
             check_int("chunk_size", chunk_size)
-        if mask_key is not None and (isinstance(mask_key, bool) or not isinstance(mask_key, (int, str))):
-            raise ValueError(f"`mask_key` must be None, an int (tuple index) or a str (dict key), got {mask_key!r}.")
+        check_batch_key("mask_key", mask_key, optional=True)
         check_bool("log_images", log_images)
         self.num_samples = num_samples
         self.batch_size = batch_size
@@ -309,7 +308,7 @@ class FisherTraceMonitor(InstanceStateKey, Callback):
         local = torch.cat([local, torch.full((1,), count, dtype=dtype, device=device)])
         total_sums = trainer.strategy.reduce(local, reduce_op="sum").cpu()
         num = total_sums[-1].item()
-        per_layer = {n: v / num for n, v in zip(names, total_sums[:-1].tolist())}
+        per_layer = {n: v / num for n, v in zip(names, total_sums[:-1].tolist(), strict=True)}
         trace = math.fsum(per_layer.values())
         metrics = {"startwell/fisher/trace": trace}
         if self.log_per_layer:

@@ -11,7 +11,12 @@ from lightning_startwell._validation import check_choice
 from lightning_startwell.callbacks._common import InstanceStateKey, listed, report_attached
 from lightning_startwell.callbacks._rate_schedule import RateScheduleCallback
 from lightning_startwell.callbacks._strategy import refuse_sharded, sharded_strategy
-from lightning_startwell.drop_path import DropPathHooks, existing_drop_path_rates, find_residual_blocks
+from lightning_startwell.drop_path import (
+    DropPathHooks,
+    ResidualBlock,
+    existing_drop_path_rates,
+    find_residual_blocks,
+)
 from lightning_startwell.dropout import RateSlot
 from lightning_startwell.schedules import PERS, RULES, Mode, Per, Rule, Shape, block_drop_rates, expected_depth
 
@@ -107,8 +112,9 @@ class StochasticDepthSchedule(InstanceStateKey, RateScheduleCallback):
         blocks = find_residual_blocks(pl_module, self.blocks)
         if not blocks:
             raise ValueError(
-                "StochasticDepthSchedule found no residual block in the model; name the modules whose outputs are"
-                " residual branches with `blocks` (glob patterns)."
+                "StochasticDepthSchedule found no residual block in the model (drop-path slots, transformer layers of"
+                " the known families, residual branches); name the modules whose outputs are residual branches, or"
+                " the container of the layers to drop whole (`bert.encoder.layer`), with `blocks` (glob patterns)."
             )
         super().on_fit_start(trainer, pl_module)
         self._existing = existing_drop_path_rates(pl_module)
@@ -118,6 +124,7 @@ class StochasticDepthSchedule(InstanceStateKey, RateScheduleCallback):
         self._hooks = DropPathHooks(pl_module, blocks, self.per).attach()
         facts = {
             "residual branches (blocks, in depth order)": listed([", ".join(b.outputs) for b in blocks]),
+            "dropped": _drop_description(blocks),
             "the model's own drop-path rates set to 0 during fit": listed([s.name for s in self._existing]),
             "schedule": f"{self.schedule_description()}, rule {self.rule}, a draw per {self.per}",
         }
@@ -152,3 +159,13 @@ class StochasticDepthSchedule(InstanceStateKey, RateScheduleCallback):
             self._hooks = None
         for slot in self._existing:
             slot.set(self._original[slot.name])
+
+
+def _drop_description(blocks: list[ResidualBlock]) -> str:
+    """How the blocks are dropped, for the fit-start report."""
+    branch = sum(b.drop == "branch" for b in blocks)
+    layer = len(blocks) - branch
+    parts = [f"{branch} per branch (drop-path: x + b f(x) / (1 - p))"] if branch else []
+    if layer:
+        parts.append(f"{layer} whole layers (LayerDrop: the layer's input passed on, no rescaling)")
+    return "; ".join(parts)
