@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, TypeVar, Union
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -29,6 +29,8 @@ MAX_EARLIER_PROFILES = 24
 
 #: One signal-propagation measurement: (optimizer step, Var[z^l] by layer, Var[dL/dz^l] by layer), in forward order.
 SignalMeasurement = tuple[int, Mapping[str, float], Mapping[str, float]]
+#: Anything measured at a step: a tuple whose first item is the step (a signal measurement, a Fisher column...).
+Step = TypeVar("Step", bound=tuple[Any, ...])
 #: A deficit window in optimizer steps, [start, end), and its name.
 Window = tuple[int, int, str]
 
@@ -103,9 +105,9 @@ def fisher_heatmap(steps: Sequence[int], layers: Sequence[str], values: Sequence
     return render(figure)
 
 
-def spread_over_steps(measurements: Sequence[SignalMeasurement], count: int) -> list[SignalMeasurement]:
-    """All ``measurements`` if there are at most ``count``, else those nearest to ``count`` evenly spaced steps from the
-    first measurement's to the last's (both kept)."""
+def spread_over_steps(measurements: Sequence[Step], count: int) -> list[Step]:
+    """All ``measurements`` (tuples whose first item is the step) if there are at most ``count``, else those nearest to
+    ``count`` evenly spaced steps from the first measurement's to the last's (both kept)."""
     if len(measurements) <= count:
         return list(measurements)
     steps = np.array([m[0] for m in measurements], dtype=float)
