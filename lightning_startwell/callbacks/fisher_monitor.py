@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_startwell import _trainer
 from lightning_startwell._precision import accumulation_dtype
 from lightning_startwell._validation import check_batch_key, check_bool, check_choice, check_int
 from lightning_startwell.callbacks._common import (
@@ -208,7 +209,7 @@ class FisherTraceMonitor(InstanceStateKey, Callback):
         self._batch = self._draw_probe(trainer)
         if self.probe == "training" and not _injectors(trainer):
             rank_zero_warn("FisherTraceMonitor(probe='training') found no DeficitInjector: the probe stays clean.")
-        if not trainer.fast_dev_run:
+        if not _trainer.fast_dev_run(trainer):
             self._warn_if_unusual_for_this_run(trainer)
         self._warn_if_padding_counts(pl_module)
         self._report(trainer, pl_module)
@@ -217,7 +218,7 @@ class FisherTraceMonitor(InstanceStateKey, Callback):
 
     def _warn_if_unusual_for_this_run(self, trainer: pl.Trainer) -> None:
         """Valid settings that this run cannot honour: a probe set larger than the data, a cadence past the end."""
-        size = len(trainer.train_dataloader.dataset)
+        size = len(_train_dataset(trainer))
         if self.num_samples > size:
             rank_zero_warn(f"FisherTraceMonitor: `num_samples`={self.num_samples} > {size} training items; all used.")
         steps_per_epoch, total = run_length(trainer)
@@ -232,7 +233,7 @@ class FisherTraceMonitor(InstanceStateKey, Callback):
             )
 
     def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        size = min(self.num_samples, len(trainer.train_dataloader.dataset))
+        size = min(self.num_samples, len(_train_dataset(trainer)))
         cadence = f"every {self.every_n_steps} steps" if self.every_n_steps else f"every {self.every_n_epochs} epochs"
         inputs = input_description(pl_module, self.input_key)
         if self.mask_key is not None:
@@ -269,6 +270,7 @@ class FisherTraceMonitor(InstanceStateKey, Callback):
         dataset = getattr(loader, "dataset", None)
         if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise ValueError("FisherTraceMonitor needs a map-style training dataset (with __len__ and __getitem__).")
+        assert loader is not None  # it has a dataset
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))
         chosen = order[: self.num_samples][trainer.global_rank :: trainer.world_size]
         if not len(chosen):
@@ -402,4 +404,11 @@ class FisherTraceMonitor(InstanceStateKey, Callback):
 
 
 def _injectors(trainer: pl.Trainer) -> list[DeficitInjector]:
-    return [callback for callback in trainer.callbacks if isinstance(callback, DeficitInjector)]
+    return [callback for callback in _trainer.callbacks(trainer) if isinstance(callback, DeficitInjector)]
+
+
+def _train_dataset(trainer: pl.Trainer) -> Any:
+    """The train loader's dataset, once the probe was drawn from it (``_draw_probe`` refuses a loader without one)."""
+    loader = trainer.train_dataloader
+    assert loader is not None
+    return loader.dataset
