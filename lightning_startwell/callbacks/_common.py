@@ -112,7 +112,7 @@ def batch_value(batch: Any, key: BatchKey) -> Any:
     if not isinstance(batch, (Mapping, list, tuple)) or isinstance(key, bool):
         return None
     try:
-        return cast(Any, batch)[key]  # an index of a mapping or a key of a sequence: the except below
+        return cast(Any, batch)[key]  # a str key of a sequence or a missing item: the except below
     except (KeyError, IndexError, TypeError):
         return None
 
