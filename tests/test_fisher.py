@@ -743,3 +743,30 @@ def test_ordinary_layers_keep_their_closed_forms(no_whole_model_vmap, monkeypatc
     monkeypatch.setattr(fisher_module, "_vjp_norms", None)
     _compare(model, torch.randn(6, 5, 4, generator=torch.Generator().manual_seed(5)), "exact")
     _compare(Tokens(padding_idx=0), tokens, "exact")
+
+
+def test_lstm_per_module_path_equals_whole_model_vmap_and_a_float64_loop():
+    # The hooks' per-module vector-Jacobian product of an nn.LSTM failed on CPU in oneDNN's backward ("workspace").
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(12, 6)
+            self.lstm = nn.LSTM(6, 8, num_layers=2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, ids):
+            return self.head(self.lstm(self.embed(ids))[0][:, -1])
+
+    net, ids = Net().eval(), torch.randint(0, 12, (5, 7))
+    auto = fisher_trace(net, ids, fisher="exact")
+    whole = fisher_trace(net, ids, fisher="exact", method="vmap")
+    net64 = copy.deepcopy(net).double()
+    total = 0.0
+    for i in range(5):  # exact Fisher: sum over classes of p_c ||grad log p_c||^2, one backward per class
+        log_p = torch.log_softmax(net64(ids[i : i + 1]), dim=-1)[0]
+        for c in range(3):
+            grads = torch.autograd.grad(log_p[c], list(net64.parameters()), retain_graph=True, allow_unused=True)
+            total += log_p[c].exp().item() * sum(float(g.pow(2).sum()) for g in grads if g is not None)
+    assert auto.total == pytest.approx(total / 5, rel=1e-5) and whole.total == pytest.approx(total / 5, rel=1e-5)

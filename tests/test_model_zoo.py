@@ -80,10 +80,7 @@ EXPECTED: dict[str, dict[str, str]] = {
 EXPECTED = {family: {cb: EXPECTED[family].get(cb, WORKS) for cb in CALLBACKS} for family in FAMILIES}
 # Cells that crash today (library bugs reported on issue 19): the expected behaviour is in EXPECTED, the crash is an
 # expected failure (strict: a fix shows up here, and the cell then joins the run modes).
-KNOWN_BUGS: dict[tuple[str, str], str] = {
-    ("lstm_text", "FisherTraceMonitor"): "per-sample gradients of nn.LSTM through torch.func.vmap: RuntimeError "
-    "'Expected a proper Tensor but got None ... for argument #22 'workspace''",
-}
+KNOWN_BUGS: dict[tuple[str, str], str] = {}
 REFUSAL_WORDS = re.compile(r"`\w+`|unsupported|does not support")
 
 

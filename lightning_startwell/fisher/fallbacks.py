@@ -3,8 +3,9 @@ recorded inputs, or per-sample gradients of the whole model; one sample at a tim
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Optional, cast
 
 import torch
@@ -61,10 +62,19 @@ def _vjp_norms(
         return torch.stack([cast(torch.Tensor, sum(_sq_norm(grads[k]) for k in keys)) for keys in owners.values()])
 
     chunks = []
-    with _dense_embeddings(layer):
+    with _dense_embeddings(layer), _plain_recurrent_kernels(layer):
         for s in range(0, n, chunk):
             chunks.append(_vmap_or_loop(one, [t[s : s + chunk] for t in batched], delta[s : s + chunk]))
     return torch.cat(chunks)
+
+
+def _plain_recurrent_kernels(layer: nn.Module) -> AbstractContextManager:
+    """For a layer holding a recurrent layer, oneDNN off: on CPU its ``mkldnn_rnn_layer`` backward, called by a
+    vector-Jacobian product of the layer alone, fails ("Expected a proper Tensor but got None ... 'workspace'");
+    PyTorch's own kernel gives the same gradients."""
+    if any(isinstance(m, nn.RNNBase) for m in layer.modules()):
+        return torch.backends.mkldnn.flags(enabled=False)
+    return contextlib.nullcontext()
 
 
 @contextmanager
