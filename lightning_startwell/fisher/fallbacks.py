@@ -96,13 +96,17 @@ def _sq_norm(g: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)).square()
 
 
+#: ``torch.OutOfMemoryError`` is PyTorch 2.5's name; 2.4 (the oldest supported) has only the CUDA one it aliases.
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
 def _vmap_or_loop(fn: Callable, *args: Any) -> Any:
     """``vmap(fn)(*args)`` over dim 0 of every tensor in ``args`` (tensors, or dicts of dicts or of tensors); where
     torch.func cannot batch a kernel (recurrent layers), one call per sample, the results stacked. Out of memory is
     raised, not taken for a kernel vmap cannot batch (a per-sample loop would hide it and run for hours)."""
     try:
         return vmap(fn)(*args)
-    except torch.OutOfMemoryError:
+    except _OUT_OF_MEMORY:
         raise
     except RuntimeError:
         n = len(args[-1])  # the last argument is a tensor of samples
