@@ -239,13 +239,6 @@ def as_training_batch(trainer: pl.Trainer, pl_module: pl.LightningModule, batch:
     return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
 
 
-def as_step_input(trainer: pl.Trainer, batch: Any) -> Any:
-    """``batch`` converted by the precision plugin as Lightning converts every training batch before its transfer
-    (floats to bfloat16 under ``bf16-true``, unchanged under the mixed precisions): a model in half precision refuses
-    float32 inputs."""
-    return trainer.precision_plugin.convert_input(batch)
-
-
 def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
     """Write scalars to every logger at ``step`` (the loggers write on rank 0 only); usable in hooks where
     ``LightningModule.log`` is not allowed, and not thinned by ``log_every_n_steps``."""
