@@ -111,6 +111,23 @@ def test_deprivation_replaces_the_inputs_by_noise_with_the_training_data_moments
     assert torch.equal(torch.cat([b for e, b in seen if e == 1]), x)  # epoch 1: clean again
 
 
+def test_deprivation_moments_are_those_of_the_inputs_training_step_gets(tmp_path):
+    # A model that normalises on the device (Lightning's on_after_batch_transfer): the noise must have the moments of
+    # the normalised inputs the deficit replaces, not of the raw dataset.
+    x = 100.0 + 10.0 * torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+
+    class Normalising(MLP):
+        def on_after_batch_transfer(self, batch, dataloader_idx):
+            return (batch[0] - 100.0) / 10.0, batch[1]
+
+    injector = DeficitInjector("deprivation", start_epoch=0, end_epoch=1)
+    make_trainer(tmp_path, [injector], max_epochs=1).fit(
+        Normalising(), DataLoader(TensorDataset(x, TRAIN_Y), batch_size=16, shuffle=False)
+    )
+    values = ((x.double() - 100.0) / 10.0).numpy().ravel()
+    assert injector.state_dict()["moments"] == pytest.approx((values.mean(), values.std(ddof=1)), rel=1e-6)
+
+
 class DictOrTupleBatches(MLP):
     """Reads ``{"image", "label"}`` dict batches or ``(x, y)`` tuple batches; records the inputs and targets it trains
     on."""

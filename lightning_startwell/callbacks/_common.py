@@ -267,11 +267,13 @@ def log_image(trainer: pl.Trainer, tag: str, draw: Callable[[], Any], step: int)
 
 
 def first_train_inputs(trainer: pl.Trainer, key: BatchKey, max_items: int, argument: str = "input_key") -> torch.Tensor:
-    """The inputs (``batch[key]``) of the first training batches, ``max_items`` of them or the whole epoch if fewer,
-    without touching the global random streams."""
+    """The inputs (``batch[key]``) of the first training batches as ``training_step`` gets them (through
+    :func:`as_training_batch`: a model that normalises in ``on_after_batch_transfer`` gives normalised inputs),
+    ``max_items`` of them or the whole epoch if fewer, without touching the global random streams."""
     chunks, count = [], 0
-    with torch.random.fork_rng(devices=[]):
+    with random_streams_kept(trainer.strategy.root_device):
         for batch in trainer.fit_loop._data_source.dataloader():
+            batch = as_training_batch(trainer, trainer.lightning_module, batch)
             chunks.append(batch_tensor(batch, key, argument))
             count += len(chunks[-1])
             if count >= max_items:
