@@ -8,10 +8,16 @@ A study YAML has four parts (see ``profiles/quick.yaml``)::
     fisher: {num_samples: 256, batch_size: 128}             # FisherTraceMonitor, every epoch
     experiments:
       - {name: length, title: ..., plot: curve, x: length, grid: {length: [0, 10, 20, 40]}, reference: {length: 0}}
+    claims:                                                 # optional: what the study tests, and how (below)
+      - {name: length, paper: ..., expect: lower, comparisons: [{experiment: length, cell: {length: 20},
+                                                                 reference: {length: 10}}]}
 
 An experiment is the product of its ``grid`` over the seeds, on top of ``defaults`` and its ``fixed`` values; runs that
 two experiments share (the no-deficit baseline) are one run. Each cell of an experiment is compared with its
 ``reference``: the same parameters with ``reference`` applied on top, seed by seed.
+
+A claim (:class:`Claim`) is a statement of the paper the study tests: its comparisons (a cell of an experiment against a
+reference, or the difference of two such comparisons) with the expected direction, one Holm family per claim.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ PROFILES_DIR = Path(__file__).parent / "profiles"
 PROFILES = ("quick", "full")
 PLOTS = ("curve", "bars", "fisher", "fisher_layers")
 NO_DEFICIT = "none"
+EXPECTATIONS = ("lower", "higher", "no_loss")
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,48 @@ class Experiment:
         return RunSpec(**{**fields, **self.reference}).normalised()
 
 
+def trained_model(run: RunSpec) -> RunSpec:
+    """The trained model a run is: the run without its Fisher probe, which changes what is measured, not what is
+    trained (the quick study's two probe arms have identical test accuracies, seed by seed). Two runs with the same
+    trained model are one sample of the model, never two."""
+    return dataclasses.replace(run, fisher_probe="clean")
+
+
+@dataclass(frozen=True)
+class ClaimComparison:
+    """One comparison of a claim: ``cell`` against ``reference`` (cells, seed -1), on the per-seed differences of the
+    final test accuracy. With ``versus`` (a second pair), the per-seed difference of the two comparisons: (cell -
+    reference) - (versus cell - versus reference), the interaction that says whether a deficit costs more in one
+    setting (more weight decay, more depth) than in another."""
+
+    experiment: str
+    cell: RunSpec
+    reference: RunSpec
+    versus: Optional[tuple[RunSpec, RunSpec]] = None
+
+    def runs(self) -> tuple[RunSpec, ...]:
+        return (self.cell, self.reference, *(self.versus or ()))
+
+    def arms(self) -> set[RunSpec]:
+        """The trained models this comparison tests (its cells; references may be shared within a family, like the
+        common control of an experiment's cells)."""
+        return {trained_model(self.cell), *((trained_model(self.versus[0]),) if self.versus else ())}
+
+
+@dataclass
+class Claim:
+    """A statement of the paper the study tests: ``expect`` is the direction of the comparisons' mean difference
+    (``lower``, ``higher``), or ``no_loss``: the difference is above ``-margin`` points. Its comparisons are one Holm
+    family. A claim without comparisons is described but not tested, for the reason in ``not_tested``."""
+
+    name: str
+    paper: str
+    expect: str
+    comparisons: list[ClaimComparison]
+    margin: float = 0.0
+    not_tested: str = ""
+
+
 @dataclass
 class Study:
     """A parsed study YAML."""
@@ -140,6 +189,7 @@ class Study:
     fisher: dict[str, Any]
     experiments: list[Experiment]
     name: str = "study"
+    claims: list[Claim] = dataclasses.field(default_factory=list)
 
     def cells(self) -> list[RunSpec]:
         """Every cell (seed -1) of the study, each once: the experiments' grids and the references they compare with."""
@@ -197,6 +247,113 @@ def _experiment(raw: dict[str, Any]) -> Experiment:
     )
 
 
+CLAIM_KEYS = ("name", "paper", "expect", "margin", "comparisons", "not_tested")
+COMPARISON_KEYS = ("experiment", "cell", "reference", "versus")
+
+
+def _select_cell(where: str, experiment: Experiment, defaults: dict[str, Any], values: dict[str, Any]) -> RunSpec:
+    """The one cell of ``experiment`` whose parameters have ``values``."""
+    cells = experiment.cells(defaults)
+    chosen = [c for c in cells if all(getattr(c, k) == v for k, v in values.items())]
+    if len(chosen) != 1:
+        listed = "; ".join(
+            ", ".join(f"{k}={getattr(c, k)}" for k in (*experiment.grid, *experiment.fixed)) for c in cells
+        )
+        raise ValueError(
+            f"{where}: `cell` {values} matches {len(chosen)} cells of experiment {experiment.name!r}, not one (its"
+            f" cells: {listed})."
+        )
+    return chosen[0]
+
+
+def _claim_comparison(
+    where: str, raw: Any, experiments: dict[str, Experiment], defaults: dict[str, Any], study_cells: list[RunSpec]
+) -> ClaimComparison:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: a comparison is a mapping with {list(COMPARISON_KEYS)}, got {raw!r}.")
+    unknown = sorted(set(raw) - set(COMPARISON_KEYS))
+    if unknown or "experiment" not in raw or "cell" not in raw:
+        raise ValueError(f"{where}: needs `experiment` and `cell` (optional `reference`, `versus`); unknown {unknown}.")
+    if raw["experiment"] not in experiments:
+        raise ValueError(f"{where}: `experiment` must be one of {list(experiments)}, got {raw['experiment']!r}.")
+    experiment = experiments[raw["experiment"]]
+    for part in ("cell", "reference", "versus"):
+        if not isinstance(raw.get(part, {}), dict):
+            raise ValueError(f"{where}: `{part}` is a mapping of run parameters, got {raw[part]!r}.")
+        _check_parameters(f"{where}, `{part}`", raw.get(part, {}))
+    # The claim's `reference` replaces the experiment's (it is applied to the cell the same way).
+    compared = dataclasses.replace(experiment, reference=dict(raw.get("reference", experiment.reference)))
+
+    def pair(cell: RunSpec, what: str) -> tuple[RunSpec, RunSpec]:
+        reference = compared.reference_of(cell, defaults)
+        if reference not in study_cells:
+            raise ValueError(f"{where}: the reference of {what} ({reference.run_id}) is not a run of the study.")
+        if trained_model(reference) == trained_model(cell):
+            raise ValueError(f"{where}: {what} is compared with itself ({cell.run_id}).")
+        return cell, reference
+
+    cell, reference = pair(_select_cell(where, experiment, defaults, raw["cell"]), "the cell")
+    versus = None
+    if "versus" in raw:
+        fields = {f: getattr(cell, f) for f in PARAMETERS}
+        other = RunSpec(**{**fields, **raw["versus"]}).normalised()
+        if other not in experiment.cells(defaults):
+            raise ValueError(
+                f"{where}: `versus` {raw['versus']} gives {other.run_id}, not a cell of {experiment.name!r}."
+            )
+        versus = pair(other, "the `versus` cell")
+    return ClaimComparison(experiment=experiment.name, cell=cell, reference=reference, versus=versus)
+
+
+def _claim(raw: Any, experiments: dict[str, Experiment], defaults: dict[str, Any], study_cells: list[RunSpec]) -> Claim:
+    if not isinstance(raw, dict):
+        raise ValueError(f"a claim is a mapping with {list(CLAIM_KEYS)}, got {raw!r}.")
+    where = f"claim {raw.get('name', '?')!r}"
+    unknown = sorted(set(raw) - set(CLAIM_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; accepted: {list(CLAIM_KEYS)}.")
+    missing = [k for k in ("name", "paper") if not raw.get(k)]
+    if missing:
+        raise ValueError(f"{where}: missing {missing}.")
+    comparisons_raw = raw.get("comparisons", [])
+    if bool(comparisons_raw) == bool(raw.get("not_tested")):
+        raise ValueError(f"{where}: give either `comparisons` (a non-empty list) or `not_tested` (the reason).")
+    expect = raw.get("expect", "")
+    if comparisons_raw and expect not in EXPECTATIONS:
+        raise ValueError(f"{where}: `expect` must be one of {EXPECTATIONS}, got {expect!r}.")
+    margin = raw.get("margin", 0.0)
+    if expect == "no_loss" and not (isinstance(margin, (int, float)) and margin > 0):
+        raise ValueError(f"{where}: `expect: no_loss` needs a positive `margin` (points of accuracy), got {margin!r}.")
+    if expect != "no_loss" and "margin" in raw:
+        raise ValueError(f"{where}: `margin` is for `expect: no_loss` only.")
+    if not isinstance(comparisons_raw, list):
+        raise ValueError(f"{where}: `comparisons` must be a list, got {comparisons_raw!r}.")
+    comparisons = [
+        _claim_comparison(f"{where}, `comparisons` {i + 1}", c, experiments, defaults, study_cells)
+        for i, c in enumerate(comparisons_raw)
+    ]
+    # One Holm family per claim, every trained model tested once in it: a comparison whose arm another comparison
+    # already tests (the Fisher probe arms are one model), or the same pair of runs twice, is refused.
+    for j, later in enumerate(comparisons):
+        for i, earlier in enumerate(comparisons[:j]):
+            shared = earlier.arms() & later.arms()
+            same_pair = {trained_model(r) for r in earlier.runs()} == {trained_model(r) for r in later.runs()}
+            if shared or same_pair:
+                what = f"the same trained run {sorted(r.run_id for r in shared)[0]}" if shared else "the same runs"
+                raise ValueError(
+                    f"{where}: `comparisons` {i + 1} and {j + 1} test {what}; a trained run is counted once in a"
+                    f" claim's family (the Fisher probe changes the measurement, not the model)."
+                )
+    return Claim(
+        name=raw["name"],
+        paper=str(raw["paper"]).strip(),
+        expect=expect,
+        comparisons=comparisons,
+        margin=float(margin),
+        not_tested=str(raw.get("not_tested", "")).strip(),
+    )
+
+
 def parse_study(raw: dict[str, Any]) -> Study:
     """A :class:`Study` from the loaded YAML, every part checked (errors name the part and the accepted values)."""
     seeds = raw.get("seeds", [0, 1, 2])
@@ -211,7 +368,7 @@ def parse_study(raw: dict[str, Any]) -> Study:
     experiments = [_experiment(e) for e in raw.get("experiments", [])]
     if not experiments:
         raise ValueError("a study needs at least one entry under `experiments`.")
-    return Study(
+    study = Study(
         seeds=seeds,
         defaults=defaults,
         base=copy.deepcopy(raw.get("base", {})),
@@ -219,6 +376,15 @@ def parse_study(raw: dict[str, Any]) -> Study:
         experiments=experiments,
         name=raw.get("name", "study"),
     )
+    claims_raw = raw.get("claims", [])
+    if not isinstance(claims_raw, list):
+        raise ValueError(f"`claims` must be a list of claims, got {claims_raw!r}.")
+    by_name, cells = {e.name: e for e in experiments}, study.cells()
+    study.claims = [_claim(c, by_name, defaults, cells) for c in claims_raw]
+    names = [c.name for c in study.claims]
+    if len(set(names)) != len(names):
+        raise ValueError(f"`claims`: names must be distinct, got {names}.")
+    return study
 
 
 def load_study(path: Optional[Path] = None, profile: str = "quick") -> Study:
