@@ -78,8 +78,9 @@ EXPECTED: dict[str, dict[str, str]] = {
                    "GradientDynamicsMonitor": _NO_FORWARD},
 }
 EXPECTED = {family: {cb: EXPECTED[family].get(cb, WORKS) for cb in CALLBACKS} for family in FAMILIES}
-# Cells that crash today (library bugs reported on issue 19): the expected behaviour is in EXPECTED, the crash is an
-# expected failure (strict: a fix shows up here, and the cell then joins the run modes).
+# Cells that crash because of a library bug, while it is open: the expected behaviour stays in EXPECTED, the crash is a
+# strict expected failure (the fix shows up here, and the cell then joins the run modes). None open: the zoo's two
+# (GPT-2 x GradientDynamicsMonitor, LSTM x FisherTraceMonitor) are fixed.
 KNOWN_BUGS: dict[tuple[str, str], str] = {}
 REFUSAL_WORDS = re.compile(r"`\w+`|unsupported|does not support")
 
