@@ -2,6 +2,7 @@
 do."""
 
 from lightning_startwell.callbacks import (
+    CriticalPeriodMonitor,
     DeficitInjector,
     DropoutSchedule,
     FisherTraceMonitor,
@@ -21,6 +22,7 @@ __all__ = [
     "MLP",
     "ArrayDataModule",
     "Classifier",
+    "CriticalPeriodMonitor",
     "ConvNet",
     "DeficitInjector",
     "DigitsDataModule",

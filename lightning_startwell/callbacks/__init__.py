@@ -1,5 +1,6 @@
 """The Lightning callbacks: each one decides when and on what the pure core runs, and logs under ``startwell/...``."""
 
+from lightning_startwell.callbacks.critical_period import CriticalPeriodMonitor, find_critical_period_monitor
 from lightning_startwell.callbacks.deficit_injector import DeficitInjector
 from lightning_startwell.callbacks.dropout_schedule import DropoutSchedule
 from lightning_startwell.callbacks.fisher_monitor import FisherTraceMonitor
@@ -9,6 +10,7 @@ from lightning_startwell.callbacks.signal_propagation import SignalPropagationMo
 from lightning_startwell.callbacks.stochastic_depth import StochasticDepthSchedule
 
 __all__ = [
+    "CriticalPeriodMonitor",
     "DeficitInjector",
     "DropoutSchedule",
     "FisherTraceMonitor",
@@ -16,4 +18,5 @@ __all__ = [
     "InitScheme",
     "SignalPropagationMonitor",
     "StochasticDepthSchedule",
+    "find_critical_period_monitor",
 ]

@@ -188,6 +188,9 @@ class FisherTraceMonitor(InstanceStateKey, Callback):
         self._batch: Any = None  # this rank's share of the probe set, collated
         self._last_step = -1
         self._layout_written = False
+        #: ``(step, trace)`` of the latest measurement of this fit (None before the first): read by other callbacks
+        #: (``CriticalPeriodMonitor(signal="fisher")``); the same on every DDP rank.
+        self.last_trace: Optional[tuple[int, float]] = None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -312,6 +315,7 @@ class FisherTraceMonitor(InstanceStateKey, Callback):
         num = total_sums[-1].item()
         per_layer = {n: v / num for n, v in zip(names, total_sums[:-1].tolist(), strict=True)}
         trace = math.fsum(per_layer.values())
+        self.last_trace = (step, trace)
         metrics = {"startwell/fisher/trace": trace}
         if self.log_per_layer:
             metrics.update({f"startwell/fisher/layer/{n}": v for n, v in per_layer.items()})

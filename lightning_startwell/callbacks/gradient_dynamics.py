@@ -147,6 +147,9 @@ class GradientDynamicsMonitor(InstanceStateKey, Callback):
         self._norm_count = 0
         self._norm_skipped: Optional[torch.Tensor] = None  # steps with a non-finite ||g|| among the _norm_count
         self._warned_non_finite = False
+        #: ``(step, direction_error)`` of the latest direction measurement of this fit (None before the first): read
+        #: by other callbacks (``CriticalPeriodMonitor(signal="direction_error")``); the same on every DDP rank.
+        self.last_direction_error: Optional[tuple[int, float]] = None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -322,6 +325,7 @@ class GradientDynamicsMonitor(InstanceStateKey, Callback):
             sums = torch.zeros(2, size, dtype=accumulation_dtype(pl_module.device), device=pl_module.device)
         sums = trainer.strategy.reduce(sums, reduce_op="sum")
         variance, error = direction_statistics(sums, self._probe_count)
+        self.last_direction_error = (step, error)
         return {PREFIX + "direction_variance": variance, PREFIX + "direction_error": error}
 
     def _warn_skipped(self, step: int, skipped: int) -> None:
