@@ -1,5 +1,5 @@
-"""The study's report: per experiment a figure (PNG, matplotlib's Agg backend) and a table of mean ± std per cell with
-the paired test against the cell's reference, in ``report.md``."""
+"""The study's report: the verdict of every claim of the study first, then per experiment a figure (PNG, matplotlib's
+Agg backend) and a table of mean ± std per cell with the paired test against the cell's reference, in ``report.md``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Optional, cast
 
-from lightning_startwell.study.config import NO_DEFICIT, Experiment, RunSpec, Study
+from lightning_startwell.study.config import NO_DEFICIT, PARAMETERS, Claim, ClaimComparison, Experiment, RunSpec, Study
 from lightning_startwell.study.results import read_fisher, read_results
 from lightning_startwell.study.stats import ALPHA, Comparison, detectable_effect, holm, paired_comparison
 
@@ -134,6 +134,147 @@ def table(experiment: Experiment, results: list[CellResult]) -> str:
             f" {_p(r.p_holm, same)} | {significant} |"
         )
     return "\n".join(lines)
+
+
+VERDICT_RULE = (
+    "A claim's comparisons are one family: their p-values (paired t-test, or the exact sign-flip test where every"
+    " per-seed difference is equal) are Holm–Bonferroni adjusted within the claim only, and a trained run is tested"
+    " once in a family. A comparison is **reproduced** when its adjusted p is below {alpha} in the expected direction"
+    " (`lower`: a negative mean difference, `higher`: a positive one), **opposite** when it is below {alpha} in the"
+    " other direction, and **inconclusive** otherwise. For `no_loss` (no lasting loss) it is **reproduced** when the"
+    " lower bound of the 95 % confidence interval of the difference is above minus the claim's margin, else"
+    " **opposite** when the difference is a significant loss (adjusted p below {alpha}, negative mean), else"
+    " **inconclusive**. A comparison with fewer than 2 seeds where all its runs finished says **runs missing**. A claim"
+    " is reproduced when every comparison is, opposite when at least one is and none is reproduced, runs missing"
+    " when every comparison is, inconclusive otherwise; a claim without a paired comparison is **not tested**, with the reason. Effects are the mean of the"
+    " per-seed differences in points of test accuracy, with their 95 % confidence interval; 'detectable' is the"
+    " smallest true difference the design finds with 80 % power at the measured spread of the differences"
+    " (stats.detectable_effect): an inconclusive claim whose effect is below it was not given the power to decide."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClaimResult:
+    """One comparison of a claim: its paired comparison, its Holm-adjusted p within the claim, its verdict, and the
+    number of its runs (seeds x runs compared) that finished and that the study asks for."""
+
+    comparison: ClaimComparison
+    result: Comparison
+    p_holm: float
+    verdict: str
+    runs_done: int
+    runs_expected: int
+
+
+def comparison_verdict(expect: str, result: Comparison, p_holm: float, margin: float = 0.0) -> str:
+    """The verdict of one comparison (see ``VERDICT_RULE``); ``margin`` in points, for ``no_loss``."""
+    if result.seeds < 2:
+        return "runs missing"
+    significant = not math.isnan(p_holm) and p_holm < ALPHA
+    mean = result.difference_mean
+    if expect == "no_loss":
+        if not math.isnan(result.ci_low) and 100 * result.ci_low > -margin:
+            return "reproduced"
+        return "opposite" if significant and mean < 0 else "inconclusive"
+    if not significant or mean == 0:
+        return "inconclusive"
+    return "reproduced" if (mean < 0) == (expect == "lower") else "opposite"
+
+
+def claim_verdict(claim: Claim, results: list[ClaimResult]) -> str:
+    if not claim.comparisons:
+        return "not tested"
+    verdicts = [r.verdict for r in results]
+    if all(v == "runs missing" for v in verdicts):
+        return "runs missing"
+    if all(v == "reproduced" for v in verdicts):
+        return "reproduced"
+    if "opposite" in verdicts and "reproduced" not in verdicts:
+        return "opposite"
+    return "inconclusive"
+
+
+def claim_results(study: Study, claim: Claim, rows: list[dict[str, Any]]) -> list[ClaimResult]:
+    """Every comparison of ``claim`` on the finished runs in ``rows``, Holm-adjusted within the claim."""
+    by_cell = _by_seed(rows)
+
+    def accuracy(cell: RunSpec) -> dict[int, float]:
+        return {seed: row["test_acc"] for seed, row in by_cell.get(cell, {}).items() if seed in study.seeds}
+
+    measured = []
+    for comparison in claim.comparisons:
+        runs = [accuracy(cell) for cell in comparison.runs()]
+        seeds = sorted(set.intersection(*(set(r) for r in runs)))
+        first = {s: runs[0][s] - runs[1][s] for s in seeds}  # cell - reference, seed by seed
+        if comparison.versus:  # the same cost in the other setting: the test is on the difference of the two
+            second = {s: runs[2][s] - runs[3][s] for s in seeds}
+        else:
+            first, second = {s: runs[0][s] for s in seeds}, {s: runs[1][s] for s in seeds}
+        done = sum(len(r) for r in runs)
+        measured.append((comparison, paired_comparison(first, second), done, len(runs) * len(study.seeds)))
+    adjusted = holm([c.p if c.seeds >= 2 else math.nan for _, c, _, _ in measured])
+    return [
+        ClaimResult(comparison, c, p, comparison_verdict(claim.expect, c, p, claim.margin), done, expected)
+        for (comparison, c, done, expected), p in zip(measured, adjusted, strict=True)
+    ]
+
+
+def _differences(a: RunSpec, b: RunSpec) -> list[str]:
+    """The parameters where ``a`` and ``b`` differ, ``name a vs b`` (the blur size only where both blur)."""
+    skip = {"seed", "size"} if a.deficit != b.deficit else {"seed"}
+    return [
+        f"{k} {getattr(a, k):g} vs {getattr(b, k):g}"
+        if isinstance(getattr(a, k), float)
+        else f"{k} {getattr(a, k)} vs {getattr(b, k)}"
+        for k in PARAMETERS
+        if k not in skip and getattr(a, k) != getattr(b, k)
+    ]
+
+
+def _setting(a: RunSpec, b: RunSpec) -> str:
+    return ", ".join(f"{k} {getattr(a, k):g}" if isinstance(getattr(a, k), float) else f"{k} {getattr(a, k)}"
+                     for k in PARAMETERS if k != "seed" and getattr(a, k) != getattr(b, k))
+
+
+def comparison_label(comparison: ClaimComparison) -> str:
+    """What a claim's comparison compares, in words (experiment, then the parameters that differ)."""
+    label = "; ".join(_differences(comparison.cell, comparison.reference))
+    if comparison.versus:
+        other = comparison.versus[0]
+        label = (f"({label}) at {_setting(comparison.cell, other)} minus the same at"
+                 f" {_setting(other, comparison.cell)}")
+    return f"{comparison.experiment}: {label}"
+
+
+def verdict_table(study: Study, rows: list[dict[str, Any]]) -> str:
+    """The verdict of every claim of ``study`` on ``rows``: a markdown table, its rule below it."""
+    if not study.claims:
+        return "This study declares no claims (a `claims:` section in its YAML, docs/study.md)."
+    lines = [
+        "| claim | the paper reports | comparison | our effect (points) [95 % CI] | p (Holm, within the claim)"
+        " | detectable at 80 % power (points) | verdict | claim's verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for claim in study.claims:
+        results = claim_results(study, claim, rows)
+        verdict = claim_verdict(claim, results)
+        margin = f", margin {claim.margin:g} points" if claim.expect == "no_loss" else ""
+        expected = f"expected: {claim.expect}{margin}"
+        if not results:
+            lines.append(f"| {claim.name} | {claim.paper} | – ({claim.not_tested}) | – | – | – | – | {verdict} |")
+        for i, r in enumerate(results):
+            c = r.result
+            effect = "–" if c.seeds < 2 else f"{_points(c.difference_mean)} {_interval(c.ci_low, c.ci_high)}"
+            missing = (f" ({r.runs_expected - r.runs_done} of {r.runs_expected} runs missing)"
+                       if r.runs_done < r.runs_expected else "")
+            first = i == 0
+            lines.append(
+                f"| {claim.name if first else ''} | {claim.paper + ' (' + expected + ')' if first else ''} |"
+                f" {comparison_label(r.comparison)} | {effect} | {_p(r.p_holm, False)}"
+                f"{f' (of {len(results)})' if not math.isnan(r.p_holm) else ''} | {_points(c.detectable)} |"
+                f" {r.verdict}{missing} | {verdict if first else ''} |"
+            )
+    return "\n".join(lines) + "\n\n" + VERDICT_RULE.format(alpha=ALPHA)
 
 
 def _pyplot() -> Any:
@@ -309,6 +450,10 @@ def write_report(study: Study, out: Path, command: str = "") -> Path:
         "",
         f"{len(done & {r.run_id for r in runs})} of {len(runs)} runs finished ({len(study.seeds)} seeds:"
         f" {study.seeds}). " + (f"Command: `{command}`." if command else ""),
+        "",
+        "## Verdicts",
+        "",
+        verdict_table(study, rows),
         "",
         "Measured training time per epoch (fit wall time / epochs, Fisher measurement every epoch included), by depth: "
         + ", ".join(f"depth {d}: {s:.2f} s" for d, s in per_epoch.items())
