@@ -23,7 +23,14 @@ from lightning_startwell.cli import main as startwell
 from lightning_startwell.study import config as study_config
 from lightning_startwell.study.config import RunSpec, load_study, parse_study
 from lightning_startwell.study.record import accuracy
-from lightning_startwell.study.report import estimate_seconds, per_epoch_at, write_report
+from lightning_startwell.study.report import (
+    claim_results,
+    claim_verdict,
+    estimate_seconds,
+    per_epoch_at,
+    verdict_table,
+    write_report,
+)
 from lightning_startwell.study.results import RESULT_COLUMNS, merge, read_fisher, read_results
 from lightning_startwell.study.runner import fit_cell, run_study, write_cells
 from lightning_startwell.study.stats import detectable_effect, holm, paired_comparison, sign_flip_p
@@ -117,9 +124,197 @@ def test_bad_study_yaml_names_the_part(change, named):
         tiny(**change)
 
 
+# Claims: a grid of blur lengths (and of weight decay) whose cells the claims compare.
+CLAIM_EXPERIMENTS = [
+    {"name": "length", "plot": "curve", "x": "length", "grid": {"length": [0, 1, 2, 3]}},
+    {"name": "wd", "plot": "curve", "x": "length", "series": "weight_decay",
+     "grid": {"length": [0, 1], "weight_decay": [0.0, 0.001]}},
+    {"name": "fisher", "plot": "fisher", "x": "length",
+     "grid": {"length": [0, 1], "fisher_probe": ["clean", "training"]}},
+]
+
+
+def claim(name="c", expect="lower", comparisons=None, **more):
+    comparisons = comparisons or [{"experiment": "length", "cell": {"length": 1}}]
+    return {"name": name, "paper": "what the paper says", "expect": expect, "comparisons": comparisons, **more}
+
+
+def claims_study(*claims):
+    return tiny(experiments=CLAIM_EXPERIMENTS, claims=list(claims))
+
+
+def test_claims_are_parsed_to_the_runs_they_compare():
+    study = claims_study(
+        claim("chain", comparisons=[
+            {"experiment": "length", "cell": {"length": 2}, "reference": {"length": 1}},
+            {"experiment": "length", "cell": {"length": 3}, "reference": {"length": 2}}]),
+        claim("wd", comparisons=[{"experiment": "wd", "cell": {"length": 1, "weight_decay": 0.001},
+                                  "versus": {"weight_decay": 0.0}}]),
+        claim("kept", expect="no_loss", margin=1.5),
+        {"name": "fisher", "paper": "rises then falls", "not_tested": "no paired comparison"},
+    )
+    assert len(study.runs()) == len(claims_study().runs())  # claims add no run
+    chain, wd, kept, fisher = study.claims
+    second = chain.comparisons[1]
+    assert (second.cell.length, second.cell.epochs, second.reference.length, second.reference.epochs) == (3, 4, 2, 3)
+    (interaction,) = wd.comparisons
+    assert (interaction.cell.weight_decay, interaction.reference.length) == (0.001, 0)
+    assert [(r.length, r.weight_decay) for r in interaction.versus] == [(1, 0.0), (0, 0.0)]
+    assert (kept.expect, kept.margin, kept.comparisons[0].reference.deficit) == ("no_loss", 1.5, "none")
+    assert (fisher.comparisons, fisher.not_tested) == ([], "no paired comparison")
+
+
+@pytest.mark.parametrize(
+    ("bad", "named"),
+    [
+        (claim(colour="red"), "unknown key.*colour"),
+        ({"name": "c", "expect": "lower", "comparisons": [{"experiment": "length", "cell": {"length": 1}}]}, "paper"),
+        (claim(expect="smaller"), "`expect` must be one of"),
+        (claim(expect="no_loss"), "needs a positive `margin`"),
+        (claim(margin=1.0), "`margin` is for `expect: no_loss` only"),
+        (claim(comparisons=[{"experiment": "lenght", "cell": {"length": 1}}]), "`experiment` must be one of"),
+        (claim(comparisons=[{"experiment": "length", "cell": {"length": 7}}]), "`cell`.*matches 0 cells"),
+        (claim(comparisons=[{"experiment": "wd", "cell": {"length": 1}}]), "`cell`.*matches 2 cells"),
+        (claim(comparisons=[{"experiment": "length", "cell": {"lenght": 1}}]), "`cell`.*unknown run parameter"),
+        (claim(comparisons=[{"experiment": "length", "cell": {"length": 1}, "reference": {"depth": 5}}]),
+         "reference of the cell .* is not a run of the study"),
+        (claim(comparisons=[{"experiment": "length", "cell": {"length": 1}, "reference": {"length": 1}}]),
+         "compared with itself"),
+        (claim(comparisons=[{"experiment": "length", "cell": {"length": 1}, "versus": {"length": 9}}]), "`versus`"),
+        (claim(comparisons=[{"experiment": "length", "cel": {"length": 1}}]), "comparisons` 1: needs"),
+        ({"name": "c", "paper": "p"}, "`not_tested`"),
+        (claim(not_tested="no reason"), "`not_tested`"),
+    ],
+)
+def test_bad_claims_name_the_part(bad, named):
+    with pytest.raises(ValueError, match=f"claim 'c'.*{named}"):
+        claims_study(bad)
+
+
+def test_claim_names_are_distinct():
+    with pytest.raises(ValueError, match="`claims`: names must be distinct"):
+        claims_study(claim(), claim())
+
+
+def test_a_trained_run_is_tested_once_in_a_family():
+    # The training-probe arm is the clean-probe arm's model (the probe changes the measurement only): refused, not
+    # silently deduplicated -- the profile says what it tests.
+    fisher_twice = claim(comparisons=[{"experiment": "fisher", "cell": {"length": 1, "fisher_probe": p}}
+                                      for p in ("clean", "training")])
+    with pytest.raises(ValueError, match="`comparisons` 1 and 2 test the same trained run blur2_on0_len1"):
+        claims_study(fisher_twice)
+    same_arm = claim(comparisons=[{"experiment": "length", "cell": {"length": 2}},
+                                  {"experiment": "length", "cell": {"length": 2}, "reference": {"length": 1}}])
+    with pytest.raises(ValueError, match="counted once"):
+        claims_study(same_arm)
+    reversed_pair = claim(comparisons=[{"experiment": "length", "cell": {"length": 2}, "reference": {"length": 1}},
+                                       {"experiment": "length", "cell": {"length": 1}, "reference": {"length": 2}}])
+    with pytest.raises(ValueError, match="the same runs"):
+        claims_study(reversed_pair)
+    # A shared reference is allowed (a common control, as within an experiment), and so is a run in two families.
+    shared = claim(comparisons=[{"experiment": "length", "cell": {"length": n}} for n in (1, 2, 3)])
+    assert len(claims_study(shared, {**shared, "name": "again"}).claims[0].comparisons) == 3
+
+
+def _hand_rows(study, accuracy):
+    """results.csv rows of every run of ``study``: ``accuracy(cell, seed)`` the test accuracy."""
+    import dataclasses
+
+    return [{"run_id": run.run_id, **dataclasses.asdict(run), "test_acc": accuracy(run.without_seed(), run.seed),
+             "val_acc": 0.0, "seconds": 1.0} for run in study.runs()]
+
+
+# Per-seed differences with the no-deficit run: length 1 a clear loss, 2 no clear sign, 3 a small spread near 0.
+DIFFERENCES = {0: (0.0, 0.0, 0.0), 1: (-0.10, -0.11, -0.12), 2: (-0.05, 0.03, -0.01), 3: (0.01, 0.0, 0.02)}
+
+
+def _length_accuracy(cell, seed):
+    extra = 0.02 if cell.weight_decay == 0.0 else 0.0  # weight decay 0: 2 points more loss from the blur
+    return 0.80 + 0.01 * seed + DIFFERENCES[cell.length][seed] - (extra if cell.length else 0.0)
+
+
+def test_verdicts_against_a_hand_computation():
+    from scipy.stats import t as student
+
+    comparison = [{"experiment": "length", "cell": {"length": 1}}]
+    study = claims_study(
+        claim("loss", "lower", comparison),
+        claim("gain", "higher", comparison),
+        claim("unclear", "lower", [{"experiment": "length", "cell": {"length": 2}}]),
+        claim("kept", "no_loss", [{"experiment": "length", "cell": {"length": 3}}], margin=2.0),
+        claim("kept_narrow", "no_loss", [{"experiment": "length", "cell": {"length": 3}}], margin=1.0),
+        claim("kept_not", "no_loss", comparison, margin=2.0),
+        claim("wd", "higher", [{"experiment": "wd", "cell": {"length": 1, "weight_decay": 0.001},
+                                "versus": {"weight_decay": 0.0}}]),
+    )
+    rows = _hand_rows(study, _length_accuracy)
+    results = {c.name: claim_results(study, c, rows) for c in study.claims}
+    # length 1: d = (-0.10, -0.11, -0.12), mean -0.11, sd 0.01, t = -0.11 / (0.01 / sqrt 3) = -19.05, df 2
+    (loss,) = results["loss"]
+    t = -0.11 / (0.01 / math.sqrt(3))
+    assert loss.result.difference_mean == pytest.approx(-0.11) and loss.result.t == pytest.approx(t)
+    assert loss.p_holm == pytest.approx(2 * student.sf(-t, df=2)) and loss.p_holm < 0.01
+    assert loss.verdict == "reproduced" and results["gain"][0].verdict == "opposite"
+    # length 2: d = (-0.05, 0.03, -0.01), mean -0.01, sd 0.04, t = -0.433: p = 0.71
+    assert results["unclear"][0].p_holm == pytest.approx(2 * student.sf(0.01 / (0.04 / math.sqrt(3)), df=2))
+    assert results["unclear"][0].verdict == "inconclusive"
+    # length 3: d = (0.01, 0, 0.02), mean 0.01, sd 0.01; 95 % CI 0.01 ± 4.3027 x 0.01 / sqrt 3 = [-1.48, 3.48] points
+    kept = results["kept"][0].result
+    assert 100 * kept.ci_low == pytest.approx(1.0 - 4.302652729911275 / math.sqrt(3))
+    assert results["kept"][0].verdict == "reproduced"  # -1.48 > -2
+    assert results["kept_narrow"][0].verdict == "inconclusive"  # -1.48 < -1, and no significant loss
+    assert results["kept_not"][0].verdict == "opposite"  # a significant loss of 11 points
+    # The interaction: the blur's cost at weight decay 0.001 minus its cost at 0, seed by seed: +0.02 every seed
+    (wd,) = results["wd"]
+    assert wd.result.difference_mean == pytest.approx(0.02) and (wd.result.ci_low, wd.result.ci_high) == pytest.approx(
+        (0.02, 0.02))
+    assert wd.result.p == pytest.approx(2 / 8) and wd.verdict == "inconclusive"  # sign-flip: 3 seeds can say no more
+    verdicts = {c.name: claim_verdict(c, results[c.name]) for c in study.claims}
+    assert verdicts == {"loss": "reproduced", "gain": "opposite", "unclear": "inconclusive", "kept": "reproduced",
+                        "kept_narrow": "inconclusive", "kept_not": "opposite", "wd": "inconclusive"}
+    table = verdict_table(study, rows)
+    assert "| loss | what the paper says (expected: lower) | length: deficit blur vs none; length 1 vs 0" in table
+    assert "| -11.00 [-13.48, -8.52] |" in table and "**reproduced** when" in table
+
+
+def test_one_holm_family_per_claim():
+    three = claim("three", comparisons=[{"experiment": "length", "cell": {"length": n}} for n in (1, 2, 3)])
+    study = claims_study(three, claim("one", comparisons=[{"experiment": "length", "cell": {"length": 2}}]))
+    rows = _hand_rows(study, _length_accuracy)
+    raw = [r.result.p for r in claim_results(study, study.claims[0], rows)]
+    # Holm by hand over the 3 p-values of this claim only: sorted p(1) < p(2) < p(3), adjusted 3 p(1), then
+    # max(3 p(1), 2 p(2)), then max(that, p(3)), capped at 1.
+    p1, p2, p3 = raw[0], raw[2], raw[1]  # length 1 (-11 points, tight), length 3, length 2 (-1 point, spread)
+    assert p1 < p2 < p3
+    first, second = min(1.0, 3 * p1), max(min(1.0, 3 * p1), min(1.0, 2 * p2))
+    expected = [first, max(second, min(1.0, p3)), second]  # in the claim's order: length 1, 2, 3
+    assert [r.p_holm for r in claim_results(study, study.claims[0], rows)] == pytest.approx(expected)
+    # The same comparison in a family of its own is not adjusted for the other claim's comparisons.
+    (alone,) = claim_results(study, study.claims[1], rows)
+    assert alone.p_holm == pytest.approx(raw[1])
+
+
+def test_a_claim_with_runs_missing_says_so():
+    study = claims_study(claim("length", comparisons=[{"experiment": "length", "cell": {"length": n}} for n in (1, 3)]))
+    rows = [r for r in _hand_rows(study, _length_accuracy)
+            if not (r["length"] == 3 or (r["length"] == 1 and r["seed"] == 2))]
+    first, second = claim_results(study, study.claims[0], rows)
+    assert first.result.seeds == 2 and (first.runs_done, first.runs_expected) == (5, 6)
+    assert second.verdict == "runs missing" and math.isnan(second.p_holm)
+    table = verdict_table(study, rows)
+    assert "(1 of 6 runs missing)" in table and "runs missing (3 of 6 runs missing)" in table
+    assert claim_verdict(study.claims[0], [first, second]) == "inconclusive"
+    nothing = claim_results(study, study.claims[0], [])  # no run at all: every comparison missing, no crash
+    assert claim_verdict(study.claims[0], nothing) == "runs missing" and "| runs missing |" in verdict_table(study, [])
+
+
 def test_profiles_load_and_cover_the_five_figures_and_the_controls():
     for profile in ("quick", "full"):
         study = load_study(profile=profile)
+        assert {c.name for c in study.claims} == {
+            "length", "onset", "fisher_rises_then_falls", "weight_decay", "depth", "deprivation_vs_blur",
+            "low_level_statistics_kept", "permanence", "not_the_learning_rate"}
+        assert [c.name for c in study.claims if not c.comparisons] == ["fisher_rises_then_falls"]
         plots = {e.plot for e in study.experiments}
         assert plots == {"curve", "bars", "fisher", "fisher_layers"} and len(study.seeds) >= 3
         grids = {k for e in study.experiments for k in (*e.grid, *e.fixed)}
