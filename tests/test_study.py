@@ -31,7 +31,7 @@ from lightning_startwell.study.report import (
     verdict_table,
     write_report,
 )
-from lightning_startwell.study.results import RESULT_COLUMNS, merge, read_fisher, read_results
+from lightning_startwell.study.results import RESULT_COLUMNS, append_run, merge, read_fisher, read_results
 from lightning_startwell.study.runner import fit_cell, run_study, write_cells
 from lightning_startwell.study.stats import detectable_effect, holm, paired_comparison, sign_flip_p
 
@@ -275,6 +275,16 @@ def test_verdicts_against_a_hand_computation():
     table = verdict_table(study, rows)
     assert "| loss | what the paper says (expected: lower) | length: deficit blur vs none; length 1 vs 0" in table
     assert "| -11.00 [-13.48, -8.52] |" in table and "**reproduced** when" in table
+
+
+def test_the_report_opens_with_the_verdicts(tmp_path):
+    study = claims_study(claim("loss"), {"name": "fisher", "paper": "rises, falls", "not_tested": "no paired test"})
+    for row in _hand_rows(study, _length_accuracy):  # the tables as the runner writes them, no training
+        append_run(tmp_path, {c: row[c] for c in RESULT_COLUMNS}, [])
+    report = write_report(study, tmp_path).read_text()
+    assert report.index("## Verdicts") < report.index("**Statistics.**") < report.index("## length")
+    assert "| loss |" in report and "| fisher | rises, falls | – (no paired test) |" in report
+    assert "not tested |" in report and "declares no claims" in write_report(tiny(), tmp_path).read_text()
 
 
 def test_one_holm_family_per_claim():
