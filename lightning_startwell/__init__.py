@@ -10,6 +10,7 @@ from lightning_startwell.callbacks import (
     InitScheme,
     SignalPropagationMonitor,
     StochasticDepthSchedule,
+    WeightDecaySchedule,
 )
 from lightning_startwell.data import ArrayDataModule, DigitsDataModule, MNIST1DDataModule
 from lightning_startwell.fisher import fisher_trace
@@ -34,6 +35,7 @@ __all__ = [
     "ResNet",
     "SignalPropagationMonitor",
     "StochasticDepthSchedule",
+    "WeightDecaySchedule",
     "fisher_trace",
     "init_weights",
 ]

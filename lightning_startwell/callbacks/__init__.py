@@ -8,6 +8,7 @@ from lightning_startwell.callbacks.gradient_dynamics import GradientDynamicsMoni
 from lightning_startwell.callbacks.init_scheme import InitScheme
 from lightning_startwell.callbacks.signal_propagation import SignalPropagationMonitor
 from lightning_startwell.callbacks.stochastic_depth import StochasticDepthSchedule
+from lightning_startwell.callbacks.weight_decay import WeightDecaySchedule
 
 __all__ = [
     "CriticalPeriodMonitor",
@@ -18,5 +19,6 @@ __all__ = [
     "InitScheme",
     "SignalPropagationMonitor",
     "StochasticDepthSchedule",
+    "WeightDecaySchedule",
     "find_critical_period_monitor",
 ]

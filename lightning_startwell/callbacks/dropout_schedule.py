@@ -10,7 +10,7 @@ from typing_extensions import override
 
 from lightning_startwell._compile import is_compiled
 from lightning_startwell.callbacks._common import InstanceStateKey, listed, report_attached
-from lightning_startwell.callbacks._rate_schedule import RateScheduleCallback
+from lightning_startwell.callbacks._rate_schedule import CutoffSignal, RateScheduleCallback
 from lightning_startwell.callbacks._strategy import refuse_sharded, sharded_strategy
 from lightning_startwell.dropout import RateSlot, find_dropout, set_rates
 from lightning_startwell.schedules import Mode, Shape
@@ -32,7 +32,9 @@ class DropoutSchedule(InstanceStateKey, RateScheduleCallback):
     Modes (see :func:`~lightning_startwell.schedules.scheduled_rate`): ``standard`` (p always), ``early`` (p until the
     cutoff, then 0; shape ``constant``, ``linear`` = linspace(p, 0, cutoff) as in the official code, or ``cosine``),
     ``late`` (0 until the cutoff, then p). The cutoff is exactly one of ``cutoff_epochs``, ``cutoff_steps`` (optimizer
-    steps) or ``cutoff_fraction`` of ``trainer.estimated_stepping_batches``.
+    steps) or ``cutoff_fraction`` of ``trainer.estimated_stepping_batches`` or, with
+    ``cutoff_signal="critical_period"``, the step at which the trainer's ``CriticalPeriodMonitor`` declares the
+    critical period ended (``constant`` shape).
 
     Logs ``startwell/dropout/rate`` every ``log_every_n_steps`` optimizer steps and, with ``log_images``, draws the
     planned rate in the run's schedule picture ``startwell/schedule/overview`` (TensorBoard only, at the start and the
@@ -54,6 +56,9 @@ class DropoutSchedule(InstanceStateKey, RateScheduleCallback):
             on a ``torch.compile``d model or one holding a ``torch.compile``d submodule (``self.net =
             torch.compile(net)``), where they are rounded to 5 levels (with a warning).
         log_images: draw the schedule picture.
+        cutoff_signal: ``"critical_period"``: the cutoff is the ``end_step`` of the trainer's
+            ``CriticalPeriodMonitor`` (the rate before the cutoff until it is declared); takes no fixed cutoff, shape
+            ``constant`` only.
 
     Example::
 
@@ -77,8 +82,11 @@ class DropoutSchedule(InstanceStateKey, RateScheduleCallback):
         attributes: Optional[list[str]] = None,
         rate_levels: Optional[int] = None,
         log_images: bool = True,
+        cutoff_signal: Optional[CutoffSignal] = None,
     ) -> None:
-        super().__init__(p, mode, shape, cutoff_epochs, cutoff_steps, cutoff_fraction, rate_levels, log_images)
+        super().__init__(
+            p, mode, shape, cutoff_epochs, cutoff_steps, cutoff_fraction, rate_levels, log_images, cutoff_signal
+        )
         self.include = include
         self.exclude = exclude
         self.attributes = attributes
@@ -134,7 +142,7 @@ class DropoutSchedule(InstanceStateKey, RateScheduleCallback):
 
     def schedule_plan(self, steps: list[int], steps_per_epoch: Optional[int]) -> dict[str, Any]:
         """The planned dropout rate at ``steps``, for the schedule picture."""
-        return {"dropout": [self.rate_at(step) for step in steps]}
+        return {"dropout": self.planned_rates(steps)}
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -9,7 +9,7 @@ from typing_extensions import override
 
 from lightning_startwell._validation import check_choice
 from lightning_startwell.callbacks._common import InstanceStateKey, listed, report_attached
-from lightning_startwell.callbacks._rate_schedule import RateScheduleCallback
+from lightning_startwell.callbacks._rate_schedule import CutoffSignal, RateScheduleCallback
 from lightning_startwell.callbacks._strategy import refuse_sharded, sharded_strategy
 from lightning_startwell.drop_path import (
     DropPathHooks,
@@ -58,6 +58,9 @@ class StochasticDepthSchedule(InstanceStateKey, RateScheduleCallback):
             use 1/6 of training (the paper's epoch 50 of 300).
         blocks: glob patterns of the modules whose outputs are residual branches, in depth order (default: automatic).
         per: ``sample`` (a draw per sample) or ``batch`` (one draw per block for the mini-batch, Huang et al.).
+        cutoff_signal: ``"critical_period"``: the cutoff is the ``end_step`` of the trainer's
+            ``CriticalPeriodMonitor`` (the rate before the cutoff until it is declared); takes no fixed cutoff, shape
+            ``constant`` only.
         log_images: draw the schedule picture.
 
     Example::
@@ -81,8 +84,12 @@ class StochasticDepthSchedule(InstanceStateKey, RateScheduleCallback):
         blocks: Optional[list[str]] = None,
         log_images: bool = True,
         per: Per = "sample",
+        cutoff_signal: Optional[CutoffSignal] = None,
     ) -> None:
-        super().__init__(drop_rate, mode, shape, cutoff_epochs, cutoff_steps, cutoff_fraction, log_images=log_images)
+        super().__init__(
+            drop_rate, mode, shape, cutoff_epochs, cutoff_steps, cutoff_fraction, log_images=log_images,
+            cutoff_signal=cutoff_signal,
+        )
         check_choice("rule", rule, RULES)
         check_choice("per", per, PERS)
         self.rule = rule
@@ -143,7 +150,7 @@ class StochasticDepthSchedule(InstanceStateKey, RateScheduleCallback):
 
     def schedule_plan(self, steps: list[int], steps_per_epoch: Optional[int]) -> dict[str, Any]:
         """The planned drop rate of every block at ``steps``, for the schedule picture."""
-        return {"block_rates": [self._block_rates(self.rate_at(step)) for step in steps]}
+        return {"block_rates": [self._block_rates(rate) for rate in self.planned_rates(steps)]}
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
