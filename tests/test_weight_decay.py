@@ -435,3 +435,86 @@ def test_mlp_without_weight_decay_in_default_sgd_is_refused(tmp_path):
     # the demo models' default optimizer is SGD without weight decay: nothing to schedule, and the error says so
     with pytest.raises(ValueError, match="weight_decay"):
         make_trainer(tmp_path, [WeightDecaySchedule(cutoff_steps=2)], max_steps=2).fit(MLP(), gaussian_loader())
+
+
+# ---- with the real CriticalPeriodMonitor ----------------------------------------------------------------------------
+
+#: The Fisher penalty the scripted monitor "measures" at each step: the rule (window 1, fraction 0.5, patience 2)
+#: sees it fall below half its maximum at steps 4 and 5, and ends the period at step 5.
+SCRIPT = [1.0, 2.0, 4.0, 4.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+DECLARED = 5
+
+
+def _scripted_monitor():
+    from lightning_startwell.callbacks import CriticalPeriodMonitor
+
+    class ScriptedMonitor(CriticalPeriodMonitor):
+        """The real monitor (rule, end_step, checkpoint), measuring SCRIPT instead of the Fisher penalty."""
+
+        def _fisher_penalty(self, trainer, pl_module, batch, step):
+            return SCRIPT[step]
+
+    return ScriptedMonitor(every_n_steps=1, window=1, fraction=0.5, patience=2, min_measurements=1)
+
+
+def _signal_schedules():
+    return [
+        DropoutSchedule(p=0.3, mode="early", shape="constant", cutoff_signal="critical_period"),
+        StochasticDepthSchedule(drop_rate=0.4, mode="late", cutoff_signal="critical_period"),
+        WeightDecaySchedule(mode="early", cutoff_signal="critical_period"),
+    ]
+
+
+TAGS = {"startwell/dropout/rate": (0.3, 0.0), "startwell/depth/drop_rate": (0.0, 0.4),
+        "startwell/weight_decay/factor": (1.0, 0.0)}
+
+
+def _check_switch(logged, switch, steps):
+    for tag, (before, after) in TAGS.items():
+        assert [s for s, _ in logged[tag]] == list(steps), tag
+        assert [v for _, v in logged[tag]] == pytest.approx([before if s < switch else after for s in steps]), tag
+
+
+def test_schedules_switch_at_the_end_step_of_the_real_monitor(tmp_path):
+    monitor = _scripted_monitor()
+    schedules = _signal_schedules()
+    trainer = make_trainer(tmp_path, [monitor, *schedules], max_steps=12, max_epochs=-1)
+    trainer.fit(_resnet(), gaussian_loader())
+    assert monitor.end_step == DECLARED
+    _check_switch(read_scalars(tmp_path / "lightning_logs"), DECLARED, range(12))
+    assert [s.current_cutoff() for s in schedules] == [DECLARED] * 3
+
+
+def test_a_schedule_listed_before_the_monitor_warns_and_switches_one_step_later(tmp_path):
+    monitor = _scripted_monitor()
+    trainer = make_trainer(tmp_path, [*_signal_schedules(), monitor], max_steps=12, max_epochs=-1)
+    with pytest.warns(UserWarning, match="List the monitor first"):
+        trainer.fit(_resnet(), gaussian_loader())
+    assert monitor.end_step == DECLARED
+    _check_switch(read_scalars(tmp_path / "lightning_logs"), DECLARED + 1, range(12))
+
+
+@pytest.mark.parametrize("stop", [4, 7])  # a checkpoint before the end is declared, and one after
+def test_resume_with_the_real_monitor_has_the_uninterrupted_switch(tmp_path, stop):
+    def run(root, ckpt_path=None, extra=()):
+        make_trainer(root, [_scripted_monitor(), *_signal_schedules(), *extra], max_steps=12, max_epochs=-1).fit(
+            _resnet(), _same_batches(), ckpt_path=ckpt_path
+        )
+        return read_scalars(root / "lightning_logs")
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=stop, save_top_k=-1)
+    run(tmp_path / "first", extra=[checkpoint, StopAt(stop)])
+    resumed = run(tmp_path / "second", ckpt_path=tmp_path / "ckpt" / f"epoch=0-step={stop}.ckpt")
+    _check_switch(resumed, DECLARED, range(stop, 12))
+
+
+def test_example_config_runs_from_the_command_line(tmp_path):
+    config = QUICKSTART.parent / "critical_period_weight_decay.yaml"
+    main(["fit", "--config", str(config), "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1",
+          "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar=false"])
+    logged = read_scalars(tmp_path / "lightning_logs")
+    factor = [v for _, v in logged["startwell/weight_decay/factor"]]
+    assert factor[0] == 1.0 and set(factor) <= {0.0, 1.0}
+    assert "startwell/critical_period/signal" in logged
+    callbacks = yaml.safe_load(config.read_text())["trainer"]["callbacks"]
+    assert [c["class_path"].rpartition(".")[2] for c in callbacks] == ["CriticalPeriodMonitor", "WeightDecaySchedule"]
