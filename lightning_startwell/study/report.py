@@ -146,7 +146,8 @@ VERDICT_RULE = (
     " **opposite** when the difference is a significant loss (adjusted p below {alpha}, negative mean), else"
     " **inconclusive**. A comparison with fewer than 2 seeds where all its runs finished says **runs missing**. A claim"
     " is reproduced when every comparison is, opposite when at least one is and none is reproduced, runs missing"
-    " when every comparison is, inconclusive otherwise; a claim without a paired comparison is **not tested**, with the reason. Effects are the mean of the"
+    " when every comparison is, inconclusive otherwise; a claim without a paired comparison is **not tested**, with"
+    " the reason. Effects are the mean of the"
     " per-seed differences in points of test accuracy, with their 95 % confidence interval; 'detectable' is the"
     " smallest true difference the design finds with 80 % power at the measured spread of the differences"
     " (stats.detectable_effect): an inconclusive claim whose effect is below it was not given the power to decide."
@@ -219,30 +220,41 @@ def claim_results(study: Study, claim: Claim, rows: list[dict[str, Any]]) -> lis
     ]
 
 
+def _value(run: RunSpec, name: str) -> str:
+    value = getattr(run, name)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _differences(a: RunSpec, b: RunSpec) -> list[str]:
     """The parameters where ``a`` and ``b`` differ, ``name a vs b`` (the blur size only where both blur)."""
     skip = {"seed", "size"} if a.deficit != b.deficit else {"seed"}
-    return [
-        f"{k} {getattr(a, k):g} vs {getattr(b, k):g}"
-        if isinstance(getattr(a, k), float)
-        else f"{k} {getattr(a, k)} vs {getattr(b, k)}"
-        for k in PARAMETERS
-        if k not in skip and getattr(a, k) != getattr(b, k)
-    ]
+    differ = [k for k in PARAMETERS if k not in skip and getattr(a, k) != getattr(b, k)]
+    return [f"{k} {_value(a, k)} vs {_value(b, k)}" for k in differ]
 
 
 def _setting(a: RunSpec, b: RunSpec) -> str:
-    return ", ".join(f"{k} {getattr(a, k):g}" if isinstance(getattr(a, k), float) else f"{k} {getattr(a, k)}"
-                     for k in PARAMETERS if k != "seed" and getattr(a, k) != getattr(b, k))
+    return ", ".join(f"{k} {_value(a, k)}" for k in PARAMETERS if k != "seed" and getattr(a, k) != getattr(b, k))
 
 
-def comparison_label(comparison: ClaimComparison) -> str:
-    """What a claim's comparison compares, in words (experiment, then the parameters that differ)."""
-    label = "; ".join(_differences(comparison.cell, comparison.reference))
+def comparison_label(comparison: ClaimComparison, defaults: Optional[dict[str, Any]] = None) -> str:
+    """What a claim's comparison compares, in words: the experiment, the parameters that differ, and (with the
+    study's ``defaults``) the parameters both sides share that are not the defaults' (a constant rate, a long clean
+    phase)."""
+    cell, reference = comparison.cell, comparison.reference
+    label = "; ".join(_differences(cell, reference))
     if comparison.versus:
         other = comparison.versus[0]
-        label = (f"({label}) at {_setting(comparison.cell, other)} minus the same at"
-                 f" {_setting(other, comparison.cell)}")
+        label = f"({label}) at {_setting(cell, other)} minus the same at {_setting(other, cell)}"
+    if defaults is not None:
+        shown = {k for k in PARAMETERS if getattr(cell, k) != getattr(reference, k)}
+        if comparison.versus:
+            shown |= {k for k in PARAMETERS if getattr(cell, k) != getattr(comparison.versus[0], k)}
+        base = RunSpec(**{**defaults, "seed": -1})
+        shared = [f"{k} {_value(cell, k)}" for k in PARAMETERS
+                  if k not in shown | {"seed", "epochs", "size", "deficit", "fisher_probe"}
+                  and getattr(cell, k) != getattr(base, k)]
+        if shared:
+            label += f" (both: {', '.join(shared)})"
     return f"{comparison.experiment}: {label}"
 
 
@@ -270,7 +282,7 @@ def verdict_table(study: Study, rows: list[dict[str, Any]]) -> str:
             first = i == 0
             lines.append(
                 f"| {claim.name if first else ''} | {claim.paper + ' (' + expected + ')' if first else ''} |"
-                f" {comparison_label(r.comparison)} | {effect} | {_p(r.p_holm, False)}"
+                f" {comparison_label(r.comparison, study.defaults)} | {effect} | {_p(r.p_holm, False)}"
                 f"{f' (of {len(results)})' if not math.isnan(r.p_holm) else ''} | {_points(c.detectable)} |"
                 f" {r.verdict}{missing} | {verdict if first else ''} |"
             )
