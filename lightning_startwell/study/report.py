@@ -183,6 +183,7 @@ def comparison_verdict(expect: str, result: Comparison, p_holm: float, margin: f
 
 
 def claim_verdict(claim: Claim, results: list[ClaimResult]) -> str:
+    """The claim's verdict from its comparisons' (see ``VERDICT_RULE``)."""
     if not claim.comparisons:
         return "not tested"
     verdicts = [r.verdict for r in results]
@@ -206,10 +207,10 @@ def claim_results(study: Study, claim: Claim, rows: list[dict[str, Any]]) -> lis
     for comparison in claim.comparisons:
         runs = [accuracy(cell) for cell in comparison.runs()]
         seeds = sorted(set.intersection(*(set(r) for r in runs)))
-        first = {s: runs[0][s] - runs[1][s] for s in seeds}  # cell - reference, seed by seed
-        if comparison.versus:  # the same cost in the other setting: the test is on the difference of the two
+        if comparison.versus:  # (cell - reference) against (versus cell - versus reference), seed by seed
+            first = {s: runs[0][s] - runs[1][s] for s in seeds}
             second = {s: runs[2][s] - runs[3][s] for s in seeds}
-        else:
+        else:  # cell against reference
             first, second = {s: runs[0][s] for s in seeds}, {s: runs[1][s] for s in seeds}
         done = sum(len(r) for r in runs)
         measured.append((comparison, paired_comparison(first, second), done, len(runs) * len(study.seeds)))
