@@ -6,12 +6,13 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import ddp_spawn_flake, make_trainer, read_scalars
+from conftest import REPO, ddp_spawn_flake, make_trainer, read_scalars
 from lightning.pytorch.callbacks import ModelCheckpoint
 from test_fisher_callback import StopAt
 from torch import nn
@@ -24,12 +25,14 @@ from lightning_startwell.callbacks import (
     find_critical_period_monitor,
 )
 from lightning_startwell.callbacks.critical_period import penalty_seed
+from lightning_startwell.cli import main
 from lightning_startwell.critical_period import (
     CriticalPeriodRule,
     critical_period_end,
     fisher_penalty,
     smoothed_signal,
 )
+from lightning_startwell.fisher import fisher_trace
 from lightning_startwell.models import MLP, ResNet
 
 G = torch.Generator().manual_seed(0)
@@ -193,6 +196,18 @@ def test_the_fisher_penalty_equals_a_plain_autograd_loop():
     assert other == pytest.approx(penalty_by_hand(model, x, 4), rel=1e-6) and other != value
 
 
+def test_the_fisher_penalty_times_the_batch_size_averages_to_the_exact_fisher_trace_of_the_batch():
+    # Labels drawn from the model: the per-sample gradients have mean zero over y and the cross terms of the squared
+    # norm of their mean vanish in expectation, E_y[FP] = tr F / N (the biased-proxy relation the docs state).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(6, 5)
+    draws = [fisher_penalty(model, x, generator=torch.Generator().manual_seed(s)) for s in range(1000)]
+    exact = fisher_trace(model, x, fisher="exact").total
+    assert 6 * float(np.mean(draws)) == pytest.approx(exact, rel=0.05)
+    assert float(np.mean(draws)) < exact / 3  # the squared norm of the mean, not the trace
+
+
 def test_the_fisher_penalty_of_a_sequence_model_counts_the_positions_the_mask_keeps():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5))  # (N, T, 4) -> (N, T, 5) logits
@@ -347,6 +362,31 @@ def test_says_once_what_it_attached_to(tmp_path, caplog):
     assert len(lines) == 1
     assert "Fisher penalty on the training batch every 4 steps, input_key=0" in lines[0]
     assert "mean of the last 2 measurements" in lines[0]
+
+
+def docs_yaml_blocks():
+    text = (REPO / "docs" / "critical_period.md").read_text()
+    section = text.split("## Example YAML\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```yaml\n(.*?)```", section, re.S)
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["fisher_penalty", "fisher"])
+def test_the_yaml_examples_of_the_docs_run_in_the_cli(tmp_path, index):
+    block = docs_yaml_blocks()[index]
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        block + "  max_steps: 3\n  log_every_n_steps: 1\n  enable_progress_bar: false\n"
+        "model:\n  class_path: lightning_startwell.MLP\n  init_args: {depth: 1, width: 16}\n"
+        "data:\n  class_path: lightning_startwell.DigitsDataModule\n"
+    )
+    with pytest.warns(UserWarning, match="before the end of the critical period"):
+        main(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path)])
+    scalars = read_scalars(tmp_path / "lightning_logs")
+    signal = dict(scalars["startwell/critical_period/signal"])
+    if index == 0:
+        assert sorted(signal) == [0]  # every 20 steps
+    else:  # the FisherTraceMonitor's trace at step 0 and at the end of the (cut) epoch
+        assert signal == dict(scalars["startwell/fisher/trace"]) and sorted(signal) == [0, 3]
 
 
 # ------------------------------------------------------------------------------------------------------------------ DDP
