@@ -518,3 +518,15 @@ def test_example_config_runs_from_the_command_line(tmp_path):
     assert "startwell/critical_period/signal" in logged
     callbacks = yaml.safe_load(config.read_text())["trainer"]["callbacks"]
     assert [c["class_path"].rpartition(".")[2] for c in callbacks] == ["CriticalPeriodMonitor", "WeightDecaySchedule"]
+
+
+def test_fit_start_report_names_the_groups_values_and_cutoff(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        make_trainer(tmp_path, [WeightDecaySchedule(mode="late", cutoff_steps=3)], max_steps=4).fit(
+            TwoGroups(), gaussian_loader()
+        )
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("WeightDecaySchedule attached:")]
+    assert "param groups driven (weight decay as built): 1 (group_0 (SGD 0, group 0): 0.01)" in line
+    assert "late (0 before the cutoff, on from it), cutoff at optimizer step 3" in line
