@@ -68,7 +68,8 @@ class RecordUpdates(Callback):
         })
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.records[-1]["after"] = [p.detach().double().clone() for p in pl_module.parameters()]
+        if self.records:  # with accumulation, a micro-batch without a step leaves the parameters as they were
+            self.records[-1]["after"] = [p.detach().double().clone() for p in pl_module.parameters()]
 
 
 def _expected_wd(step: int, mode: str, cutoff: int) -> float:
@@ -82,21 +83,26 @@ def _weight_decays(trainer: pl.Trainer) -> list[float]:
 
 
 @pytest.mark.parametrize("mode", ["early", "late"])
-def test_sgd_update_at_every_step_has_the_scheduled_weight_decay(tmp_path, mode):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_sgd_update_at_every_step_has_the_scheduled_weight_decay(tmp_path, mode, accumulate):
     record = RecordUpdates()
-    trainer = make_trainer(tmp_path, [WeightDecaySchedule(mode=mode, cutoff_steps=5), record], max_epochs=3)
-    trainer.fit(TwoGroups(), gaussian_loader(num=64, batch_size=16))  # 4 steps an epoch, 12 in all
-    assert [r["step"] for r in record.records] == list(range(12))
+    steps, cutoff = 12 // accumulate, 5 // accumulate  # 4 batches an epoch, 3 epochs
+    trainer = make_trainer(
+        tmp_path, [WeightDecaySchedule(mode=mode, cutoff_steps=cutoff), record], max_epochs=3,
+        accumulate_grad_batches=accumulate,
+    )
+    trainer.fit(TwoGroups(), gaussian_loader(num=64, batch_size=16))
+    assert [r["step"] for r in record.records] == list(range(steps))
     for r in record.records:
-        wd = _expected_wd(r["step"], mode, 5)
+        wd = _expected_wd(r["step"], mode, cutoff)
         (w0, b0), (gw, gb), (w1, b1) = r["before"], r["grads"], r["after"]
         torch.testing.assert_close(w1, w0 - LR * (gw + wd * w0), rtol=0, atol=1e-7)  # weight: scheduled decay
         torch.testing.assert_close(b1, b0 - LR * gb, rtol=0, atol=1e-7)  # bias: its group has 0, left alone
         # the decay term is far above the tolerance: a wrong schedule fails the line above
         assert wd == 0 or (LR * wd * w0).abs().max() > 1e-5
     logged = read_scalars(tmp_path / "lightning_logs")
-    expected = [_expected_wd(step, mode, 5) for step in range(12)]
-    assert [s for s, _ in logged["startwell/weight_decay/group_0"]] == list(range(12))
+    expected = [_expected_wd(step, mode, cutoff) for step in range(steps)]
+    assert [s for s, _ in logged["startwell/weight_decay/group_0"]] == list(range(steps))
     np.testing.assert_allclose([v for _, v in logged["startwell/weight_decay/group_0"]], expected, atol=1e-9)
     np.testing.assert_allclose([v for _, v in logged["startwell/weight_decay/factor"]], np.array(expected) / WD)
     assert "startwell/weight_decay/group_1" not in logged  # weight decay 0: not driven
