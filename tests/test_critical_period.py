@@ -294,6 +294,44 @@ def test_a_fit_ends_the_period_at_the_step_of_the_known_peak_and_fall(tmp_path, 
     assert values["end_step"] == {11: 11.0}
 
 
+class ScriptedPenalty(CriticalPeriodMonitor):
+    """The Fisher penalty replaced by ``values[step]`` (NaN where ``values`` says so): the monitor's own cadence."""
+
+    def __init__(self, values, **kwargs):
+        super().__init__(**kwargs)
+        self.values = values
+
+    def _fisher_penalty(self, trainer, pl_module, batch, step):
+        return self.values[step]
+
+
+class ReadEndStep(pl.Callback):
+    """What a schedule placed after the monitor reads, at the start of every training batch."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen[trainer.global_step] = find_critical_period_monitor(trainer).end_step
+
+
+def test_a_schedule_after_the_monitor_reads_the_end_step_before_the_batch_of_that_step(tmp_path):
+    # Measured every 2 steps: PEAKED with a NaN inserted at step 6, left out of the rule. The window-1 end is PEAKED's
+    # index 9, the 11th measurement (the NaN before it), taken at step 20.
+    measurements = [*PEAKED[:3], math.nan, *PEAKED[3:]]
+    monitor = ScriptedPenalty({2 * k: v for k, v in enumerate(measurements)}, every_n_steps=2, window=1,
+                              min_measurements=1)
+    reader = ReadEndStep()
+    with pytest.warns(UserWarning, match="signal at step 6 is nan"):
+        fit(tmp_path, [monitor, reader], max_steps=31)
+    assert critical_period_end(PEAKED, window=1, patience=3, min_measurements=1) == 9
+    assert monitor.end_step == 20
+    assert reader.seen == {step: (20 if step >= 20 else None) for step in range(31)}
+    values = logged(tmp_path)
+    assert values["end_step"] == {20: 20.0}
+    assert math.isnan(values["signal"][6]) and 6 not in values["smoothed"] and values["ended"][6] == 0.0
+
+
 def test_the_end_step_is_none_and_a_warning_said_so_when_the_signal_never_falls(tmp_path):
     monitor = CriticalPeriodMonitor(signal="fisher")
     with pytest.warns(UserWarning, match="before the end of the critical period was detected"):
@@ -320,6 +358,19 @@ def test_a_resumed_run_keeps_the_history_and_the_end_step(tmp_path, stop):
     assert sorted(values["signal"]) == list(range(stop + 1, 16))
     assert values["ended"] == {t: float(t >= 11) for t in range(stop + 1, 16)}
     assert ("end_step" in values) == (stop < 11)  # logged once, by the run that declared it
+
+
+def test_a_run_resumed_after_the_end_keeps_its_end_step_under_other_rule_arguments(tmp_path):
+    # fraction 0.05 would never end on PEAKED (its lowest smoothed value is 1 > 0.05 x 26/3): the saved end step wins.
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=13, save_top_k=-1)
+    fit(tmp_path / "first", [CriticalPeriodMonitor(signal="fisher"), ScriptedFisher(PEAKED), checkpoint, StopAt(13)],
+        max_steps=15)
+    assert critical_period_end(PEAKED, fraction=0.05) is None
+    resumed = CriticalPeriodMonitor(signal="fisher", fraction=0.05)
+    (saved,) = (tmp_path / "ckpt").glob("*-step=13.ckpt")
+    fit(tmp_path / "second", [resumed, ScriptedFisher(PEAKED)], max_steps=15, ckpt_path=saved)
+    assert resumed.end_step == 11
+    assert logged(tmp_path / "second")["ended"] == {14: 1.0, 15: 1.0}
 
 
 def test_the_direction_error_of_a_gradient_dynamics_monitor_is_the_signal(tmp_path):

@@ -124,6 +124,7 @@ class CriticalPeriodMonitor(InstanceStateKey, Callback):
         self._last_step = -1  # the step of the latest measurement taken in
         self._source: Optional[Source] = None
         self._trainer: Optional[pl.Trainer] = None  # between setup and teardown: a checkpoint takes pending values in
+        self._warned_non_finite = False
 
     @property
     def ended(self) -> bool:
@@ -286,12 +287,13 @@ class CriticalPeriodMonitor(InstanceStateKey, Callback):
         already = self._rule.ended
         self._rule.update(value)
         metrics = {PREFIX + "signal": value}
-        if not math.isfinite(value):
+        if not math.isfinite(value) and not self._warned_non_finite:
+            self._warned_non_finite = True
             rank_zero_warn(
                 f"CriticalPeriodMonitor: the {self.signal} signal at step {step} is {value}; left out of the rule,"
-                " training goes on."
+                " training goes on (said once)."
             )
-        if self._rule.smoothed is not None:
+        if math.isfinite(value) and self._rule.smoothed is not None:  # a left-out value changes nothing: not logged
             metrics[PREFIX + "smoothed"] = self._rule.smoothed
         if self._rule.ended and not already and self.end_step is None:
             self.end_step = step
