@@ -117,11 +117,14 @@ def sample_labels(output: torch.Tensor, generator: Optional[torch.Generator] = N
     """Class indices drawn from softmax(``output``) per sample and position, on the CPU with ``generator``, returned
     on the output's device: (N,) for (N, C) logits, (N, T) for (N, T, C), (N, H, W) for per-pixel (N, C, H, W)."""
     logits = output.detach().float()
-    if logits.ndim < 2:
-        raise ValueError(
-            f"The Fisher penalty needs class logits (N, C), (N, T, C) or (N, C, H, W); got {tuple(logits.shape)}."
-        )
     per_pixel = logits.ndim >= 4
+    classes = logits.shape[1] if per_pixel else (logits.shape[-1] if logits.ndim >= 2 else 0)
+    if classes < 2:  # one "class" has probability 1: the penalty would be 0 whatever the model, a wrong number
+        raise ValueError(
+            "The Fisher penalty needs class logits with C >= 2 classes, (N, C), (N, T, C) or (N, C, H, W); got"
+            f" {tuple(logits.shape)}. A regression output has no categorical likelihood: set `signal` to 'fisher'"
+            " with a FisherTraceMonitor(likelihood='gaussian')."
+        )
     last = logits.movedim(1, -1) if per_pixel else logits  # the classes on the last dim
     probs = last.reshape(-1, last.shape[-1]).softmax(-1).cpu()
     probs[~torch.isfinite(probs).all(1)] = 1.0  # non-finite logits: any label will do, the penalty is non-finite

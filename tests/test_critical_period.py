@@ -500,3 +500,12 @@ def test_two_process_ddp_averages_the_gradients_and_ends_on_the_same_step(tmp_pa
              for r in scripted]
     assert expected is not None and len(set(alone)) == 2  # each rank alone would decide differently
     assert scripted[0]["end_step"] == scripted[1]["end_step"] == expected
+
+
+def test_fisher_penalty_refuses_an_output_without_two_classes():
+    # A regression head (N, 1) under softmax has one "class" of probability 1: the penalty would be 0 for any model.
+    from lightning_startwell.critical_period import fisher_penalty
+
+    model = torch.nn.Linear(3, 1)
+    with pytest.raises(ValueError, match="`signal` to 'fisher'"):
+        fisher_penalty(model, torch.randn(4, 3), generator=torch.Generator().manual_seed(0))

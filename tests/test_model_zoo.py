@@ -35,6 +35,8 @@ from lightning_startwell.callbacks import (  # noqa: E402
     SignalPropagationMonitor,
     StochasticDepthSchedule,
 )
+from lightning_startwell.callbacks.critical_period import CriticalPeriodMonitor  # noqa: E402
+from lightning_startwell.callbacks.weight_decay import WeightDecaySchedule  # noqa: E402
 from lightning_startwell.deficits import class_permutation  # noqa: E402
 
 CALLBACKS = {
@@ -45,6 +47,8 @@ CALLBACKS = {
     "FisherTraceMonitor": (FisherTraceMonitor, {"num_samples": 8, "batch_size": 4, "every_n_steps": 2}),
     "DeficitInjector": (DeficitInjector, {"start_epoch": 0, "end_epoch": 1, "size": 4, "noise_std": 0.5}),
     "GradientDynamicsMonitor": (GradientDynamicsMonitor, {"num_batches": 2, "batch_size": 4, "every_n_steps": 1}),
+    "WeightDecaySchedule": (WeightDecaySchedule, {"mode": "early", "cutoff_steps": 1}),
+    "CriticalPeriodMonitor": (CriticalPeriodMonitor, {"every_n_steps": 1, "min_measurements": 1}),
 }
 PREFIX = {
     "InitScheme": "startwell/init/",
@@ -54,6 +58,8 @@ PREFIX = {
     "FisherTraceMonitor": "startwell/fisher/",
     "DeficitInjector": "startwell/deficit/",
     "GradientDynamicsMonitor": "startwell/dynamics/",
+    "WeightDecaySchedule": "startwell/weight_decay/",
+    "CriticalPeriodMonitor": "startwell/critical_period/",
 }
 
 WORKS = "works"
@@ -72,10 +78,10 @@ EXPECTED: dict[str, dict[str, str]] = {
     "hf_vit": {},
     "lstm_text": {"StochasticDepthSchedule": _NO_BLOCKS},
     "unet_segmentation": {"StochasticDepthSchedule": _NO_BLOCKS},
-    "mlp_regression": {"StochasticDepthSchedule": _NO_BLOCKS},
+    "mlp_regression": {"StochasticDepthSchedule": _NO_BLOCKS, "CriticalPeriodMonitor": "signal"},
     "namedtuple_own_loss": {"StochasticDepthSchedule": _NO_BLOCKS},
     "no_forward": {"StochasticDepthSchedule": _NO_BLOCKS, "FisherTraceMonitor": _NO_FORWARD,
-                   "GradientDynamicsMonitor": _NO_FORWARD},
+                   "GradientDynamicsMonitor": _NO_FORWARD, "CriticalPeriodMonitor": _NO_FORWARD},
 }
 EXPECTED = {family: {cb: EXPECTED[family].get(cb, WORKS) for cb in CALLBACKS} for family in FAMILIES}
 # Cells that crash because of a library bug, while it is open: the expected behaviour stays in EXPECTED, the crash is a
@@ -218,6 +224,12 @@ def assert_did_its_job(family: str, name: str, callback: Callback, module, befor
         trace = sorted(scalars["startwell/fisher/trace"])
         assert [s for s, _ in trace] == list(range(0, steps + 1, 2)), trace
         assert all(v > 0 for _, v in trace), trace
+    elif name == "WeightDecaySchedule":  # on at step 0, off from the cutoff (step 1), the optimizer's value restored
+        if scalars is not None:
+            factor = sorted(scalars["startwell/weight_decay/factor"])
+            assert factor and all(v == float(step < 1) for step, v in factor), factor  # cutoff_steps=1
+        groups = [g for optimizer in module.trainer.optimizers for g in optimizer.param_groups]
+        assert groups and all(g["weight_decay"] == 1e-4 for g in groups), groups
     elif name == "DeficitInjector":
         if scalars is not None:
             assert {v for _, v in scalars["startwell/deficit/active"]} == {1.0}

@@ -56,7 +56,7 @@ class ZooModule(pl.LightningModule):
         self.log("test/loss", self.loss(batch))
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
+        return torch.optim.SGD(self.parameters(), lr=0.01, weight_decay=1e-4)  # WeightDecaySchedule drives it
 
 
 class ImageClassifier(ZooModule):
@@ -352,6 +352,7 @@ FAMILIES: dict[str, Family] = {
             "FisherTraceMonitor": {"input_key": TEXT_KEYS, "target_key": "labels"},
             "DeficitInjector": {"input_key": "input_ids", "target_key": "labels", "num_classes": CLASSES},
             "GradientDynamicsMonitor": {"input_key": TEXT_KEYS, "target_key": "labels"},
+            "CriticalPeriodMonitor": {"input_key": TEXT_KEYS},
         },
         deficit="label_permutation",
     ),
@@ -362,6 +363,7 @@ FAMILIES: dict[str, Family] = {
             "FisherTraceMonitor": {"input_key": TEXT_KEYS, "target_key": "next_tokens", "mask_key": "attention_mask"},
             "DeficitInjector": {"input_key": "input_ids", "target_key": "next_tokens", "num_classes": VOCAB},
             "GradientDynamicsMonitor": {"input_key": TEXT_KEYS, "target_key": "next_tokens"},
+            "CriticalPeriodMonitor": {"input_key": TEXT_KEYS, "mask_key": "attention_mask"},
         },
         deficit="label_permutation",
     ),
