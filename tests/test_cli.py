@@ -162,7 +162,7 @@ def test_readme_callback_snippets_build_their_callbacks():
 
     readme = (QUICKSTART.parents[2] / "README.md").read_text()
     snippets = re.findall(r"`(- \{class_path: .*?\})`", readme)
-    assert len(snippets) == 7
+    assert len(snippets) == 9
     for snippet in snippets:
         (entry,) = yaml.safe_load(snippet)
         module, _, name = entry["class_path"].rpartition(".")
