@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_startwell.callbacks import (
+    CriticalPeriodMonitor,
     DeficitInjector,
     DropoutSchedule,
     FisherTraceMonitor,
@@ -23,7 +24,8 @@ from lightning_startwell.callbacks import (
     StochasticDepthSchedule,
 )
 
-# Two instances of each class that differ in an argument that tells them apart.
+# Two instances of each class that differ in an argument that tells them apart (WeightDecaySchedule drives every param
+# group of every optimizer: two of them would fight over the same values, and Lightning refuses the second).
 PAIRS = {
     InitScheme: ({"include": ["a*"]}, {"include": ["b*"]}),
     SignalPropagationMonitor: ({"every_n_steps": 10}, {"every_n_steps": 20}),
@@ -32,6 +34,7 @@ PAIRS = {
     FisherTraceMonitor: ({"fisher": "true"}, {"fisher": "empirical"}),
     DeficitInjector: ({"start_epoch": 0, "end_epoch": 2}, {"start_epoch": 2, "end_epoch": 4}),
     GradientDynamicsMonitor: ({"every_n_steps": 10}, {"every_n_steps": 20}),
+    CriticalPeriodMonitor: ({"signal": "fisher_penalty"}, {"signal": "fisher"}),
 }
 N_ITEMS, N_CLASSES = 16, 4
 X = torch.randn(N_ITEMS, 1, 8, generator=torch.Generator().manual_seed(0))
