@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import ddp_spawn_flake, gaussian_loader, make_trainer, read_scalars
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from test_fisher_callback import StopAt
 from torch import nn
 
 from lightning_startwell.callbacks import DropoutSchedule, StochasticDepthSchedule
@@ -112,15 +113,6 @@ def test_every_dropout_of_a_transformer_follows_the_schedule(tmp_path):
     for step, rates in record.seen:
         assert len(rates) == 6  # dropout, dropout1, dropout2, drop, encoder.self_attn, attn
         assert rates == pytest.approx([expected[step]] * 6, abs=1e-12)
-
-
-class StopAt(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
 
 
 def _same_batches(num_batches=8):

@@ -14,6 +14,8 @@ import torch
 import yaml
 from conftest import QUICKSTART, gaussian_loader, make_trainer, read_images, read_scalars
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from test_fisher_callback import StopAt
+from test_schedule_callbacks import _same_batches
 from torch import nn
 from torch.nn import functional as F
 
@@ -146,21 +148,6 @@ def test_weight_decay_is_restored_when_fit_fails(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit(TwoGroups(), gaussian_loader(num=64, batch_size=16))
     assert _weight_decays(trainer) == [WD, 0.0]
-
-
-class StopAt(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
-
-
-def _same_batches(num_batches=8):
-    x, y = next(iter(gaussian_loader()))
-    data = torch.utils.data.TensorDataset(x.repeat(num_batches, 1, 1, 1), y.repeat(num_batches))
-    return torch.utils.data.DataLoader(data, batch_size=len(x))
 
 
 def test_mid_epoch_resume_continues_the_schedule_and_the_training(tmp_path):
