@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import make_trainer, read_scalars
 from lightning.pytorch.callbacks import Callback
+from test_dynamics_callback import RecordGradNorms
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_startwell.callbacks import GradientDynamicsMonitor
@@ -29,17 +30,6 @@ class InfGradient(Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if trainer.global_step == INF_STEP:
             next(pl_module.parameters()).grad[0, 0] = math.inf
-
-
-class RecordGradNorms(Callback):
-    """The float64 norm of every gradient the optimizer receives, by step."""
-
-    def __init__(self):
-        self.norms = {}
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        squares = sum(float(p.grad.double().pow(2).sum()) for p in pl_module.parameters() if p.grad is not None)
-        self.norms[trainer.global_step] = math.sqrt(squares)
 
 
 class SkippedStep(MLP):
