@@ -18,20 +18,32 @@ with y_n ~ p_w(. | x_n) drawn from the model's own predictive distribution. It i
 gradient, not the mean of the per-sample squared norms that the trace of the Fisher is: a biased proxy of the trace
 (smaller by about the batch size, and it also counts the squared mean of the per-sample gradients), cheap (one
 forward and one backward pass).
+
+:func:`gradient_confusion` is the signal of Fukase et al. (2025, arXiv 2506.15954; code baunilhamarga/critical-periods,
+``utils/custom_functions.py::calculate_pairwise_cosine_similarity`` with ``mode='max'``): over K mini-batch gradients
+g_1..g_K, the largest pairwise cosine similarity, max_{i<j} <g_i, g_j> / (||g_i|| ||g_j||). Their rule
+(:class:`OutlierRule`, ``utils/custom_callbacks.py::GradientConfusion`` with ``utils/custom_functions.py::is_outlier``,
+``mode='low'``) ends the period when a measurement is a low outlier of the earlier ones: with x_1, x_2, ... the
+measurements, ``c`` the check interval and ``t`` the threshold, at every n with n % c == 0 and n >= 3, on the baseline
+B = (x_1, ..., x_{n-2}) (their code leaves out the measurement just before x_n as well as x_n), with Q1, Q3 its
+quartiles (linear interpolation, as pandas and NumPy's default):
+
+* end at the first such n with x_n < Q1(B) - t (Q3(B) - Q1(B)).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from typing import Any, Optional
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
 from lightning_startwell._precision import accumulate
 from lightning_startwell._validation import check_int
-from lightning_startwell.dynamics import buffers_kept, mean_loss, seeded_random_streams
+from lightning_startwell.dynamics import buffers_kept, mean_loss, probe_gradient, seeded_random_streams
 from lightning_startwell.model_call import Forward, run
 
 
@@ -201,12 +213,152 @@ def fisher_penalty(
     return float(gradient.dot(gradient).item())
 
 
+def check_outlier_arguments(check_interval: Any, outlier_threshold: Any) -> None:
+    """Raise a ValueError naming the argument and what is accepted for a bad :class:`OutlierRule` argument."""
+    check_int("check_interval", check_interval)
+    if (
+        isinstance(outlier_threshold, bool)
+        or not isinstance(outlier_threshold, (int, float))
+        or not math.isfinite(outlier_threshold)
+        or outlier_threshold < 0
+    ):
+        raise ValueError(f"`outlier_threshold` must be a finite number >= 0, got {outlier_threshold!r}.")
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` by linear interpolation between the sorted values (pandas' and NumPy's
+    default): at position q (n - 1) of the sorted values."""
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    below = math.floor(position)
+    above = min(below + 1, len(ordered) - 1)
+    return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
+
+
+class OutlierRule:
+    """Fukase et al.'s end-of-critical-period rule (module doc): every ``check_interval`` measurements, the period
+    ends when the measurement is below Q1 - ``outlier_threshold`` x IQR of the baseline, all the measurements before
+    it but the last one. Feed it one measurement at a time with :meth:`update`; it stays ended. A non-finite value is
+    left out (not counted, the state unchanged).
+
+    Args:
+        check_interval: check at every ``check_interval``-th measurement (their ``initial_distribution_size``, 10).
+        outlier_threshold: the IQR multiplier of the lower bound (their ``threshold``, 1.5).
+
+    Example::
+
+        rule = OutlierRule(check_interval=5, outlier_threshold=1.5)
+        [rule.update(x) for x in [0.9, 0.8, 0.9, 0.8, 0.1]]  # [False, False, False, False, True]; rule.end_index == 4
+    """
+
+    def __init__(self, check_interval: int = 10, outlier_threshold: float = 1.5) -> None:
+        check_outlier_arguments(check_interval, outlier_threshold)
+        self.check_interval = check_interval
+        self.outlier_threshold = float(outlier_threshold)
+        self.values: list[float] = []  # the finite measurements so far
+        #: The lower bound Q1 - t IQR of the latest measurement's check, None when that measurement was not checked.
+        self.lower_bound: Optional[float] = None
+        self.end_index: Optional[int] = None  # index (from 0, among the finite measurements) where the period ended
+
+    @property
+    def ended(self) -> bool:
+        """Whether the end was declared."""
+        return self.end_index is not None
+
+    def update(self, value: float) -> bool:
+        """Take the next measurement; return whether the period has ended (at this one or before)."""
+        if not math.isfinite(value):
+            return self.ended
+        count = len(self.values) + 1  # n, this measurement's number from 1
+        self.lower_bound = None
+        if count % self.check_interval == 0 and count - 1 > 1:  # their `len(history) > 1`, history[:-1] the baseline
+            baseline = self.values[:-1]
+            q1, q3 = quantile(baseline, 0.25), quantile(baseline, 0.75)
+            self.lower_bound = q1 - self.outlier_threshold * (q3 - q1)
+            if self.end_index is None and value < self.lower_bound:
+                self.end_index = count - 1
+        self.values.append(float(value))
+        return self.ended
+
+
+def outlier_end(values: Iterable[float], check_interval: int = 10, outlier_threshold: float = 1.5) -> Optional[int]:
+    """The index in ``values`` of the measurement where :class:`OutlierRule` ends the critical period, or None.
+    Non-finite values are left out of the rule (their index still counts in the answer)."""
+    rule = OutlierRule(check_interval, outlier_threshold)
+    for index, value in enumerate(values):
+        if not rule.ended and rule.update(value):
+            return index
+    return None
+
+
+def gradient_confusion(gradients: Union[torch.Tensor, Sequence[torch.Tensor]]) -> float:
+    """Fukase et al.'s gradient confusion of K >= 2 gradients (a (K, P) tensor or K tensors, flattened): the
+    largest pairwise cosine similarity,
+
+        GC = max_{i < j} <g_i, g_j> / (||g_i|| ||g_j||),
+
+    in [-1, 1], computed in float64 (float32 on a device without it) from the Gram matrix. It is their code's
+    ``calculate_pairwise_cosine_similarity(mode='max')`` (``1 - scipy.spatial.distance.cosine``): normalised, and the
+    maximum, where Sankararaman et al. (2020)'s gradient confusion eta is the most negative raw inner product,
+    <g_i, g_j> >= -eta for all i != j. Two opposite gradients give -1, two of one direction 1. A pair with a zero
+    gradient has no cosine and is left out (their loop skips its NaN); with no pair left the value is NaN.
+    """
+    stacked = gradients if isinstance(gradients, torch.Tensor) else torch.stack([g.reshape(-1) for g in gradients])
+    stacked = accumulate(stacked.detach().reshape(stacked.shape[0], -1))
+    if stacked.shape[0] < 2:
+        raise ValueError(f"`gradients` must hold at least 2 gradients (pairs), got {stacked.shape[0]}.")
+    norms = torch.linalg.vector_norm(stacked, dim=1)
+    cosines = (stacked @ stacked.T) / (norms[:, None] * norms[None, :])
+    upper = torch.triu(torch.ones_like(cosines, dtype=torch.bool), diagonal=1)
+    pairs = cosines[upper & (norms[:, None] > 0) & (norms[None, :] > 0)]
+    return float(pairs.max().item()) if pairs.numel() else math.nan
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Inside, every module of ``model`` is in evaluation mode; on exit each is back in the mode it had."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.train(training)
+
+
+def confusion_gradients(
+    model: nn.Module,
+    batches: Sequence[tuple[Any, torch.Tensor, Optional[torch.Tensor]]],
+    parameters: Sequence[torch.Tensor],
+    *,
+    forward: Optional[Forward] = None,
+) -> torch.Tensor:
+    """The K gradients of :func:`gradient_confusion`, a (K, P) tensor: row k the gradient, with respect to
+    ``parameters`` (flattened, concatenated), of the mean cross-entropy on ``batches[k] = (inputs, targets, mask)``
+    (:func:`lightning_startwell.dynamics.probe_gradient`; ``mask`` None or the positions to count). The model runs in
+    evaluation mode, as Fukase et al.'s Keras ``model(x)`` (dropout off, BatchNorm on its running statistics; each
+    module's mode restored), in fp32; ``.grad``, the buffers and the global random streams are untouched."""
+    with eval_mode(model):
+        rows = [
+            probe_gradient(model, inputs, targets, parameters, forward=forward, mask=mask)
+            for inputs, targets, mask in batches
+        ]
+    return torch.stack(rows)
+
+
 __all__ = [
     "CriticalPeriodRule",
+    "OutlierRule",
+    "check_outlier_arguments",
     "check_rule_arguments",
+    "confusion_gradients",
     "critical_period_end",
+    "eval_mode",
     "fisher_penalty",
     "fisher_penalty_gradient",
+    "gradient_confusion",
+    "outlier_end",
+    "quantile",
     "sample_labels",
     "smoothed_signal",
 ]
