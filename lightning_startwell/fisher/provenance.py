@@ -13,12 +13,29 @@ tensor a layer is called with or returns is tagged by comparing the three runs:
 * neither (untagged): something else (samples folded with positions, mixed between samples, sized by the batch).
 
 The tags of the measured call are then checked against its shapes (a per-sample tensor of N samples, a shared tensor
-of the shape seen). What is not tagged is not guessed: the layer's parameters go to the exact path."""
+of the shape seen). What is not tagged is not guessed: the layer's parameters go to the exact path.
+
+The three runs cost about a quarter of a measurement of a small language model, so :func:`cached_provenance` keeps the
+verdict of a model between measurements (a :class:`weakref.WeakKeyDictionary`: it dies with the model) and reuses it
+only under the same key: the same module tree (names, types, train/eval flags, installed forward hooks and pre-hooks by
+their unique handle ids, instance ``forward`` attributes), the same parameters and buffers (names, shapes, dtypes,
+devices, ``requires_grad``), the same routed ``forward`` (weakly: a bound method by its object and function), the same
+global module hooks, and the same input layout (the containers, their keys, plain values, and every tensor's dtype,
+device and shape; every tensor holds the samples along dim 0). Anything else recomputes (a new sequence length is a new
+key). What the key cannot see is a verdict that depends on the values: a model whose control flow or sample mixing
+follows the inputs or the parameters (zero-initialised gates that later open). The uncached check already trusts the
+verdict of samples 0 and 1 for the whole batch; the cache trusts it for later batches too, so it guards it: every
+:data:`RECHECK_EVERY` reuses the verdict is computed again, and where it differs the model is marked unstable (computed
+on every measurement from then on, whatever the key) with a warning; a verdict from fewer than two distinct samples
+(one sample, or two equal ones, where a tensor mixing the samples looks shared) is never cached."""
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import inspect
+import warnings
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -191,3 +208,117 @@ def sample_provenance(model: nn.Module, inputs: Any, names: set[str], forward: O
     a, b, both = outputs
     per_sample = all(isinstance(o, torch.Tensor) for o in outputs) and sample_tag(0) in _tags(a, b, both)
     return Provenance(records, per_sample)
+
+
+#: Reuses of a cached verdict between two re-checks (see the module doc): about 1/17 of the three runs' cost remains.
+RECHECK_EVERY = 16
+#: Input layouts kept per model (the oldest goes first): a few sequence lengths, the last batch of an epoch.
+MAX_LAYOUTS = 4
+
+
+class _Uncacheable(Exception):
+    """An input or forward the key cannot describe: the verdict is computed every time."""
+
+
+@dataclass
+class _Entry:
+    provenance: Provenance
+    reuses: int = 0
+
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _Entry]] = weakref.WeakKeyDictionary()
+#: Models whose verdict changed under one key: computed on every measurement from then on (whatever the key).
+_UNSTABLE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _layout(value: Any) -> Any:
+    """A hashable description of ``value``'s containers, keys, plain values and tensors (dtype, device, shape)."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.dtype, value.device, tuple(value.shape))
+    if isinstance(value, _PLAIN):
+        try:
+            hash(value)
+        except TypeError as error:
+            raise _Uncacheable from error
+        return (type(value), value)
+    if isinstance(value, Mapping):
+        return (type(value), tuple((key, _layout(v)) for key, v in value.items()))
+    if isinstance(value, (tuple, list)):
+        return (type(value), tuple(_layout(v) for v in value))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return (type(value), tuple((f.name, _layout(getattr(value, f.name))) for f in dataclasses.fields(value)))
+    raise _Uncacheable
+
+
+def _forward_key(forward: Optional[Forward]) -> Any:
+    """The routed ``forward``, held weakly (a bound method of a LightningModule would keep the model alive)."""
+    if forward is None:
+        return None
+    try:
+        return weakref.WeakMethod(forward) if inspect.ismethod(forward) else weakref.ref(forward)
+    except TypeError as error:  # a callable object without weak references
+        raise _Uncacheable from error
+
+
+def _instance_forward(module: nn.Module) -> Any:
+    """An instance attribute ``forward`` (by id: not held), or the marker of the routing of ``trace``."""
+    own = vars(module).get("forward")
+    if own is None:
+        return None
+    return "routed" if getattr(own, "startwell_routed", False) else id(own)
+
+
+def _cache_key(model: nn.Module, inputs: Any, names: set[str], forward: Optional[Forward]) -> tuple:
+    from torch.nn.modules import module as module_globals
+
+    modules = tuple(
+        (name, type(m), m.training, tuple(m._forward_pre_hooks), tuple(m._forward_hooks), _instance_forward(m))
+        for name, m in model.named_modules()
+    )
+    tensors = tuple(
+        (kind, name, t.dtype, t.device, tuple(t.shape), t.requires_grad)
+        for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers()))
+        for name, t in named
+    )
+    hooks = tuple(module_globals._global_forward_pre_hooks), tuple(module_globals._global_forward_hooks)
+    return modules, tensors, hooks, frozenset(names), _forward_key(forward), _layout(inputs)
+
+
+def _distinct_pair(inputs: Any) -> bool:
+    """Whether ``inputs`` holds two samples that differ (in some tensor)."""
+    if num_samples(inputs) < 2:
+        return False
+    return any(not torch.equal(t[0], t[1]) for t in tensor_leaves(inputs))
+
+
+def cached_provenance(model: nn.Module, inputs: Any, names: set[str], forward: Optional[Forward]) -> Provenance:
+    """:func:`sample_provenance`, reused between measurements under the key of the module doc (re-checked every
+    :data:`RECHECK_EVERY` reuses). Call it in measurement mode, as :func:`sample_provenance`."""
+    if model in _UNSTABLE:
+        return sample_provenance(model, inputs, names, forward)
+    try:
+        key = _cache_key(model, inputs, names, forward)
+    except _Uncacheable:
+        return sample_provenance(model, inputs, names, forward)
+    entries = _CACHE.setdefault(model, {})
+    entry = entries.get(key)
+    if entry is not None and entry.reuses < RECHECK_EVERY:
+        entry.reuses += 1
+        return entry.provenance
+    fresh = sample_provenance(model, inputs, names, forward)
+    if entry is not None and fresh != entry.provenance:
+        _UNSTABLE.add(model)
+        del _CACHE[model]
+        warnings.warn(
+            f"{type(model).__name__}: which tensors hold the samples changed between two measurements with the same"
+            " inputs' layout (a model whose routing follows the values); it is now checked on every measurement (up"
+            f" to {RECHECK_EVERY} earlier ones used the previous verdict).",
+            stacklevel=3,
+        )
+    elif entry is not None:
+        entry.reuses = 0
+    elif _distinct_pair(inputs):
+        while len(entries) >= MAX_LAYOUTS:
+            del entries[next(iter(entries))]
+        entries[key] = _Entry(fresh)
+    return fresh

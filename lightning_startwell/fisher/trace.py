@@ -24,7 +24,7 @@ from lightning_startwell.fisher.fallbacks import (
 from lightning_startwell.fisher.hooks import _auto_sums
 from lightning_startwell.fisher.likelihoods import _cotangents
 from lightning_startwell.fisher.ownership import _parameter_holders, owned_parameters
-from lightning_startwell.fisher.provenance import Provenance, sample_provenance
+from lightning_startwell.fisher.provenance import Provenance, cached_provenance
 from lightning_startwell.model_call import Forward, map_tensors, num_samples, routed, run, select
 
 
@@ -98,9 +98,11 @@ def fisher_trace_sums(
     totals: dict[str, torch.Tensor] = {}
     with _measurement_mode(model), routed(model, forward), eager():  # compiled models too: see _compile
         provenance: Optional[Provenance] = None
-        if hooks and count:  # which tensors hold the samples, from runs of one and two samples (see provenance.py)
+        if hooks and count:  # which tensors hold the samples, from runs of one and two samples (see provenance.py),
+            # kept between measurements under a key of the model, its inputs' layout and forward; re-checked now and
+            # then (see cached_provenance)
             first_two = _model_input(select(inputs, slice(0, 2)), device, dtype)
-            provenance = sample_provenance(model, first_two, _parameter_holders(model), forward)
+            provenance = cached_provenance(model, first_two, _parameter_holders(model), forward)
         for start in range(0, count, step):
             x = _model_input(select(inputs, slice(start, start + step)), device, dtype)
             y = targets[start : start + step] if targets is not None else None
