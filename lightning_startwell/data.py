@@ -203,6 +203,9 @@ class MNIST1DDataModule(ArrayDataModule):
     The ``mnist1d`` package makes the signals from its own templates with ``data_seed`` (its default, 42, gives the
     published dataset); its 1,000 test signals are the test split, and validation is held out from the 4,000 training
     signals by ``seed`` (400 with the defaults). Batches are ``(x, y)`` with ``x`` of shape ``(B, 1, 40)``.
+    ``train_size`` / ``test_size`` other than 4,000 / 1,000 generate ``train_size + test_size`` signals from the same
+    templates and split them so: more training signals (a model that underfits), a larger test set (a smaller
+    binomial error on a model's accuracy); the signals are then another draw than the published ones.
 
     Args:
         batch_size: examples per batch.
@@ -210,6 +213,8 @@ class MNIST1DDataModule(ArrayDataModule):
         val_fraction: share of the 4,000 training signals held out for validation.
         seed: seed of the train/validation split.
         data_seed: seed with which ``mnist1d`` generates the signals.
+        train_size: training signals, validation included (4,000: the published dataset).
+        test_size: test signals (1,000: the published dataset).
 
     Example::
 
@@ -229,24 +234,37 @@ class MNIST1DDataModule(ArrayDataModule):
         val_fraction: float = 0.1,
         seed: int = 0,
         data_seed: int = 42,
+        train_size: int = 4000,
+        test_size: int = 1000,
     ) -> None:
         super().__init__(batch_size, num_workers, val_fraction, 0.0, seed)
+        check_int("train_size", train_size)
+        check_int("test_size", test_size)
         self.data_seed = data_seed
+        self.train_size = train_size
+        self.test_size = test_size
+        self.num_examples = train_size
 
     @override
     def load_arrays(self) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
-        x, y, x_test, y_test = (array.copy() for array in _mnist1d_arrays(self.data_seed))
+        arrays = _mnist1d_arrays(self.data_seed, self.train_size, self.test_size)
+        x, y, x_test, y_test = (array.copy() for array in arrays)
         return x, y, (x_test, y_test)
 
 
 @functools.lru_cache(maxsize=2)
-def _mnist1d_arrays(data_seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """MNIST-1D's train and test arrays, generated once per process and data seed: generating them takes seconds of
-    CPU, and a study trains dozens of runs in one process. Callers get copies."""
+def _mnist1d_arrays(
+    data_seed: int, train_size: int = 4000, test_size: int = 1000
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """MNIST-1D's train and test arrays, generated once per process, data seed and sizes: generating them takes
+    seconds of CPU, and a study trains dozens of runs in one process. Callers get copies."""
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
     args.seed = data_seed
+    if (train_size, test_size) != (4000, 1000):  # the published split: 4,000 / 1,000 of 5,000 signals
+        args.num_samples = train_size + test_size
+        args.train_split = train_size / args.num_samples
     # make_dataset reseeds the global `random` and NumPy generators: give the user's streams back untouched.
     py_state, np_state = random.getstate(), np.random.get_state()
     try:

@@ -4,6 +4,9 @@ layer rule (Huang et al. 2016). Pure functions of the step, so a resumed run rec
 Early dropout uses the rate p until the cutoff and 0 after it; its ``linear`` shape is ``numpy.linspace(p, 0,
 cutoff_steps)`` as in the official code (facebookresearch/dropout, ``drop_scheduler.py``), ``cosine`` follows
 p (1 + cos(pi t / (cutoff_steps - 1))) / 2 between the same end points. Late dropout is 0 until the cutoff and p after.
+
+:class:`WarmupCosineLR` is the learning-rate side of Liu et al.'s recipe, per epoch: a linear warm-up, then a cosine
+decay to 0.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import math
 from typing import Literal, Optional
 
-from lightning_startwell._validation import check_choice, check_rate
+import torch
+
+from lightning_startwell._validation import check_choice, check_int, check_rate
 
 Mode = Literal["standard", "early", "late"]
 Shape = Literal["constant", "linear", "cosine"]
@@ -150,7 +155,45 @@ def expected_depth(drop_rates: list[float]) -> float:
     return sum(1.0 - rate for rate in drop_rates)
 
 
+def warmup_cosine_factor(epoch: int, warmup_epochs: int, max_epochs: int) -> float:
+    """The learning-rate factor of epoch ``epoch`` (from 0): ``(epoch + 1) / warmup_epochs`` during the warm-up, then
+    ``(1 + cos(pi t / T)) / 2`` with ``t = epoch - warmup_epochs`` and ``T = max_epochs - warmup_epochs`` (1 at the
+    first epoch after the warm-up, 0 at epoch ``max_epochs``)."""
+    if epoch < warmup_epochs:
+        return (epoch + 1) / warmup_epochs
+    decay_epochs = max(max_epochs - warmup_epochs, 1)
+    return 0.5 * (1 + math.cos(math.pi * min(epoch - warmup_epochs, decay_epochs) / decay_epochs))
+
+
+class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
+    """Linear warm-up over ``warmup_epochs`` then cosine decay to 0 at ``max_epochs`` (:func:`warmup_cosine_factor`),
+    stepped once per epoch: the learning rate of epoch e is ``base_lr * warmup_cosine_factor(e, ...)``.
+
+    Args:
+        optimizer: the optimizer whose learning rates it sets.
+        warmup_epochs: epochs of linear warm-up (0: none).
+        max_epochs: the epoch at which the rate reaches 0.
+
+    Example::
+
+        scheduler = WarmupCosineLR(torch.optim.AdamW(model.parameters(), lr=1e-3), warmup_epochs=5, max_epochs=50)
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_epochs: int = 0, max_epochs: int = 100) -> None:
+        check_int("warmup_epochs", warmup_epochs, minimum=0)
+        check_int("max_epochs", max_epochs)
+        if warmup_epochs >= max_epochs:
+            raise ValueError(f"`warmup_epochs` ({warmup_epochs}) must be below `max_epochs` ({max_epochs}).")
+        self.warmup_epochs, self.max_epochs = warmup_epochs, max_epochs
+        super().__init__(optimizer, self._factor)
+
+    def _factor(self, epoch: int) -> float:
+        return warmup_cosine_factor(epoch, self.warmup_epochs, self.max_epochs)
+
+
 __all__ = [
+    "WarmupCosineLR",
+    "warmup_cosine_factor",
     "DEFAULT_CUTOFF_FRACTION",
     "PERS",
     "RULES",

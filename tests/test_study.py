@@ -5,7 +5,9 @@ elsewhere, the paired statistics and the report."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
+import json
 import math
 import os
 import signal
@@ -31,7 +33,14 @@ from lightning_startwell.study.report import (
     verdict_table,
     write_report,
 )
-from lightning_startwell.study.results import RESULT_COLUMNS, append_run, merge, read_fisher, read_results
+from lightning_startwell.study.results import (
+    RESULT_COLUMNS,
+    append_run,
+    merge,
+    read_curves,
+    read_fisher,
+    read_results,
+)
 from lightning_startwell.study.runner import fit_cell, run_study, write_cells
 from lightning_startwell.study.stats import detectable_effect, holm, paired_comparison, sign_flip_p
 
@@ -94,18 +103,87 @@ def test_cell_config_is_the_run():
         {"lr": 0.1 * 0.9**2, "momentum": 0.9, "weight_decay": 1e-3})
     injector = config["trainer"]["callbacks"][0]["init_args"]
     assert (injector["deficit"], injector["start_epoch"], injector["end_epoch"]) == ("deprivation", 1, 3)
-    fisher = config["trainer"]["callbacks"][1]["init_args"]
+    # the Fisher trace is measured only in the runs of an experiment that plots it (`layers`: length 0 and 1)
+    assert [c["class_path"].rsplit(".", 1)[-1] for c in config["trainer"]["callbacks"]] == [
+        "DeficitInjector", "StudyRecord"]
+    measured = RunSpec(deficit="blur", size=2, length=1, clean_epochs=1, depth=1, seed=7).normalised()
+    fisher = study_config.cell_config(study, measured, study_config.Path("w"))["trainer"]["callbacks"][1]["init_args"]
     assert (fisher["probe"], fisher["num_samples"], fisher["seed"]) == ("clean", 16, 7)
-    training = RunSpec(length=2, fisher_probe="training").normalised()
-    assert study_config.cell_config(study, training, study_config.Path("z"))["trainer"]["callbacks"][1]["init_args"][
-        "probe"] == "training"
-    assert training.run_id != RunSpec(length=2).normalised().run_id
+    training = dataclasses.replace(measured, fisher_probe="training")
+    assert "FisherTraceMonitor" not in _callbacks(study, training)[0]  # not a run of the Fisher experiment
+    through = tiny(fisher={"num_samples": 16, "probe": "training"})
+    assert _callbacks(through, training)[0]["FisherTraceMonitor"]["probe"] == "training"
+    assert training.run_id != measured.run_id
     assert RunSpec(fisher_probe="training").normalised() == RunSpec().normalised()  # no deficit: the probes agree
     assert parse_study({**TINY, "fisher": {"probe": "training"}}).defaults["fisher_probe"] == "training"
-    constant = study_config.cell_config(study, RunSpec(lr_schedule="constant").normalised(), study_config.Path("y"))
+    baseline = RunSpec(size=2, clean_epochs=1, depth=1, lr_schedule="constant").normalised()
+    constant = study_config.cell_config(study, baseline, study_config.Path("y"))
     assert constant["model"]["init_args"]["lr_scheduler"] is None
-    assert [c["class_path"].rsplit(".", 1)[-1] for c in constant["trainer"]["callbacks"]] == [
-        "FisherTraceMonitor", "StudyRecord"]
+    assert [c["class_path"].rsplit(".", 1)[-1] for c in constant["trainer"]["callbacks"]] == ["StudyRecord"]
+
+
+def _callbacks(study, run):
+    config = study_config.cell_config(study, run.normalised(), study_config.Path("r"))
+    return {c["class_path"].rsplit(".", 1)[-1]: c["init_args"] for c in config["trainer"]["callbacks"]}, config
+
+
+def test_regularisation_timing_cells_are_the_schedules_they_name():
+    study = tiny(critical_period={"signal": "fisher", "every_n_steps": 5}, random_cutoff=[0.1, 0.3])
+    early, _ = _callbacks(study, RunSpec(dropout=0.2, dropout_mode="early", dropout_shape="linear", cutoff=0.25))
+    assert early["DropoutSchedule"] == {"p": 0.2, "mode": "early", "log_images": False, "shape": "linear",
+                                        "cutoff_fraction": 0.25}
+    standard, _ = _callbacks(study, RunSpec(dropout=0.1, dropout_mode="standard", cutoff=0.5))
+    assert standard["DropoutSchedule"] == {"p": 0.1, "mode": "standard", "log_images": False}
+    detected, _ = _callbacks(study, RunSpec(wd_mode="early", cutoff_signal="critical_period", seed=3))
+    assert list(detected) == ["CriticalPeriodMonitor", "WeightDecaySchedule", "StudyRecord"]
+    assert detected["WeightDecaySchedule"] == {"mode": "early", "cutoff_signal": "critical_period"}
+    assert detected["CriticalPeriodMonitor"] == {"seed": 3, "signal": "fisher", "every_n_steps": 5}
+    drawn = [_callbacks(study, RunSpec(wd_mode="late", cutoff_signal="random", seed=s))[0]["WeightDecaySchedule"]
+             ["cutoff_fraction"] for s in range(20)]
+    assert all(0.1 <= f <= 0.3 for f in drawn) and len(set(drawn)) == 20  # one draw per seed, in the range
+    assert drawn[4] == _callbacks(study, RunSpec(wd_mode="late", cutoff_signal="random", seed=4))[0][
+        "WeightDecaySchedule"]["cutoff_fraction"]  # the same in every process
+    _, adamw = _callbacks(study, RunSpec(optimizer="adamw", lr=1e-3, weight_decay=0.05, lr_schedule="cosine",
+                                         warmup_epochs=2, epochs=10))
+    assert adamw["model"]["init_args"]["optimizer"] == {
+        "class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3, "weight_decay": 0.05}}
+    assert adamw["model"]["init_args"]["lr_scheduler"] == {
+        "class_path": "lightning_startwell.schedules.WarmupCosineLR",
+        "init_args": {"warmup_epochs": 2, "max_epochs": 10}}
+
+
+def test_timing_parameters_are_normalised_and_name_their_runs():
+    # without the regulariser, the timing parameters are void: one run, with the old run id
+    assert RunSpec(dropout=0.0, dropout_mode="early", cutoff=0.3).normalised() == RunSpec().normalised()
+    assert RunSpec(weight_decay=0.0, wd_mode="late", cutoff=0.3).normalised() == RunSpec(weight_decay=0.0).normalised()
+    assert RunSpec().normalised().run_id == "none_on0_len0_ep20_wd0.0005_d3_lr0.05x0.97+0_s0"
+    ids = {RunSpec(dropout=0.1, dropout_mode=m, cutoff=c, cutoff_signal=k).normalised().run_id
+           for m, c, k in [("early", 0.1, "fixed"), ("early", 0.2, "fixed"), ("late", 0.1, "fixed"),
+                           ("early", 0.0, "critical_period"), ("early", 0.0, "random"), ("standard", 0.0, "fixed")]}
+    assert len(ids) == 6
+    assert RunSpec(dropout=0.1, dropout_mode="early", cutoff=0.4, cutoff_signal="random").normalised().cutoff == 0.0
+    with pytest.raises(ValueError, match="dropout_shape"):
+        tiny(experiments=[{"name": "a", "plot": "bars", "x": "dropout", "grid": {"dropout": [0.1]},
+                           "fixed": {"dropout_mode": "early", "dropout_shape": "linear",
+                                     "cutoff_signal": "critical_period"}}])
+
+
+def test_warmup_cosine_against_the_formula():
+    from lightning_startwell.schedules import WarmupCosineLR
+
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=0.4)
+    scheduler = WarmupCosineLR(optimizer, warmup_epochs=2, max_epochs=6)
+    rates = []
+    for _ in range(6):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    # warm-up epochs 0, 1: (e + 1) / 2; then t = e - 2 of T = 4 decay epochs: (1 + cos(pi t / 4)) / 2
+    expected = [0.2, 0.4, 0.4, 0.2 * (1 + math.sqrt(0.5)), 0.2, 0.2 * (1 - math.sqrt(0.5))]
+    assert rates == pytest.approx(expected)
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        WarmupCosineLR(optimizer, warmup_epochs=6, max_epochs=6)
 
 
 @pytest.mark.parametrize(
@@ -117,6 +195,12 @@ def test_cell_config_is_the_run():
         ({"experiments": []}, "experiments"),
         ({"seeds": [0, 0]}, "seeds"),
         ({"defaults": {"fisher_probe": "blurred"}}, "fisher_probe"),
+        ({"defaults": {"dropout": 1.0}}, "dropout"),
+        ({"defaults": {"cutoff": 1.5}}, "cutoff"),
+        ({"defaults": {"wd_mode": "sometimes"}}, "wd_mode"),
+        ({"defaults": {"cutoff_signal": "fisher"}}, "cutoff_signal"),
+        ({"random_cutoff": [0.5, 0.1]}, "random_cutoff"),
+        ({"critical_period": [1]}, "critical_period"),
     ],
 )
 def test_bad_study_yaml_names_the_part(change, named):
@@ -273,14 +357,15 @@ def test_verdicts_against_a_hand_computation():
     assert verdicts == {"loss": "reproduced", "gain": "opposite", "unclear": "inconclusive", "kept": "reproduced",
                         "kept_narrow": "inconclusive", "kept_not": "opposite", "wd": "inconclusive"}
     table = verdict_table(study, rows)
-    assert "| loss | what the paper says (expected: lower) | length: deficit blur vs none; length 1 vs 0" in table
-    assert "| -11.00 [-13.48, -8.52] |" in table and "**reproduced** when" in table
+    assert ("| loss | what the paper says (test acc, expected: lower) | length: deficit blur vs none; length 1 vs 0"
+            in table)
+    assert "| -11.00 [-13.48, -8.52] points |" in table and "**reproduced** when" in table
 
 
 def test_the_report_opens_with_the_verdicts(tmp_path):
     study = claims_study(claim("loss"), {"name": "fisher", "paper": "rises, falls", "not_tested": "no paired test"})
     for row in _hand_rows(study, _length_accuracy):  # the tables as the runner writes them, no training
-        append_run(tmp_path, {c: row[c] for c in RESULT_COLUMNS}, [])
+        append_run(tmp_path, {c: row.get(c, math.nan) for c in RESULT_COLUMNS}, [])
     report = write_report(study, tmp_path).read_text()
     assert report.index("## Verdicts") < report.index("**Statistics.**") < report.index("## length")
     assert "| loss |" in report and "| fisher | rises, falls | – (no paired test) |" in report
@@ -319,16 +404,38 @@ def test_a_claim_with_runs_missing_says_so():
 
 
 def test_profiles_load_and_cover_the_five_figures_and_the_controls():
-    for profile in ("quick", "full"):
+    for profile in ("standard", "full"):
         study = load_study(profile=profile)
         assert {c.name for c in study.claims} == {
             "length", "onset", "fisher_rises_then_falls", "weight_decay", "depth", "deprivation_vs_blur",
             "low_level_statistics_kept", "permanence", "not_the_learning_rate"}
         assert [c.name for c in study.claims if not c.comparisons] == ["fisher_rises_then_falls"]
         plots = {e.plot for e in study.experiments}
-        assert plots == {"curve", "bars", "fisher", "fisher_layers"} and len(study.seeds) >= 3
+        assert plots == {"curve", "bars", "fisher", "fisher_layers"} and len(study.seeds) >= 8
         grids = {k for e in study.experiments for k in (*e.grid, *e.fixed)}
-        assert {"length", "onset", "weight_decay", "depth", "deficit", "lr_schedule", "lr_offset"} <= grids
+        assert {"length", "onset", "weight_decay", "depth", "deficit", "lr_schedule", "size"} <= grids
+        # the onset windows are followed by the same clean phase and compared with a clean run as long
+        onset = next(c for c in study.claims if c.name == "onset")
+        for comparison in onset.comparisons:
+            late, late_clean, early, early_clean = comparison.runs()
+            assert late.clean_epochs == early.clean_epochs and late.onset > early.onset
+            assert (late_clean.epochs, early_clean.epochs) == (late.epochs, early.epochs)
+    quick = load_study(profile="quick")
+    assert len(quick.seeds) >= 4 and quick.defaults == load_study(profile="standard").defaults
+
+
+def test_timing_profiles_test_their_papers_and_the_detected_cutoff():
+    dropout = load_study(profile="early_dropout")
+    assert len(dropout.seeds) >= 8 and {"early_dropout_helps", "robust_to_the_cutoff", "robust_to_the_rate",
+                                        "detected_cutoff_as_good_as_the_default",
+                                        "detected_cutoff_beats_a_random_one"} <= {c.name for c in dropout.claims}
+    signals = {c.cutoff_signal for c in dropout.cells()}
+    assert signals == {"fixed", "critical_period", "random"}
+    late = [c for c in dropout.cells() if c.dropout_mode == "late"]
+    assert all(late[0] not in comparison.runs() for claim in dropout.claims for comparison in claim.comparisons)
+    decay = load_study(profile="weight_decay")
+    assert {c.wd_mode for c in decay.cells()} == {"throughout", "early", "late"}
+    assert {c.weight_decay for c in decay.cells()} == {0.0, 5e-3} and len(decay.seeds) >= 8
 
 
 def test_accuracy_against_a_count():
@@ -553,7 +660,7 @@ def test_killed_study_resumes(tmp_path, jobs):
 
 
 def test_cells_run_elsewhere_by_startwell_fit_are_merged(tmp_path):
-    study = tiny(seeds=[0, 1], experiments=[TINY["experiments"][0]])
+    study = tiny(seeds=[0, 1], experiments=[TINY["experiments"][1]])  # a Fisher experiment: every run measures it
     remote = tmp_path / "cluster"
     cells = write_cells(study, remote)
     assert (remote / "cells.txt").read_text().split() == [str(c) for c in cells] and len(cells) == 4
@@ -570,6 +677,9 @@ def test_cells_run_elsewhere_by_startwell_fit_are_merged(tmp_path):
         layers = [sum(v) for v in zip(*(c for name, c in curves.items() if name != "total"), strict=True)]
         assert layers == pytest.approx(curves["total"], rel=1e-6)
     assert [r["run_id"] for r in read_results(home)] == merged
+    curves = read_curves(home)  # the test accuracy after every epoch, the last one the run's final test accuracy
+    assert sorted(curves) == sorted(merged) and all(len(curves[run]) == epochs[run] for run in merged)
+    assert all(curves[r["run_id"]][-1] == r["test_acc"] for r in read_results(home))
 
 
 def test_report_tables_and_figures(interrupted_study):
@@ -593,7 +703,8 @@ def test_report_tables_and_figures(interrupted_study):
 
 def test_a_table_written_before_a_parameter_existed_reads_with_its_default(tmp_path):
     run = RunSpec(length=1, seed=2).normalised()
-    old_columns = [c for c in RESULT_COLUMNS if c != "fisher_probe"]
+    new = {"fisher_probe", "optimizer", "dropout", "wd_mode", "cutoff_signal", "train_acc", "train_loss", "cutoff_used"}
+    old_columns = [c for c in RESULT_COLUMNS if c not in new]
     with open(tmp_path / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=old_columns)
         writer.writeheader()
@@ -601,3 +712,44 @@ def test_a_table_written_before_a_parameter_existed_reads_with_its_default(tmp_p
                          "test_acc": 0.5, "val_acc": 0.25, "seconds": 3})
     (row,) = read_results(tmp_path)
     assert row["fisher_probe"] == "clean" and row["length"] == 1 and row["seed"] == 2 and row["test_acc"] == 0.5
+    timing = (row["optimizer"], row["dropout"], row["wd_mode"], row["cutoff_signal"])
+    assert timing == ("sgd", 0.0, "throughout", "fixed")
+    assert math.isnan(row["train_acc"]) and math.isnan(row["cutoff_used"])
+
+
+def test_study_record_measures_without_changing_the_run(tmp_path):
+    """The per-epoch test accuracy draws nothing from the training streams (a dropout model trains to the same
+    weights with and without it), and the result holds the training split's measures and the cutoff applied."""
+    import lightning.pytorch as pl
+
+    from lightning_startwell import MLP, DigitsDataModule, WeightDecaySchedule
+    from lightning_startwell.study.record import StudyRecord, evaluate
+
+    def fit(callbacks):
+        pl.seed_everything(3, verbose=False)
+        model = MLP(input_shape=(1, 8, 8), depth=1, width=16, dropout=0.5,
+                    optimizer=lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=1e-3))
+        data = DigitsDataModule(batch_size=32)
+        trainer = pl.Trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=1, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=callbacks)
+        trainer.fit(model, data)
+        return model, data
+
+    path = tmp_path / "result.json"
+    recorded, data = fit([WeightDecaySchedule(mode="early", cutoff_fraction=0.5), StudyRecord(str(path))])
+    plain, _ = fit([WeightDecaySchedule(mode="early", cutoff_fraction=0.5)])
+    for a, b in zip(recorded.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(a, b)
+    result = json.loads(path.read_text())
+    assert len(result["curve"]) == 2 and result["curve"][-1] == result["test_acc"]
+    assert result["cutoff_used"] == 3 / 6  # the schedule switched at step 3 of 6
+    # the training split's accuracy and mean cross-entropy against a direct float64 computation
+    x, y = data.train_set.tensors
+    recorded.eval()
+    with torch.no_grad():
+        logits = recorded(x).double()
+    assert result["train_acc"] == pytest.approx(float((logits.argmax(-1) == y).double().mean()))
+    assert result["train_loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-6)
+    assert evaluate(recorded, [(x, y)], torch.device("cpu")) == pytest.approx((result["train_acc"],
+                                                                               result["train_loss"]))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -34,8 +35,9 @@ import yaml
 from lightning_startwell.deficits import DEFICITS
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
-PROFILES = ("quick", "full")
+PROFILES = ("quick", "standard", "full", "early_dropout", "weight_decay")
 PLOTS = ("curve", "bars", "fisher", "fisher_layers")
+FISHER_PLOTS = ("fisher", "fisher_layers")
 NO_DEFICIT = "none"
 EXPECTATIONS = ("lower", "higher", "no_loss")
 
@@ -48,8 +50,18 @@ class RunSpec:
     or ``onset + length + clean_epochs`` when ``epochs`` is None. The learning rate is ``lr * lr_decay ** e`` at epoch e
     (``lr_schedule: decay``, the paper's 0.97 per epoch) or ``lr`` throughout (``constant``); ``lr_offset`` starts the
     decay as if that many epochs had passed (a fresh network at the learning rate a deficit arm has when its deficit
-    ends). ``depth`` is the number of stages (blocks, hidden layers) of the model family in ``base``.
+    ends); ``cosine`` is a linear warm-up over ``warmup_epochs`` then a cosine decay to 0 at the last epoch (Liu et
+    al.'s recipe, per epoch). ``optimizer`` is ``sgd`` (momentum 0.9, L2 weight decay) or ``adamw`` (decoupled
+    weight decay).
+    ``depth`` is the number of stages (blocks, hidden layers) of the model family in ``base``.
     ``fisher_probe`` is the FisherTraceMonitor's ``probe``: ``clean``, or ``training`` (through the active deficit).
+
+    Timing of regularisation (Liu et al. 2023; Golatkar et al. 2019): ``dropout`` > 0 drives the model's dropout with
+    a ``DropoutSchedule`` of mode ``dropout_mode`` and shape ``dropout_shape``; ``wd_mode`` ``early`` / ``late``
+    applies the weight decay only before / after the cutoff (``WeightDecaySchedule``). The cutoff of either is
+    ``cutoff`` (a fraction of the training steps) with ``cutoff_signal: fixed``; ``critical_period``: the step at
+    which the run's ``CriticalPeriodMonitor`` declares the critical period over; ``random``: a fraction drawn per
+    seed, uniformly in the study's ``random_cutoff`` range (:func:`random_cutoff`).
     """
 
     deficit: str = "blur"
@@ -65,15 +77,38 @@ class RunSpec:
     lr_schedule: str = "decay"
     lr_offset: int = 0
     fisher_probe: str = "clean"
+    optimizer: str = "sgd"
+    warmup_epochs: int = 0
+    dropout: float = 0.0
+    dropout_mode: str = "standard"
+    dropout_shape: str = "constant"
+    wd_mode: str = "throughout"
+    cutoff: float = 0.0
+    cutoff_signal: str = "fixed"
     seed: int = 0
+
+    @property
+    def has_cutoff(self) -> bool:
+        """Whether a schedule of this run switches at a cutoff (early or late dropout or weight decay)."""
+        return (self.dropout > 0 and self.dropout_mode != "standard") or (
+            self.weight_decay > 0 and self.wd_mode != "throughout"
+        )
 
     def normalised(self) -> RunSpec:
         """The same run written one way: no deficit is ``deficit: none`` with onset and length 0; the total epochs
         resolved; the blur size kept only for blur; the Fisher probe clean (the two probes agree without deficit)."""
         none = self.length == 0 or self.deficit == NO_DEFICIT
         epochs = self.epochs if self.epochs is not None else self.onset + self.length + self.clean_epochs
+        dropout_mode = self.dropout_mode if self.dropout > 0 else "standard"
+        fixed_cutoff = self.has_cutoff and self.cutoff_signal == "fixed"
         return dataclasses.replace(
             self,
+            warmup_epochs=self.warmup_epochs if self.lr_schedule == "cosine" else 0,
+            dropout_mode=dropout_mode,
+            dropout_shape=self.dropout_shape if dropout_mode != "standard" else "constant",
+            wd_mode=self.wd_mode if self.weight_decay > 0 else "throughout",
+            cutoff=self.cutoff if fixed_cutoff else 0.0,
+            cutoff_signal=self.cutoff_signal if self.has_cutoff else "fixed",
             deficit=NO_DEFICIT if none else self.deficit,
             onset=0 if none else self.onset,
             length=0 if none else self.length,
@@ -87,19 +122,53 @@ class RunSpec:
     def run_id(self) -> str:
         """A readable name that tells runs apart (and names their directory)."""
         deficit = f"blur{self.size}" if self.deficit == "blur" else self.deficit
-        lr = f"lr{self.lr:g}" + (f"x{self.lr_decay:g}+{self.lr_offset}" if self.lr_schedule == "decay" else "const")
+        lr = f"lr{self.lr:g}" + {
+            "decay": f"x{self.lr_decay:g}+{self.lr_offset}",
+            "constant": "const",
+            "cosine": f"cos+w{self.warmup_epochs}",
+        }[self.lr_schedule]
         return (
             f"{deficit}_on{self.onset}_len{self.length}_ep{self.epochs}_wd{self.weight_decay:g}_d{self.depth}_{lr}"
             + ("" if self.fisher_probe == "clean" else f"_probe{self.fisher_probe}")
+            + ("" if self.optimizer == "sgd" else f"_{self.optimizer}")
+            + self._regularisation_id()
             + f"_s{self.seed}"
         )
+
+    def _regularisation_id(self) -> str:
+        """The dropout and weight-decay timing part of :attr:`run_id` (empty for the defaults, so that the run ids
+        of studies written before these parameters existed are unchanged)."""
+        parts = ""
+        if self.dropout > 0:
+            parts += f"_drop{self.dropout:g}{self.dropout_mode}" + ("lin" if self.dropout_shape == "linear" else "")
+        if self.wd_mode != "throughout":
+            parts += f"_wd{self.wd_mode}"
+        if self.has_cutoff:
+            parts += {"fixed": f"@{self.cutoff:g}", "critical_period": "@cp", "random": "@random"}[self.cutoff_signal]
+        return parts
 
     def without_seed(self) -> RunSpec:
         return dataclasses.replace(self, seed=-1)
 
 
 PARAMETERS = tuple(f.name for f in dataclasses.fields(RunSpec))
-CHOICES = {"lr_schedule": ("decay", "constant"), "fisher_probe": ("clean", "training")}
+CHOICES = {
+    "lr_schedule": ("decay", "constant", "cosine"),
+    "fisher_probe": ("clean", "training"),
+    "optimizer": ("sgd", "adamw"),
+    "dropout_mode": ("standard", "early", "late"),
+    "dropout_shape": ("constant", "linear"),
+    "wd_mode": ("throughout", "early", "late"),
+    "cutoff_signal": ("fixed", "critical_period", "random"),
+}
+FRACTIONS = {"dropout": (0.0, 1.0, False), "cutoff": (0.0, 1.0, True)}  # name: (low, high, high included)
+DEFAULT_RANDOM_CUTOFF = (0.01, 0.5)  # Liu et al. (2023): early dropout is robust to cutoffs from 1 % to 50 %
+
+
+def random_cutoff(seed: int, low: float, high: float) -> float:
+    """The cutoff fraction of a ``cutoff_signal: random`` run of ``seed``: uniform in [low, high], the same for a
+    seed in every process and run (its own generator, seeded by the seed, not the global streams)."""
+    return random.Random(f"random cutoff of seed {seed}").uniform(low, high)
 
 
 @dataclass
@@ -123,6 +192,11 @@ class Experiment:
         for values in itertools.product(*(self.grid[k] for k in keys)):
             params = {**defaults, **self.fixed, **dict(zip(keys, values, strict=True)), "seed": -1}
             cell = RunSpec(**params).normalised()
+            if cell.cutoff_signal == "critical_period" and cell.dropout_shape == "linear":
+                raise ValueError(
+                    f"experiment {self.name!r}: `dropout_shape: linear` decays to 0 at the cutoff, which must then be"
+                    " known in advance; with `cutoff_signal: critical_period` use `dropout_shape: constant`."
+                )
             if cell not in cells:
                 cells.append(cell)
         return cells
@@ -168,8 +242,9 @@ class ClaimComparison:
 @dataclass
 class Claim:
     """A statement of the paper the study tests: ``expect`` is the direction of the comparisons' mean difference
-    (``lower``, ``higher``), or ``no_loss``: the difference is above ``-margin`` points. Its comparisons are one Holm
-    family. A claim without comparisons is described but not tested, for the reason in ``not_tested``."""
+    (``lower``, ``higher``), or ``no_loss``: the difference is above ``-margin`` (points of accuracy, or nats of
+    loss). ``measure`` is what is compared (:data:`MEASURES`, default the final test accuracy). Its comparisons are
+    one Holm family. A claim without comparisons is described but not tested, for the reason in ``not_tested``."""
 
     name: str
     paper: str
@@ -177,6 +252,7 @@ class Claim:
     comparisons: list[ClaimComparison]
     margin: float = 0.0
     not_tested: str = ""
+    measure: str = "test_acc"
 
 
 @dataclass
@@ -190,6 +266,19 @@ class Study:
     experiments: list[Experiment]
     name: str = "study"
     claims: list[Claim] = dataclasses.field(default_factory=list)
+    critical_period: dict[str, Any] = dataclasses.field(default_factory=dict)
+    random_cutoff: tuple[float, float] = DEFAULT_RANDOM_CUTOFF
+
+    def fisher_cells(self) -> set[RunSpec]:
+        """The cells whose runs measure the Fisher trace: those of the experiments that plot it (the trace costs
+        about a third of a small network's epoch; the other runs need only their accuracies)."""
+        return {
+            needed
+            for experiment in self.experiments
+            if experiment.plot in FISHER_PLOTS
+            for cell in experiment.cells(self.defaults)
+            for needed in (cell, experiment.reference_of(cell, self.defaults))
+        }
 
     def cells(self) -> list[RunSpec]:
         """Every cell (seed -1) of the study, each once: the experiments' grids and the references they compare with."""
@@ -222,6 +311,13 @@ def _check_parameters(where: str, values: dict[str, Any]) -> None:
         for value in chosen if isinstance(chosen, list) else [chosen]:
             if value not in accepted:
                 raise ValueError(f"{where}: `{name}` must be one of {accepted}, got {value!r}.")
+    for name, (low, high, closed) in FRACTIONS.items():
+        chosen = values.get(name, [])
+        for value in chosen if isinstance(chosen, list) else [chosen]:
+            inside = isinstance(value, (int, float)) and low <= value and (value <= high if closed else value < high)
+            if not inside:
+                interval = f"[{low:g}, {high:g}{']' if closed else ')'}"
+                raise ValueError(f"{where}: `{name}` must be a number in {interval}, got {value!r}.")
 
 
 def _experiment(raw: dict[str, Any]) -> Experiment:
@@ -247,7 +343,10 @@ def _experiment(raw: dict[str, Any]) -> Experiment:
     )
 
 
-CLAIM_KEYS = ("name", "paper", "expect", "margin", "comparisons", "not_tested")
+CLAIM_KEYS = ("name", "paper", "expect", "margin", "measure", "comparisons", "not_tested")
+#: What a claim compares, seed by seed: the final test accuracy, or the training split's accuracy or mean
+#: cross-entropy (model in eval mode, the clean training split, after the last epoch).
+MEASURES = ("test_acc", "train_acc", "train_loss")
 COMPARISON_KEYS = ("experiment", "cell", "reference", "versus")
 
 
@@ -295,8 +394,8 @@ def _claim_comparison(
     cell, reference = pair(_select_cell(where, experiment, defaults, raw["cell"]), "the cell")
     versus = None
     if "versus" in raw:
-        fields = {f: getattr(cell, f) for f in PARAMETERS}
-        other = RunSpec(**{**fields, **raw["versus"]}).normalised()
+        # the cell with `versus` applied, its epochs re-derived from the clean phase like a reference's
+        other = dataclasses.replace(experiment, reference=dict(raw["versus"])).reference_of(cell, defaults)
         if other not in experiment.cells(defaults):
             raise ValueError(
                 f"{where}: `versus` {raw['versus']} gives {other.run_id}, not a cell of {experiment.name!r}."
@@ -322,6 +421,9 @@ def _claim(raw: Any, experiments: dict[str, Experiment], defaults: dict[str, Any
     if comparisons_raw and expect not in EXPECTATIONS:
         raise ValueError(f"{where}: `expect` must be one of {EXPECTATIONS}, got {expect!r}.")
     margin = raw.get("margin", 0.0)
+    measure = raw.get("measure", "test_acc")
+    if measure not in MEASURES:
+        raise ValueError(f"{where}: `measure` must be one of {MEASURES}, got {measure!r}.")
     if expect == "no_loss" and not (isinstance(margin, (int, float)) and margin > 0):
         raise ValueError(f"{where}: `expect: no_loss` needs a positive `margin` (points of accuracy), got {margin!r}.")
     if expect != "no_loss" and "margin" in raw:
@@ -351,6 +453,7 @@ def _claim(raw: Any, experiments: dict[str, Experiment], defaults: dict[str, Any
         comparisons=comparisons,
         margin=float(margin),
         not_tested=str(raw.get("not_tested", "")).strip(),
+        measure=measure,
     )
 
 
@@ -368,6 +471,15 @@ def parse_study(raw: dict[str, Any]) -> Study:
     experiments = [_experiment(e) for e in raw.get("experiments", [])]
     if not experiments:
         raise ValueError("a study needs at least one entry under `experiments`.")
+    critical_period = raw.get("critical_period", {})
+    if not isinstance(critical_period, dict):
+        raise ValueError(f"`critical_period` is a mapping of CriticalPeriodMonitor arguments, got {critical_period!r}.")
+    low_high = raw.get("random_cutoff", list(DEFAULT_RANDOM_CUTOFF))
+    if not (
+        isinstance(low_high, list) and len(low_high) == 2 and all(isinstance(v, (int, float)) for v in low_high)
+        and 0 <= low_high[0] < low_high[1] <= 1
+    ):
+        raise ValueError(f"`random_cutoff` must be [low, high] with 0 <= low < high <= 1, got {low_high!r}.")
     study = Study(
         seeds=seeds,
         defaults=defaults,
@@ -375,6 +487,8 @@ def parse_study(raw: dict[str, Any]) -> Study:
         fisher=fisher,
         experiments=experiments,
         name=raw.get("name", "study"),
+        critical_period=dict(critical_period),
+        random_cutoff=(float(low_high[0]), float(low_high[1])),
     )
     claims_raw = raw.get("claims", [])
     if not isinstance(claims_raw, list):
@@ -388,7 +502,7 @@ def parse_study(raw: dict[str, Any]) -> Study:
 
 
 def load_study(path: Optional[Path] = None, profile: str = "quick") -> Study:
-    """The study in ``path``, or the built-in ``profile`` (``quick`` or ``full``) when ``path`` is None."""
+    """The study in ``path``, or the built-in ``profile`` (one of :data:`PROFILES`) when ``path`` is None."""
     if path is None:
         if profile not in PROFILES:
             raise ValueError(f"`profile` must be one of {PROFILES}, got {profile!r}.")
@@ -420,15 +534,8 @@ def cell_config(study: Study, run: RunSpec, run_dir: Path) -> dict[str, Any]:
     config["seed_everything"] = run.seed
     init_args = model.setdefault("init_args", {})
     init_args.update(_depth_arguments(model["class_path"], run.depth, init_args))
-    init_args["optimizer"] = {
-        "class_path": "torch.optim.SGD",
-        "init_args": {"lr": _initial_lr(run), "momentum": 0.9, "weight_decay": run.weight_decay},
-    }
-    init_args["lr_scheduler"] = (
-        {"class_path": "torch.optim.lr_scheduler.ExponentialLR", "init_args": {"gamma": run.lr_decay}}
-        if run.lr_schedule == "decay"
-        else None
-    )
+    init_args["optimizer"] = _optimizer(run)
+    init_args["lr_scheduler"] = _lr_scheduler(run)
     data.setdefault("init_args", {})["seed"] = run.seed
     trainer.update(
         max_epochs=run.epochs,
@@ -454,12 +561,14 @@ def cell_config(study: Study, run: RunSpec, run_dir: Path) -> dict[str, Any]:
                 },
             }
         )
-    callbacks.append(
-        {
-            "class_path": "lightning_startwell.callbacks.FisherTraceMonitor",
-            "init_args": {"every_n_epochs": 1, "seed": run.seed, **study.fisher, "probe": run.fisher_probe},
-        }
-    )
+    callbacks += _regularisation_callbacks(study, run)
+    if study.fisher and run.without_seed() in study.fisher_cells():
+        callbacks.append(
+            {
+                "class_path": "lightning_startwell.callbacks.FisherTraceMonitor",
+                "init_args": {"every_n_epochs": 1, "seed": run.seed, **study.fisher, "probe": run.fisher_probe},
+            }
+        )
     callbacks.append(
         {
             "class_path": "lightning_startwell.study.record.StudyRecord",
@@ -472,6 +581,60 @@ def cell_config(study: Study, run: RunSpec, run_dir: Path) -> dict[str, Any]:
 
 def _initial_lr(run: RunSpec) -> float:
     return run.lr * run.lr_decay**run.lr_offset if run.lr_schedule == "decay" else run.lr
+
+
+def _optimizer(run: RunSpec) -> dict[str, Any]:
+    if run.optimizer == "adamw":
+        arguments = {"lr": _initial_lr(run), "weight_decay": run.weight_decay}
+        return {"class_path": "torch.optim.AdamW", "init_args": arguments}
+    return {
+        "class_path": "torch.optim.SGD",
+        "init_args": {"lr": _initial_lr(run), "momentum": 0.9, "weight_decay": run.weight_decay},
+    }
+
+
+def _lr_scheduler(run: RunSpec) -> Optional[dict[str, Any]]:
+    if run.lr_schedule == "decay":
+        return {"class_path": "torch.optim.lr_scheduler.ExponentialLR", "init_args": {"gamma": run.lr_decay}}
+    if run.lr_schedule == "cosine":
+        return {
+            "class_path": "lightning_startwell.schedules.WarmupCosineLR",
+            "init_args": {"warmup_epochs": run.warmup_epochs, "max_epochs": run.epochs},
+        }
+    return None
+
+
+def _cutoff_arguments(study: Study, run: RunSpec) -> dict[str, Any]:
+    if run.cutoff_signal == "critical_period":
+        return {"cutoff_signal": "critical_period"}
+    fraction = random_cutoff(run.seed, *study.random_cutoff) if run.cutoff_signal == "random" else run.cutoff
+    return {"cutoff_fraction": fraction}
+
+
+def _regularisation_callbacks(study: Study, run: RunSpec) -> list[dict[str, Any]]:
+    """The dropout and weight-decay schedules of ``run``, and the CriticalPeriodMonitor that a cutoff at the end of
+    the critical period reads."""
+    callbacks: list[dict[str, Any]] = []
+    if run.cutoff_signal == "critical_period":  # before the schedules, which read its decision at the next batch
+        callbacks.append(
+            {
+                "class_path": "lightning_startwell.callbacks.CriticalPeriodMonitor",
+                "init_args": {"seed": run.seed, **study.critical_period},
+            }
+        )
+    if run.dropout > 0:
+        dropout: dict[str, Any] = {"p": run.dropout, "mode": run.dropout_mode, "log_images": False}
+        if run.dropout_mode != "standard":
+            dropout.update(shape=run.dropout_shape, **_cutoff_arguments(study, run))
+        callbacks.append({"class_path": "lightning_startwell.callbacks.DropoutSchedule", "init_args": dropout})
+    if run.wd_mode != "throughout":
+        callbacks.append(
+            {
+                "class_path": "lightning_startwell.callbacks.WeightDecaySchedule",
+                "init_args": {"mode": run.wd_mode, **_cutoff_arguments(study, run)},
+            }
+        )
+    return callbacks
 
 
 def write_cell(study: Study, run: RunSpec, run_dir: Path) -> Path:

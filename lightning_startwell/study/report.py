@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Optional, cast
 
 from lightning_startwell.study.config import NO_DEFICIT, PARAMETERS, Claim, ClaimComparison, Experiment, RunSpec, Study
-from lightning_startwell.study.results import read_fisher, read_results
+from lightning_startwell.study.results import read_curves, read_fisher, read_results
 from lightning_startwell.study.stats import ALPHA, Comparison, detectable_effect, holm, paired_comparison
 
 
@@ -98,28 +98,49 @@ def _describe(cell: RunSpec) -> str:
     lr = f"lr {cell.lr:g} x {cell.lr_decay:g}/epoch" if cell.lr_schedule == "decay" else f"constant lr {cell.lr:g}"
     if cell.lr_offset:
         lr += f" from epoch {cell.lr_offset} of the decay"
+    if cell.lr_schedule == "cosine":
+        lr = f"lr {cell.lr:g}, {cell.warmup_epochs}-epoch warm-up then cosine"
     probe = ", Fisher on the training inputs" if cell.fisher_probe == "training" else ""
-    return f"{deficit}, {cell.epochs} epochs, wd {cell.weight_decay:g}, depth {cell.depth}, {lr}{probe}"
+    optimizer = ", AdamW" if cell.optimizer == "adamw" else ""
+    return (
+        f"{deficit}, {cell.epochs} epochs, wd {cell.weight_decay:g}{_timing(cell, 'wd')}, depth {cell.depth}, {lr}"
+        f"{optimizer}{probe}" + (f", dropout {cell.dropout:g}{_timing(cell, 'dropout')}" if cell.dropout else "")
+    )
+
+
+def _timing(cell: RunSpec, which: str) -> str:
+    """`` early until 0.1667`` / `` late from the detected end of the critical period``: when a schedule applies."""
+    mode = cell.wd_mode if which == "wd" else cell.dropout_mode
+    if mode in ("throughout", "standard"):
+        return ""
+    shape = " (linear decay)" if which == "dropout" and cell.dropout_shape == "linear" else ""
+    cutoff = {
+        "fixed": f"{cell.cutoff:g} of training",
+        "critical_period": "the detected end of the critical period",
+        "random": "a random fraction of training",
+    }[cell.cutoff_signal]
+    return f" {mode}{shape} {'until' if mode == 'early' else 'from'} {cutoff}"
 
 
 def _p(p: float, same: bool) -> str:
     return "–" if same or math.isnan(p) else f"{p:.3g}"
 
 
-def _points(value: float) -> str:
-    return "–" if math.isnan(value) else f"{100 * value:.2f}"
+def _points(value: float, scale: float = 100.0) -> str:
+    return "–" if math.isnan(value) else f"{scale * value:.2f}" if scale == 100 else f"{scale * value:.4f}"
 
 
-def _interval(low: float, high: float) -> str:
-    return "–" if math.isnan(low) else f"[{100 * low:.2f}, {100 * high:.2f}]"
+def _interval(low: float, high: float, scale: float = 100.0) -> str:
+    return "–" if math.isnan(low) else f"[{_points(low, scale)}, {_points(high, scale)}]"
 
 
-def table(experiment: Experiment, results: list[CellResult]) -> str:
+def table(experiment: Experiment, results: list[CellResult], rows: list[dict[str, Any]]) -> str:
     """The markdown table of an experiment."""
     lines = [
         "| cell | seeds | test accuracy (%) | reference | reference accuracy (%) | difference (points)"
-        " | 95 % CI (points) | detectable (points) | p (paired t) | p (sign-flip) | p (Holm) | significant |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " | 95 % CI (points) | detectable (points) | p (paired t) | p (sign-flip) | p (Holm) | significant"
+        " | train accuracy (%) | train loss | cutoff applied (fraction) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         c = r.comparison
@@ -131,9 +152,32 @@ def table(experiment: Experiment, results: list[CellResult]) -> str:
             f" {'itself' if same else _describe(r.reference)} | {_pct(c.reference_mean, c.reference_std)} |"
             f" {difference} | {'–' if same else _interval(c.ci_low, c.ci_high)} |"
             f" {'–' if same else _points(c.detectable)} | {_p(c.p_t, same)} | {_p(c.p_sign_flip, same)} |"
-            f" {_p(r.p_holm, same)} | {significant} |"
+            f" {_p(r.p_holm, same)} | {significant} | {_cell_mean(rows, r.cell, 'train_acc', 100)} |"
+            f" {_cell_mean(rows, r.cell, 'train_loss', 1)} | {_cutoffs(rows, r.cell)} |"
         )
     return "\n".join(lines)
+
+
+def _cell_values(rows: list[dict[str, Any]], cell: RunSpec, column: str) -> list[float]:
+    return [row[column] for row in _by_seed(rows).get(cell, {}).values() if not math.isnan(row[column])]
+
+
+def _cell_mean(rows: list[dict[str, Any]], cell: RunSpec, column: str, scale: float) -> str:
+    values = _cell_values(rows, cell, column)
+    if not values:
+        return "–"
+    spread = f" ± {scale * statistics.stdev(values):.3g}" if len(values) > 1 else ""
+    return f"{scale * statistics.mean(values):.3g}{spread}"
+
+
+def _cutoffs(rows: list[dict[str, Any]], cell: RunSpec) -> str:
+    """The cutoff a cell's schedules switched at (mean ± std over its seeds, and how many runs never reached one)."""
+    if not cell.has_cutoff:
+        return "–"
+    runs = len(_by_seed(rows).get(cell, {}))
+    reached = _cell_values(rows, cell, "cutoff_used")
+    never = f"; {runs - len(reached)} of {runs} runs none" if len(reached) < runs else ""
+    return (_cell_mean(rows, cell, "cutoff_used", 1) if reached else "none") + never
 
 
 VERDICT_RULE = (
@@ -148,7 +192,8 @@ VERDICT_RULE = (
     " is reproduced when every comparison is, opposite when at least one is and none is reproduced, runs missing"
     " when every comparison is, inconclusive otherwise; a claim without a paired comparison is **not tested**, with"
     " the reason. Effects are the mean of the"
-    " per-seed differences in points of test accuracy, with their 95 % confidence interval; 'detectable' is the"
+    " per-seed differences of the claim's measure (points of accuracy, nats of loss), with their 95 % confidence"
+    " interval; 'detectable' is the"
     " smallest true difference the design finds with 80 % power at the measured spread of the differences"
     " (stats.detectable_effect): an inconclusive claim whose effect is below it was not given the power to decide."
 )
@@ -167,14 +212,21 @@ class ClaimResult:
     runs_expected: int
 
 
-def comparison_verdict(expect: str, result: Comparison, p_holm: float, margin: float = 0.0) -> str:
-    """The verdict of one comparison (see ``VERDICT_RULE``); ``margin`` in points, for ``no_loss``."""
+#: How a measure's differences are shown: the factor applied and the unit (accuracies in points, losses in nats).
+UNITS = {"test_acc": (100.0, "points"), "train_acc": (100.0, "points"), "train_loss": (1.0, "nats")}
+
+
+def comparison_verdict(
+    expect: str, result: Comparison, p_holm: float, margin: float = 0.0, measure: str = "test_acc"
+) -> str:
+    """The verdict of one comparison (see ``VERDICT_RULE``); ``margin`` in the measure's unit (points of accuracy,
+    nats of loss), for ``no_loss``."""
     if result.seeds < 2:
         return "runs missing"
     significant = not math.isnan(p_holm) and p_holm < ALPHA
     mean = result.difference_mean
     if expect == "no_loss":
-        if not math.isnan(result.ci_low) and 100 * result.ci_low > -margin:
+        if not math.isnan(result.ci_low) and UNITS[measure][0] * result.ci_low > -margin:
             return "reproduced"
         return "opposite" if significant and mean < 0 else "inconclusive"
     if not significant or mean == 0:
@@ -201,7 +253,7 @@ def claim_results(study: Study, claim: Claim, rows: list[dict[str, Any]]) -> lis
     by_cell = _by_seed(rows)
 
     def accuracy(cell: RunSpec) -> dict[int, float]:
-        return {seed: row["test_acc"] for seed, row in by_cell.get(cell, {}).items() if seed in study.seeds}
+        return {seed: row[claim.measure] for seed, row in by_cell.get(cell, {}).items() if seed in study.seeds}
 
     measured = []
     for comparison in claim.comparisons:
@@ -216,7 +268,9 @@ def claim_results(study: Study, claim: Claim, rows: list[dict[str, Any]]) -> lis
         measured.append((comparison, paired_comparison(first, second), done, len(runs) * len(study.seeds)))
     adjusted = holm([c.p if c.seeds >= 2 else math.nan for _, c, _, _ in measured])
     return [
-        ClaimResult(comparison, c, p, comparison_verdict(claim.expect, c, p, claim.margin), done, expected)
+        ClaimResult(
+            comparison, c, p, comparison_verdict(claim.expect, c, p, claim.margin, claim.measure), done, expected
+        )
         for (comparison, c, done, expected), p in zip(measured, adjusted, strict=True)
     ]
 
@@ -264,27 +318,32 @@ def verdict_table(study: Study, rows: list[dict[str, Any]]) -> str:
     if not study.claims:
         return "This study declares no claims (a `claims:` section in its YAML, docs/study.md)."
     lines = [
-        "| claim | the paper reports | comparison | our effect (points) [95 % CI] | p (Holm, within the claim)"
-        " | detectable at 80 % power (points) | verdict | claim's verdict |",
+        "| claim | the paper reports | comparison | our effect [95 % CI] | p (Holm, within the claim)"
+        " | detectable at 80 % power | verdict | claim's verdict |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for claim in study.claims:
         results = claim_results(study, claim, rows)
         verdict = claim_verdict(claim, results)
-        margin = f", margin {claim.margin:g} points" if claim.expect == "no_loss" else ""
-        expected = f"expected: {claim.expect}{margin}"
+        scale, unit = UNITS[claim.measure]
+        margin = f", margin {claim.margin:g} {unit}" if claim.expect == "no_loss" else ""
+        expected = f"{claim.measure.replace('_', ' ')}, expected: {claim.expect}{margin}"
         if not results:
             lines.append(f"| {claim.name} | {claim.paper} | – ({claim.not_tested}) | – | – | – | – | {verdict} |")
         for i, r in enumerate(results):
             c = r.result
-            effect = "–" if c.seeds < 2 else f"{_points(c.difference_mean)} {_interval(c.ci_low, c.ci_high)}"
+            effect = (
+                "–" if c.seeds < 2
+                else f"{_points(c.difference_mean, scale)} {_interval(c.ci_low, c.ci_high, scale)} {unit}"
+            )
             missing = (f" ({r.runs_expected - r.runs_done} of {r.runs_expected} runs missing)"
                        if r.runs_done < r.runs_expected else "")
             first = i == 0
             lines.append(
                 f"| {claim.name if first else ''} | {claim.paper + ' (' + expected + ')' if first else ''} |"
                 f" {comparison_label(r.comparison, study.defaults)} | {effect} | {_p(r.p_holm, False)}"
-                f"{f' (of {len(results)})' if not math.isnan(r.p_holm) else ''} | {_points(c.detectable)} |"
+                f"{f' (of {len(results)})' if not math.isnan(r.p_holm) else ''} |"
+                f" {_points(c.detectable, scale)} {unit} |"
                 f" {r.verdict}{missing} | {verdict if first else ''} |"
             )
     return "\n".join(lines) + "\n\n" + VERDICT_RULE.format(alpha=ALPHA)
@@ -371,6 +430,47 @@ def _mean_curves(cell: RunSpec, seeds: list[int], fisher: dict[str, dict[str, li
     return {layer: [statistics.mean(v) for v in zip(*runs, strict=False)] for layer, runs in curves.items()}
 
 
+def _plot_curves(
+    study: Study, experiment: Experiment, results: list[CellResult], curves: dict[str, list[float]], path: Path
+) -> bool:
+    """The test accuracy after every epoch (mean over the seeds, a band of ± std) of every cell of ``experiment`` and
+    of the references it is compared with: recovery after a deficit, and whether it levelled off. False (nothing
+    drawn) when no run of the experiment recorded its curve."""
+    cells = list(dict.fromkeys([c for r in results for c in (r.cell, r.reference)]))
+    drawn = []
+    for cell in cells:
+        runs = [curves[dataclasses.replace(cell, seed=s).run_id] for s in study.seeds
+                if dataclasses.replace(cell, seed=s).run_id in curves]
+        if runs:
+            drawn.append((cell, runs))
+    if not drawn:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.0, 4.4))
+    for i, (cell, runs) in enumerate(drawn):
+        length = min(len(r) for r in runs)
+        means = [100 * statistics.mean(r[e] for r in runs) for e in range(length)]
+        stds = [100 * statistics.stdev(r[e] for r in runs) if len(runs) > 1 else 0.0 for e in range(length)]
+        epochs = range(1, length + 1)
+        color = f"C{i % 10}"
+        ax.plot(epochs, means, color=color, linewidth=1, label=textwrap.fill(_describe(cell), 80))
+        ax.fill_between(epochs, [m - s for m, s in zip(means, stds, strict=True)],
+                        [m + s for m, s in zip(means, stds, strict=True)], color=color, alpha=0.12)
+        if cell.deficit != NO_DEFICIT:
+            ax.axvline(cell.onset + cell.length, color=color, linestyle=":", linewidth=1)
+    ax.set_xlabel("epoch (dotted: the end of a deficit)")
+    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+    ax.set_ylim(bottom=max(0.0, ax.get_ylim()[0]))
+    title = f"Test accuracy after every epoch — {experiment.title}"
+    ax.set_title(textwrap.fill(title, 85), fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=5.5, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _shade_deficit(ax: Any, cell: RunSpec) -> None:
     if cell.deficit != NO_DEFICIT:
         ax.axvspan(cell.onset, cell.onset + cell.length, color="grey", alpha=0.15)
@@ -455,11 +555,12 @@ def write_report(study: Study, out: Path, command: str = "") -> Path:
     """Write ``out/report.md`` and its figures ``out/<experiment>.png`` from the tables in ``out``."""
     rows = read_results(out)
     fisher = read_fisher(out)
+    curves = read_curves(out)
     runs = study.runs()
     done = {row["run_id"] for row in rows}
     per_epoch = seconds_per_epoch(rows)
     lines = [
-        f"# Critical-period study `{study.name}`",
+        f"# Study `{study.name}`",
         "",
         f"{len(done & {r.run_id for r in runs})} of {len(runs)} runs finished ({len(study.seeds)} seeds:"
         f" {study.seeds}). " + (f"Command: `{command}`." if command else ""),
@@ -468,7 +569,7 @@ def write_report(study: Study, out: Path, command: str = "") -> Path:
         "",
         verdict_table(study, rows),
         "",
-        "Measured training time per epoch (fit wall time / epochs, Fisher measurement every epoch included), by depth: "
+        "Measured training time per epoch (fit wall time / epochs, the callbacks' measurements included), by depth: "
         + ", ".join(f"depth {d}: {s:.2f} s" for d, s in per_epoch.items())
         + f"; {sum(r['seconds'] for r in rows) / 60:.1f} min of training in all.",
         "",
@@ -494,8 +595,11 @@ def write_report(study: Study, out: Path, command: str = "") -> Path:
             lines += [experiment.note.strip(), ""]
         if figure.exists():
             lines += [f"![{experiment.title}]({figure.name})", ""]
+        recovery = out / f"{experiment.name}_curves.png"
+        if experiment.plot in ("curve", "bars") and _plot_curves(study, experiment, results, curves, recovery):
+            lines += [f"![Test accuracy after every epoch: {experiment.title}]({recovery.name})", ""]
         if results:
-            lines += [table(experiment, results), ""]
+            lines += [table(experiment, results, rows), ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

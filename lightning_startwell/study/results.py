@@ -12,8 +12,10 @@ from typing import Any, Optional
 
 from lightning_startwell.study.config import PARAMETERS, RunSpec
 
-RESULT_COLUMNS = ("run_id", *PARAMETERS, "test_acc", "val_acc", "seconds")
+MEASURED = ("test_acc", "val_acc", "train_acc", "train_loss", "cutoff_used", "seconds")
+RESULT_COLUMNS = ("run_id", *PARAMETERS, *MEASURED)
 FISHER_COLUMNS = ("run_id", "epoch", "layer", "value")
+CURVE_COLUMNS = ("run_id", "epoch", "test_acc")
 TRACE_TAG = "startwell/fisher/trace"
 LAYER_PREFIX = "startwell/fisher/layer/"
 
@@ -23,14 +25,20 @@ def run_finished(run_dir: Path) -> bool:
     return (run_dir / "result.json").is_file()
 
 
-def read_run(run: RunSpec, run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The results row and the Fisher rows of a finished run (epoch 0 is the initialisation, epoch k after k epochs)."""
+def read_run(run: RunSpec, run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The results row, the Fisher rows (epoch 0 is the initialisation, epoch k after k epochs) and the test-accuracy
+    curve rows (epoch k: after k epochs) of a finished run; what a result written before a measurement existed lacks
+    is NaN, or no rows."""
     result = json.loads((run_dir / "result.json").read_text())
     row = {
         "run_id": run.run_id,
         **dataclasses.asdict(run),
-        **{k: result[k] for k in ("test_acc", "val_acc", "seconds")},
+        **{k: result.get(k, math.nan) for k in MEASURED},
     }
+    curve = [
+        {"run_id": run.run_id, "epoch": epoch, "test_acc": value}
+        for epoch, value in enumerate(result.get("curve", []), start=1)
+    ]
     with open(run_dir / "metrics.csv", newline="") as f:
         measured = [r for r in csv.DictReader(f) if r.get(TRACE_TAG)]
     measured.sort(key=lambda r: int(r["step"]))
@@ -40,7 +48,7 @@ def read_run(run: RunSpec, run_dir: Path) -> tuple[dict[str, Any], list[dict[str
             if value and (tag == TRACE_TAG or tag.startswith(LAYER_PREFIX)):
                 layer = "total" if tag == TRACE_TAG else tag[len(LAYER_PREFIX) :]
                 fisher.append({"run_id": run.run_id, "epoch": epoch, "layer": layer, "value": float(value)})
-    return row, fisher
+    return row, fisher, curve
 
 
 def _append(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
@@ -52,11 +60,16 @@ def _append(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) ->
         writer.writerows(rows)
 
 
-def append_run(out: Path, row: dict[str, Any], fisher: list[dict[str, Any]]) -> None:
-    """Append a finished run to ``out/results.csv`` and ``out/fisher.csv`` (the Fisher rows first: a run is in the
-    study once its results row is)."""
+def append_run(
+    out: Path, row: dict[str, Any], fisher: list[dict[str, Any]], curve: Optional[list[dict[str, Any]]] = None
+) -> None:
+    """Append a finished run to ``out/results.csv``, ``out/fisher.csv`` and ``out/curves.csv`` (the Fisher and curve
+    rows first: a run is in the study once its results row is)."""
     out.mkdir(parents=True, exist_ok=True)
-    _append(out / "fisher.csv", FISHER_COLUMNS, fisher)
+    if fisher:
+        _append(out / "fisher.csv", FISHER_COLUMNS, fisher)
+    if curve:
+        _append(out / "curves.csv", CURVE_COLUMNS, curve)
     _append(out / "results.csv", RESULT_COLUMNS, [row])
 
 
@@ -73,8 +86,9 @@ def _typed(row: dict[str, str]) -> dict[str, Any]:
             typed[field.name] = int(value)
         elif field.type in ("float", float):
             typed[field.name] = float(value)
-    for column in ("test_acc", "val_acc", "seconds"):
-        typed[column] = float(row[column]) if row[column] not in ("", "nan") else math.nan
+    for column in MEASURED:
+        value = row.get(column, "")
+        typed[column] = float(value) if value not in ("", "nan", None) else math.nan
     return typed
 
 
@@ -102,6 +116,17 @@ def read_fisher(out: Path) -> dict[str, dict[str, list[float]]]:
         run: {layer: [v for _, v in sorted(points.items())] for layer, points in layers.items()}
         for run, layers in curves.items()
     }
+
+
+def read_curves(out: Path) -> dict[str, list[float]]:
+    """``{run_id: [test accuracy after epoch 1, 2, ...]}`` from ``out/curves.csv``."""
+    path = out / "curves.csv"
+    curves: dict[str, dict[int, float]] = {}
+    if path.exists():
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                curves.setdefault(row["run_id"], {})[int(row["epoch"])] = float(row["test_acc"])
+    return {run: [v for _, v in sorted(points.items())] for run, points in curves.items()}
 
 
 def merge(out: Path, runs: list[RunSpec], sources: Optional[list[Path]] = None) -> list[str]:

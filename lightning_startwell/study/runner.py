@@ -168,8 +168,8 @@ def run_study(
             run, run_dir = pending[cell], cell.parent
             if not run_finished(run_dir):
                 raise RuntimeError(f"run {run.run_id} ended without writing {run_dir / 'result.json'}.")
-            row, fisher = read_run(run, run_dir)
-            append_run(out, row, fisher)
+            row, fisher, curve = read_run(run, run_dir)
+            append_run(out, row, fisher, curve)
             progress.update(run, row["seconds"], row["test_acc"])
     return len(pending)
 
