@@ -5,20 +5,22 @@ independent computation, training unchanged), bad arguments, resume."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import make_trainer
+from conftest import ddp_spawn_flake, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_critical_period import X, Y, fit, frozen_sgd, loader, logged
+from test_critical_period import X, Y, fit, frozen_sgd, loader, logged, plain_sgd
 from test_fisher_callback import StopAt
 from torch import nn
 
 from lightning_startwell.callbacks import CriticalPeriodMonitor
-from lightning_startwell.critical_period import OutlierRule, gradient_confusion, outlier_end
+from lightning_startwell.callbacks._common import batch_forward
+from lightning_startwell.critical_period import OutlierRule, confusion_gradients, gradient_confusion, outlier_end
 from lightning_startwell.models import ResNet
 
 # ------------------------------------------------------------------------------------------------- gradient confusion
@@ -276,3 +278,46 @@ def test_says_once_what_it_attached_to(tmp_path, caplog):
     assert len(lines) == 1
     assert "4 fixed probe mini-batches of 4 (seed 0), evaluation mode, every 4 steps" in lines[0]
     assert "every 7 measurements, below Q1 - 1.5 x IQR" in lines[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------- DDP
+
+
+class RecordingConfusion(CriticalPeriodMonitor):
+    """Writes, per rank, the locally measured confusion, the history taken in and the end step to ``rank<r>.json``."""
+
+    def __init__(self, out, **kwargs):
+        super().__init__(**kwargs)
+        self.out, self.local = str(out), {}
+
+    def _gradient_confusion(self, trainer, pl_module):
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        gradients = confusion_gradients(pl_module, self._probe, params, forward=batch_forward(pl_module))
+        self.local[trainer.global_step] = gradient_confusion(gradients)
+        return super()._gradient_confusion(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        super().on_train_end(trainer, pl_module)
+        record = {"local": self.local, "history": self.history, "end_step": self.end_step}
+        with open(f"{self.out}/rank{trainer.global_rank}.json", "w") as handle:
+            json.dump(record, handle)
+
+
+@pytest.mark.slow
+@ddp_spawn_flake
+def test_two_process_ddp_measures_the_same_probe_and_decides_alike(tmp_path):
+    from lightning_startwell.models import MLP
+
+    pl.seed_everything(0)
+    monitor = RecordingConfusion(tmp_path, signal="gradient_confusion", every_n_steps=1, check_interval=2, seed=1)
+    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=10,
+                         max_epochs=-1, enable_progress_bar=False, enable_model_summary=False, logger=False,
+                         enable_checkpointing=False, callbacks=[monitor])
+    trainer.fit(MLP(depth=1, width=8, optimizer=plain_sgd), loader(batch_size=8))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["history"] == ranks[1]["history"] and ranks[0]["end_step"] == ranks[1]["end_step"]
+    assert len(ranks[0]["history"]) == 10
+    for step, value in ranks[0]["history"]:  # one probe for both ranks: the mean of two equal local values
+        local = [r["local"][str(step)] for r in ranks]
+        assert local[0] == pytest.approx(local[1], abs=1e-6) and value == pytest.approx(sum(local) / 2, abs=1e-9)
+        assert -1.0 <= value <= 1.0
