@@ -191,7 +191,7 @@ class FailIfTrained(Callback):
         ({"cutoff_fraction": 1.5}, "cutoff_fraction"),
         ({"cutoff_epochs": 2, "cutoff_steps": 5}, "cutoff_epochs"),
         ({"cutoff_signal": "fisher"}, "cutoff_signal"),
-        ({"cutoff_signal": "critical_period", "cutoff_epochs": 3}, "cutoff_signal"),
+        ({"cutoff_signal": "critical_period", "cutoff_epochs": 3, "cutoff_steps": 5}, "cutoff_epochs"),
     ],
 )
 def test_bad_arguments_are_refused_at_construction(kwargs, named):
@@ -360,6 +360,28 @@ def test_schedules_switch_at_the_step_the_monitor_declares(tmp_path, stand_in_mo
     assert schedule.current_cutoff() == declare_at
 
 
+@pytest.mark.parametrize(
+    ("make", "tag", "before", "after"),
+    [
+        (lambda: DropoutSchedule(p=0.3, mode="early", shape="constant", cutoff_signal="critical_period",
+                                 cutoff_steps=8), "startwell/dropout/rate", 0.3, 0.0),
+        (lambda: WeightDecaySchedule(mode="late", cutoff_signal="critical_period", cutoff_fraction=8 / 12),
+         "startwell/weight_decay/factor", 0.0, 1.0),
+    ],
+)
+@pytest.mark.parametrize(("declare_at", "switch"), [(None, 8), (5, 5), (10, 8)])
+def test_a_fixed_cutoff_beside_the_signal_is_a_deadline(tmp_path, stand_in_monitor, make, tag, before, after,
+                                                        declare_at, switch):
+    # the end of the critical period, or the fixed cutoff (step 8) if it has not been declared by then
+    schedule = make()
+    trainer = make_trainer(tmp_path, [StandInMonitor(declare_at), schedule], max_steps=12, max_epochs=-1)
+    trainer.fit(_resnet(), gaussian_loader())
+    logged = read_scalars(tmp_path / "lightning_logs")[tag]
+    assert [v for _, v in logged] == pytest.approx([before] * switch + [after] * (12 - switch))
+    assert schedule.current_cutoff() == switch
+    assert "at the latest at optimizer step 8" in schedule.cutoff_description()
+
+
 def test_the_weight_decay_applied_switches_at_the_declared_step(tmp_path, stand_in_monitor):
     record = RecordUpdates()
     schedule = WeightDecaySchedule(mode="early", cutoff_signal="critical_period")
@@ -379,10 +401,10 @@ def test_the_weight_decay_applied_switches_at_the_declared_step(tmp_path, stand_
         (lambda: DropoutSchedule(mode="early", shape="cosine", cutoff_signal="critical_period"), "`shape`"),
         (lambda: StochasticDepthSchedule(mode="early", shape="linear", cutoff_signal="critical_period"), "`shape`"),
         (lambda: StochasticDepthSchedule(mode="standard", cutoff_signal="critical_period"), "mode 'standard'"),
-        (lambda: DropoutSchedule(mode="late", shape="constant", cutoff_signal="critical_period", cutoff_steps=4),
-         "cutoff_signal"),
-        (lambda: StochasticDepthSchedule(mode="late", cutoff_signal="critical_period", cutoff_fraction=0.2),
-         "cutoff_signal"),
+        (lambda: DropoutSchedule(mode="late", shape="constant", cutoff_signal="critical_period", cutoff_steps=4,
+                                 cutoff_epochs=1), "cutoff_epochs"),
+        (lambda: StochasticDepthSchedule(mode="late", cutoff_signal="critical_period", cutoff_fraction=1.2),
+         "cutoff_fraction"),
         (lambda: DropoutSchedule(mode="late", shape="constant", cutoff_signal="loss"), "cutoff_signal"),
     ],
 )

@@ -44,17 +44,18 @@ def check_cutoff_signal(
     cutoff_steps: Optional[int],
     cutoff_fraction: Optional[float],
 ) -> None:
-    """``cutoff_signal`` is None or ``"critical_period"``; with it, no fixed cutoff, mode ``early`` or ``late``, and
-    shape ``constant`` (a decay to 0 at the cutoff needs the cutoff in advance)."""
+    """``cutoff_signal`` is None or ``"critical_period"``; with it, mode ``early`` or ``late``, shape ``constant`` (a
+    decay to 0 at the cutoff needs the cutoff in advance), and at most one fixed cutoff, which is then a deadline: the
+    cutoff is the end of the critical period, or the fixed cutoff if the end has not been declared by then."""
     if cutoff_signal is None:
         return
     check_choice("cutoff_signal", cutoff_signal, CUTOFF_SIGNALS)
     fixed = {"cutoff_epochs": cutoff_epochs, "cutoff_steps": cutoff_steps, "cutoff_fraction": cutoff_fraction}
     given = sorted(name for name, value in fixed.items() if value is not None)
-    if given:
+    if len(given) > 1:
         raise ValueError(
-            f"`cutoff_signal`={cutoff_signal!r} puts the cutoff at the end of the critical period; it takes no fixed"
-            f" cutoff as well, got {given}: give one or the other."
+            f"`cutoff_signal`={cutoff_signal!r} takes at most one fixed cutoff as its deadline (the cutoff if the"
+            f" critical period has not ended by then), got {given}: give one."
         )
     if mode == "standard":
         raise ValueError(
@@ -121,6 +122,7 @@ class RateScheduleCallback(ScheduleDrawing):
         # switched at (the monitor's end_step, or the first step after it whose batch started once it was declared).
         self._cutoff: Optional[int] = None
         self._signal: Optional[EndSignal] = None  # with `cutoff_signal`: the monitor whose end_step is the cutoff
+        self._deadline: Optional[int] = None  # with `cutoff_signal` and a fixed cutoff: the latest cutoff
         self._last_applied_step = -1
         self._last_logged_step = -1
 
@@ -135,10 +137,15 @@ class RateScheduleCallback(ScheduleDrawing):
         return self._cutoff
 
     def _observe_signal(self, step: int) -> None:
-        """With ``cutoff_signal``: the switch step, once the monitor has declared the end. A step whose rate is already
-        applied keeps it, so the trajectory is the same in a resumed run (the switch step is in the checkpoint)."""
-        if self._cutoff is None and self._signal is not None and self._signal.end_step is not None:
+        """With ``cutoff_signal``: the switch step, once the monitor has declared the end, or the deadline once it is
+        reached without one. A step whose rate is already applied keeps it, so the trajectory is the same in a resumed
+        run (the switch step is in the checkpoint)."""
+        if self._cutoff is not None or self._signal is None:
+            return
+        if self._signal.end_step is not None:
             self._cutoff = max(self._signal.end_step, step)
+        elif self._deadline is not None and step >= self._deadline:
+            self._cutoff = max(self._deadline, step)
 
     def rate_at(self, step: int) -> float:
         """The rate at optimizer step ``step`` (after quantisation to ``rate_levels``, if set). With ``cutoff_signal``
@@ -165,6 +172,11 @@ class RateScheduleCallback(ScheduleDrawing):
         if self.cutoff_signal is not None:
             self._signal = find_end_signal(trainer, type(self).__name__)
             self._warn_if_before(trainer, self._signal)
+            if any(c is not None for c in (self.cutoff_epochs, self.cutoff_steps, self.cutoff_fraction)):
+                steps_per_epoch, total = run_length(trainer)
+                self._deadline = resolve_cutoff(
+                    self.cutoff_epochs, self.cutoff_steps, self.cutoff_fraction, steps_per_epoch, total
+                )
             return
         if self._cutoff is not None or self.mode == "standard":
             return
@@ -193,7 +205,8 @@ class RateScheduleCallback(ScheduleDrawing):
         if self.cutoff_signal is None:
             return f"cutoff at optimizer step {self._cutoff}"
         declared = "not declared yet" if self._cutoff is None else f"switched at optimizer step {self._cutoff}"
-        return f"cutoff at the end of the critical period (CriticalPeriodMonitor: {declared})"
+        deadline = "" if self._deadline is None else f", at the latest at optimizer step {self._deadline}"
+        return f"cutoff at the end of the critical period (CriticalPeriodMonitor: {declared}){deadline}"
 
     def _warn_if_before(self, trainer: pl.Trainer, monitor: EndSignal) -> None:
         """Warn when this schedule comes before the monitor in ``trainer.callbacks``: at the step whose batch start

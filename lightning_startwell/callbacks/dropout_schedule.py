@@ -57,8 +57,8 @@ class DropoutSchedule(InstanceStateKey, RateScheduleCallback):
             torch.compile(net)``), where they are rounded to 5 levels (with a warning).
         log_images: draw the schedule picture.
         cutoff_signal: ``"critical_period"``: the cutoff is the ``end_step`` of the trainer's
-            ``CriticalPeriodMonitor`` (the rate before the cutoff until it is declared); takes no fixed cutoff, shape
-            ``constant`` only.
+            ``CriticalPeriodMonitor`` (the rate before the cutoff until it is declared); shape ``constant`` only. A
+            fixed cutoff given as well is a deadline: the cutoff if the end has not been declared by then.
 
     Example::
 

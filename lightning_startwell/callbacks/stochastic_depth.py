@@ -59,8 +59,8 @@ class StochasticDepthSchedule(InstanceStateKey, RateScheduleCallback):
         blocks: glob patterns of the modules whose outputs are residual branches, in depth order (default: automatic).
         per: ``sample`` (a draw per sample) or ``batch`` (one draw per block for the mini-batch, Huang et al.).
         cutoff_signal: ``"critical_period"``: the cutoff is the ``end_step`` of the trainer's
-            ``CriticalPeriodMonitor`` (the rate before the cutoff until it is declared); takes no fixed cutoff, shape
-            ``constant`` only.
+            ``CriticalPeriodMonitor`` (the rate before the cutoff until it is declared); shape ``constant`` only. A
+            fixed cutoff given as well is a deadline: the cutoff if the end has not been declared by then.
         log_images: draw the schedule picture.
 
     Example::

@@ -63,7 +63,7 @@ class WeightDecaySchedule(InstanceStateKey, RateScheduleCallback):
         cutoff_steps: cutoff in optimizer steps.
         cutoff_fraction: cutoff as a fraction of training, in [0, 1]. With no cutoff given, 1/6 of training.
         cutoff_signal: ``"critical_period"``: the cutoff is the ``end_step`` of the trainer's ``CriticalPeriodMonitor``;
-            takes no fixed cutoff.
+            a fixed cutoff given as well is a deadline (the cutoff if the end has not been declared by then).
 
     Raises:
         ValueError: at construction, naming a bad argument; at the start of ``fit``, before any step, when a param

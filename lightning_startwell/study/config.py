@@ -35,7 +35,7 @@ import yaml
 from lightning_startwell.deficits import DEFICITS
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
-PROFILES = ("quick", "standard", "full", "early_dropout", "weight_decay")
+PROFILES = ("quick", "standard", "full", "early_dropout", "weight_decay", "fisher_no_norm")
 PLOTS = ("curve", "bars", "fisher", "fisher_layers")
 FISHER_PLOTS = ("fisher", "fisher_layers")
 NO_DEFICIT = "none"
