@@ -40,6 +40,23 @@ def test_mnist1d_shapes_sizes_and_labels_match_the_package():
     assert np.array_equal(dm.test_set.tensors[1].numpy(), reference["y_test"])
 
 
+@pytest.mark.usefixtures("no_network")
+def test_mnist1d_sizes_generate_that_many_signals_from_the_package():
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    dm = _set_up(MNIST1DDataModule(train_size=6000, test_size=3000))
+    assert [len(s) for s in (dm.train_set, dm.val_set, dm.test_set)] == [5400, 600, 3000]
+    args = get_dataset_args()
+    args.num_samples, args.train_split = 9000, 6000 / 9000  # the package's own split of 9,000 signals
+    reference = make_dataset(args)
+    assert np.array_equal(dm.test_set.tensors[1].numpy(), reference["y_test"])
+    pool = torch.cat([dm.train_set.tensors[1], dm.val_set.tensors[1]]).numpy()
+    assert np.array_equal(np.bincount(pool), np.bincount(reference["y"]))
+    for name in ("train_size", "test_size"):
+        with pytest.raises(ValueError, match=name):
+            MNIST1DDataModule(**{name: 0})
+
+
 def test_mnist1d_leaves_global_random_streams_alone():
     data._mnist1d_arrays.cache_clear()  # generate for real
     np.random.seed(123)
