@@ -407,9 +407,9 @@ def test_profiles_load_and_cover_the_five_figures_and_the_controls():
     for profile in ("standard", "full"):
         study = load_study(profile=profile)
         assert {c.name for c in study.claims} == {
-            "length", "onset", "fisher_rises_then_falls", "weight_decay", "depth", "deprivation_vs_blur",
-            "low_level_statistics_kept", "permanence", "not_the_learning_rate"}
-        assert [c.name for c in study.claims if not c.comparisons] == ["fisher_rises_then_falls"]
+            "length", "onset", "fisher_rises_then_falls", "fisher_per_layer", "weight_decay", "depth",
+            "deprivation_vs_blur", "low_level_statistics_kept", "permanence", "not_the_learning_rate"}
+        assert [c.name for c in study.claims if not c.comparisons] == ["fisher_rises_then_falls", "fisher_per_layer"]
         plots = {e.plot for e in study.experiments}
         assert plots == {"curve", "bars", "fisher", "fisher_layers"} and len(study.seeds) >= 8
         grids = {k for e in study.experiments for k in (*e.grid, *e.fixed)}
