@@ -102,7 +102,8 @@ class StudyRecord(Callback):
         seconds = round(time.time() - self._start, 2)
         train_acc, train_loss = self._measure(trainer, pl_module, "train")
         result = {
-            "test_acc": self._measure(trainer, pl_module, "test")[0],
+            # the last epoch's measurement is the final one (the same weights, eval mode)
+            "test_acc": self._curve[-1] if self._curve else self._measure(trainer, pl_module, "test")[0],
             "val_acc": float(trainer.callback_metrics.get("val/acc", float("nan"))),
             "train_acc": train_acc,
             "train_loss": train_loss,

@@ -48,8 +48,12 @@ class CellResult:
     p_holm: float
 
 
-def _by_seed(rows: list[dict[str, Any]]) -> dict[RunSpec, dict[int, dict[str, Any]]]:
-    cells: dict[RunSpec, dict[int, dict[str, Any]]] = {}
+#: The rows of a study by cell (seed -1) and seed.
+BySeed = dict[RunSpec, dict[int, dict[str, Any]]]
+
+
+def _by_seed(rows: list[dict[str, Any]]) -> BySeed:
+    cells: BySeed = {}
     fields = [f.name for f in dataclasses.fields(RunSpec)]
     for row in rows:
         run = RunSpec(**{f: row[f] for f in fields})
@@ -142,6 +146,7 @@ def table(experiment: Experiment, results: list[CellResult], rows: list[dict[str
         " | train accuracy (%) | train loss | cutoff applied (fraction) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    by_cell = _by_seed(rows)
     for r in results:
         c = r.comparison
         same = r.cell == r.reference
@@ -152,32 +157,32 @@ def table(experiment: Experiment, results: list[CellResult], rows: list[dict[str
             f" {'itself' if same else _describe(r.reference)} | {_pct(c.reference_mean, c.reference_std)} |"
             f" {difference} | {'–' if same else _interval(c.ci_low, c.ci_high)} |"
             f" {'–' if same else _points(c.detectable)} | {_p(c.p_t, same)} | {_p(c.p_sign_flip, same)} |"
-            f" {_p(r.p_holm, same)} | {significant} | {_cell_mean(rows, r.cell, 'train_acc', 100)} |"
-            f" {_cell_mean(rows, r.cell, 'train_loss', 1)} | {_cutoffs(rows, r.cell)} |"
+            f" {_p(r.p_holm, same)} | {significant} | {_cell_mean(by_cell, r.cell, 'train_acc', 100)} |"
+            f" {_cell_mean(by_cell, r.cell, 'train_loss', 1)} | {_cutoffs(by_cell, r.cell)} |"
         )
     return "\n".join(lines)
 
 
-def _cell_values(rows: list[dict[str, Any]], cell: RunSpec, column: str) -> list[float]:
-    return [row[column] for row in _by_seed(rows).get(cell, {}).values() if not math.isnan(row[column])]
+def _cell_values(by_cell: BySeed, cell: RunSpec, column: str) -> list[float]:
+    return [row[column] for row in by_cell.get(cell, {}).values() if not math.isnan(row[column])]
 
 
-def _cell_mean(rows: list[dict[str, Any]], cell: RunSpec, column: str, scale: float) -> str:
-    values = _cell_values(rows, cell, column)
+def _cell_mean(by_cell: BySeed, cell: RunSpec, column: str, scale: float) -> str:
+    values = _cell_values(by_cell, cell, column)
     if not values:
         return "–"
     spread = f" ± {scale * statistics.stdev(values):.3g}" if len(values) > 1 else ""
     return f"{scale * statistics.mean(values):.3g}{spread}"
 
 
-def _cutoffs(rows: list[dict[str, Any]], cell: RunSpec) -> str:
+def _cutoffs(by_cell: BySeed, cell: RunSpec) -> str:
     """The cutoff a cell's schedules switched at (mean ± std over its seeds, and how many runs never reached one)."""
     if not cell.has_cutoff:
         return "–"
-    runs = len(_by_seed(rows).get(cell, {}))
-    reached = _cell_values(rows, cell, "cutoff_used")
+    runs = len(by_cell.get(cell, {}))
+    reached = _cell_values(by_cell, cell, "cutoff_used")
     never = f"; {runs - len(reached)} of {runs} runs none" if len(reached) < runs else ""
-    return (_cell_mean(rows, cell, "cutoff_used", 1) if reached else "none") + never
+    return (_cell_mean(by_cell, cell, "cutoff_used", 1) if reached else "none") + never
 
 
 VERDICT_RULE = (
