@@ -95,7 +95,7 @@ class CriticalPeriodMonitor(InstanceStateKey, Callback):
     Args:
         signal: ``fisher_penalty``, ``fisher``, ``direction_error`` or ``gradient_confusion``.
         every_n_steps: ``fisher_penalty`` and ``gradient_confusion``: measure at every ``every_n_steps``-th optimizer
-            step (30: about 1.04x a training step on ResNet-18 for ``fisher_penalty``, from 1.13x measured at 10).
+            step (30: 1.01x a training step on ResNet-18 for ``fisher_penalty``, measured; 1.13x at 10).
         window: peak rule: measurements in the trailing moving average.
         fraction: peak rule: fallen when the smoothed signal is below ``fraction`` x its running maximum, in (0, 1).
         patience: peak rule: consecutive fallen measurements that end the period.
