@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from test_fisher import Attention
 from torch import nn
 
 from lightning_startwell.fisher import fisher_trace, provenance
@@ -39,20 +40,6 @@ def runs(monkeypatch):
 
 def _measure(model, x, **kwargs):
     return fisher_trace(model, x, fisher="true", generator=torch.Generator().manual_seed(1), **kwargs)
-
-
-class Attention(nn.Module):
-    """Linear -> nn.TransformerEncoderLayer -> LayerNorm -> head (no parameter of the root: the hooks' path)."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Linear(4, 8)
-        self.encoder = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
-        self.norm = nn.LayerNorm(8)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.head(self.norm(self.encoder(self.embed(x))).mean(1))
 
 
 def _gpt2():
