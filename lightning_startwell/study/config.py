@@ -272,18 +272,15 @@ class Study:
     def fisher_cells(self) -> set[RunSpec]:
         """The cells whose runs measure the Fisher trace: those of the experiments that plot it (the trace costs
         about a third of a small network's epoch; the other runs need only their accuracies)."""
-        return {
-            needed
-            for experiment in self.experiments
-            if experiment.plot in FISHER_PLOTS
-            for cell in experiment.cells(self.defaults)
-            for needed in (cell, experiment.reference_of(cell, self.defaults))
-        }
+        return set(self.cells(plots=FISHER_PLOTS))
 
-    def cells(self) -> list[RunSpec]:
-        """Every cell (seed -1) of the study, each once: the experiments' grids and the references they compare with."""
+    def cells(self, plots: tuple[str, ...] = PLOTS) -> list[RunSpec]:
+        """Every cell (seed -1) of the study, each once: the experiments' grids and the references they compare with;
+        with ``plots``, those of the experiments drawn as one of them."""
         cells: list[RunSpec] = []
         for experiment in self.experiments:
+            if experiment.plot not in plots:
+                continue
             for cell in experiment.cells(self.defaults):
                 for needed in (experiment.reference_of(cell, self.defaults), cell):
                     if needed not in cells:

@@ -444,8 +444,8 @@ def _plot_curves(
     cells = list(dict.fromkeys([c for r in results for c in (r.cell, r.reference)]))
     drawn = []
     for cell in cells:
-        runs = [curves[dataclasses.replace(cell, seed=s).run_id] for s in study.seeds
-                if dataclasses.replace(cell, seed=s).run_id in curves]
+        run_ids = [dataclasses.replace(cell, seed=s).run_id for s in study.seeds]
+        runs = [curves[run_id] for run_id in run_ids if run_id in curves]
         if runs:
             drawn.append((cell, runs))
     if not drawn:
